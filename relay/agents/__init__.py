@@ -1,0 +1,1 @@
+"""Voice-agent adapters. ``registry`` maps a config ``type`` to a factory."""

@@ -1,0 +1,166 @@
+"""What the call engine knows about a voice agent.
+
+Each adapter is a sans-IO protocol class (bytes/str in, events out) plus a thin Trio layer
+implementing :class:`Agent`. The engine (``relay/call.py``) only uses this module, so adding
+an adapter never touches the engine.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+# --- audio formats -------------------------------------------------------------------
+MULAW_8K = ("mulaw", 8000)
+
+
+@dataclass(frozen=True, slots=True)
+class AudioFormat:
+    """``encoding`` is "mulaw" (8 kHz G.711) or "pcm16" (signed 16-bit LE mono)."""
+
+    encoding: str
+    rate: int
+
+    @property
+    def is_twilio_native(self) -> bool:
+        return self.encoding == "mulaw" and self.rate == 8000
+
+
+TWILIO_FORMAT = AudioFormat("mulaw", 8000)
+
+
+# --- events an agent produces ----------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class AgentAudio:
+    """Agent speech. ``audio`` is in the agent's ``output_format``; ``response_id`` groups
+    the audio of one agent turn (OpenAI: the assistant item id, which truncate needs)."""
+
+    audio: bytes
+    response_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AgentResponseDone:
+    """The agent finished generating ``response_id`` (not: the caller finished hearing it)."""
+
+    response_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSpeechStarted:
+    """The agent detected caller speech: barge-in. The engine clears Twilio at once."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSpeechStopped:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class AgentTranscript:
+    """``role`` is "caller" or "agent"; ``final`` False for partial deltas."""
+
+    role: str
+    text: str
+    final: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AgentToolCall:
+    call_id: str
+    name: str
+    arguments: str  # JSON text as the agent sent it
+
+
+@dataclass(frozen=True, slots=True)
+class AgentHangup:
+    """The agent ends the conversation; the engine waits for the last mark, then closes."""
+
+    reason: str = "agent ended"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentErrorEvent:
+    code: str
+    message: str
+    fatal: bool = False
+
+
+AgentEvent = (
+    AgentAudio
+    | AgentResponseDone
+    | AgentSpeechStarted
+    | AgentSpeechStopped
+    | AgentTranscript
+    | AgentToolCall
+    | AgentHangup
+    | AgentErrorEvent
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    """What an agent may know about the call it serves."""
+
+    call_sid: str
+    stream_sid: str
+    from_number: str = ""
+    to_number: str = ""
+    custom_parameters: Mapping[str, str] = field(default_factory=dict)
+
+
+class Agent(abc.ABC):
+    """One agent session per call.
+
+    Threading model: every coroutine here is awaited from the call's own nursery. The
+    engine calls ``send_*`` from the Twilio reader task and ``receive`` from the agent
+    reader task; adapters must tolerate that (one writer lock per socket).
+    Every send must be bounded by a timeout inside the adapter (``send_timeout``).
+    """
+
+    name: ClassVar[str] = "agent"
+    input_format: AudioFormat = TWILIO_FORMAT
+    output_format: AudioFormat = TWILIO_FORMAT
+    #: True when the adapter can use ``truncate`` (OpenAI); otherwise it is a no-op.
+    supports_truncate: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    async def connect(self, call: CallInfo) -> None:
+        """Open the session and configure it (greeting included when configured)."""
+
+    @abc.abstractmethod
+    async def send_audio(self, audio: bytes) -> None:
+        """Caller audio in ``input_format`` (raw bytes)."""
+
+    async def send_audio_b64(self, payload: str) -> None:
+        """Caller audio already base64-encoded in ``input_format``.
+
+        With μ-law passthrough the engine hands over Twilio's payload string untouched;
+        JSON-based adapters override this to skip a decode/encode round trip.
+        """
+        import binascii
+
+        await self.send_audio(binascii.a2b_base64(payload))
+
+    @abc.abstractmethod
+    async def receive(self) -> list[AgentEvent]:
+        """Wait for the next batch of events (never empty). Raises
+        ``relay.errors.ConnectionClosed`` when the session ended, ``AgentError`` on failure."""
+
+    async def send_dtmf(self, digit: str) -> None:  # noqa: B027 - optional
+        """Forward a keypad digit where the protocol allows; default: nothing to do."""
+
+    async def truncate(self, response_id: str, audio_end_ms: int) -> None:  # noqa: B027
+        """Tell the agent the caller heard only ``audio_end_ms`` of ``response_id``."""
+
+    async def send_tool_result(self, call_id: str, output: str) -> None:  # noqa: B027
+        """Answer an ``AgentToolCall``."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Close the session; must not raise and must return promptly."""
+
+
+AgentFactory = Callable[[Mapping[str, Any]], Agent]

@@ -1,0 +1,495 @@
+"""One call = one nursery = one task tree.
+
+::
+
+    Call.run()
+      ├─ (before the tree) wait for `start`, verify the per-call token, connect the agent
+      └─ nursery
+           ├─ twilio_reader   Twilio -> agent: media (jitter buffer, passthrough or
+           │                  transcode), marks (what was played), DTMF, stop
+           ├─ agent_reader    agent -> Twilio: audio into the downlink buffer, barge-in,
+           │                  transcripts, tools, hang-up
+           ├─ playout         sends queued audio as the lead over real time allows;
+           │                  hangs up once the last mark is echoed after the agent ended
+           └─ watchdog        maximum call duration
+
+Either side ending cancels the nursery; ``finally`` closes the agent session and the Twilio
+socket under a shield with a short bound, so nothing outlives its call. Every send is bounded
+(``relay.websocket.WebSocket`` and the adapters time out), because half-dead sockets exist.
+The tasks hand nothing to each other through channels: the reader that receives a message
+does the forwarding send itself, which is what keeps per-frame latency in microseconds.
+"""
+
+from __future__ import annotations
+
+import binascii
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from . import codec
+from .agents.base import (
+    Agent,
+    AgentAudio,
+    AgentErrorEvent,
+    AgentHangup,
+    AgentResponseDone,
+    AgentSpeechStarted,
+    AgentToolCall,
+    AgentTranscript,
+    CallInfo,
+)
+from .agents.registry import create_agent
+from .errors import AgentError, ConnectionClosed, RelayError
+from .protocol.twilio import (
+    Dtmf,
+    MarkEcho,
+    Media,
+    Start,
+    Stop,
+    TwilioProtocolError,
+    TwilioStream,
+)
+from .websocket import CLOSE_NORMAL, CLOSE_POLICY, OP_TEXT, WebSocket, build_frame
+
+if TYPE_CHECKING:
+    from .server import RelayState
+
+log = logging.getLogger("relay.call")
+
+_perf = time.perf_counter
+
+
+class Call:
+    def __init__(self, ws: WebSocket, state: RelayState) -> None:
+        self.ws = ws
+        self.state = state
+        self.cfg = state.cfg
+        self.metrics = state.metrics
+        self.proto = TwilioStream()
+        self.agent: Agent | None = None
+        self.call_sid = "?"
+        self.end_reason = ""
+        self._nursery: trio.Nursery | None = None
+        self._pending: list[str | bytes] = []
+        media = self.cfg.media
+        self.uplink = codec.UplinkJitterBuffer(frame_ms=20, reorder_ms=media.uplink_reorder_ms)
+        self.downlink = codec.DownlinkBuffer(
+            frame_ms=media.downlink_frame_ms, max_lead_ms=media.max_lead_ms
+        )
+        self._to_pcm: Any = None  # codec.UlawToPcm when the agent wants PCM
+        self._to_ulaw: Any = None  # codec.PcmToUlaw when the agent speaks PCM
+        self._silence_b64: dict[int, str] = {}
+        self._wake = trio.Event()
+        self._ending = False
+        self._ending_since = 0.0
+        self._current_rid: str | None = None
+        self._started_at = 0.0
+        self._first_audio_seen = False
+        self.record: Any = None
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            start = await self._await_start()
+        except _Reject as rej:
+            self._count_error(rej.kind, rej.message)
+            await self.ws.aclose(rej.code, rej.message[:100])
+            return
+        except ConnectionClosed:
+            return
+        self.call_sid = start.call_sid
+        agent_name = start.custom_parameters.get("agent", "")
+        record = self.state.records.ensure(start.call_sid)
+        self.record = record
+        record.status = "active"
+        record.stream_sid = start.stream_sid
+        record.agent = agent_name
+        record.started_at = time.time()
+        self._started_at = trio.current_time()
+        self.metrics.active_calls += 1
+        self.metrics.calls_total += 1
+        try:
+            await self._run_started(start, agent_name)
+        finally:
+            self.metrics.active_calls -= 1
+            record.status = "completed"
+            record.end_reason = record.end_reason or self.end_reason or "completed"
+            record.ended_at = time.time()
+            record.stats = self._stats()
+            log.info(
+                "call %s ended: %s (%.1f s)",
+                self.call_sid,
+                record.end_reason,
+                record.duration_s or 0.0,
+            )
+
+    async def _run_started(self, start: Start, agent_name: str) -> None:
+        options = self.cfg.agents.get(agent_name)
+        try:
+            if options is None:
+                raise AgentError(f"unknown agent {agent_name!r}")
+            self.agent = create_agent(options)
+            self._setup_transcoding(self.agent)
+            info = CallInfo(
+                call_sid=start.call_sid,
+                stream_sid=start.stream_sid,
+                from_number=self.record.from_number,
+                to_number=self.record.to_number,
+                custom_parameters=start.custom_parameters,
+            )
+            with trio.fail_after(self.cfg.media.agent_connect_timeout_s):
+                await self.agent.connect(info)
+        except (RelayError, OSError, trio.TooSlowError) as exc:
+            reason = "agent connect timed out" if isinstance(exc, trio.TooSlowError) else (
+                "agent connect failed"
+            )
+            self.end_reason = reason
+            self._count_error("agent_connect", f"{reason}: {exc}")
+            await self._close_all(CLOSE_NORMAL, reason)
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self._twilio_reader)
+                await nursery.start(self._agent_reader)
+                await nursery.start(self._playout)
+                await nursery.start(self._watchdog)
+        finally:
+            await self._close_all(CLOSE_NORMAL, self.end_reason or "call ended")
+
+    async def _close_all(self, code: int, reason: str) -> None:
+        # The only shield in the call: the final close must happen even when we are being
+        # cancelled, and each close is itself bounded.
+        with trio.CancelScope(shield=True):
+            if self.agent is not None:
+                with trio.move_on_after(2.0):
+                    try:
+                        await self.agent.aclose()
+                    except Exception as exc:  # adapters must not raise here; be safe anyway
+                        log.warning("call %s: agent close raised %r", self.call_sid, exc)
+            await self.ws.aclose(code, reason[:100])
+
+    def _end(self, reason: str) -> None:
+        if not self.end_reason:
+            self.end_reason = reason
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def _count_error(self, kind: str, message: str) -> None:
+        self.metrics.error(kind)
+        log.warning("call %s: %s: %s", self.call_sid, kind, message)
+
+    async def _await_start(self) -> Start:
+        tokens = self.state.tokens
+        with trio.move_on_after(self.cfg.media.start_timeout_s):
+            while True:
+                batch = await self.ws.receive()
+                for i, msg in enumerate(batch):
+                    if type(msg) is not str:
+                        raise _Reject("twilio_binary", "binary frame from Twilio", CLOSE_POLICY)
+                    try:
+                        event = self.proto.parse(msg)
+                    except TwilioProtocolError as exc:
+                        raise _Reject(exc.kind, str(exc), CLOSE_POLICY) from None
+                    if isinstance(event, Start):
+                        token = event.custom_parameters.get("token")
+                        agent = event.custom_parameters.get("agent", "")
+                        if not tokens.verify(f"{event.call_sid}|{agent}", token):
+                            self.call_sid = event.call_sid
+                            raise _Reject("stream_token", "missing or invalid stream token", CLOSE_POLICY)
+                        self._pending = batch[i + 1 :]
+                        return event
+        raise _Reject("start_timeout", "no start event within the start timeout", CLOSE_POLICY)
+
+    def _setup_transcoding(self, agent: Agent) -> None:
+        # Audio passes through untouched (μ-law in, μ-law out) when the agent accepts it;
+        # the Cython resampler and G.711 codec run only when the agent needs PCM.
+        if not agent.input_format.is_twilio_native:
+            self._to_pcm = codec.UlawToPcm(agent.input_format.rate)
+        if not agent.output_format.is_twilio_native:
+            self._to_ulaw = codec.PcmToUlaw(agent.output_format.rate)
+
+    # -- Twilio -> agent ----------------------------------------------------------------
+    async def _twilio_reader(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        agent = self.agent
+        assert agent is not None
+        parse = self.proto.parse
+        uplink = self.uplink
+        metrics = self.metrics
+        batch, self._pending = self._pending, []
+        while True:
+            if not batch:
+                try:
+                    batch = await self.ws.receive()
+                except ConnectionClosed as exc:
+                    self._twilio_closed(exc)
+                    return
+            t0 = _perf()
+            payloads: list[str] = []
+            for msg in batch:
+                if type(msg) is not str:
+                    return await self._fail_twilio("twilio_binary", "binary frame from Twilio")
+                try:
+                    event = parse(msg)
+                except TwilioProtocolError as exc:
+                    return await self._fail_twilio(exc.kind, str(exc))
+                if type(event) is Media:
+                    metrics.frames_in += 1
+                    for _ts, payload, dur in uplink.push(event.timestamp_ms, event.payload, 20):
+                        payloads.append(payload if payload is not None else self._silence(dur))
+                elif type(event) is MarkEcho:
+                    self.downlink.on_mark(event.name, trio.current_time() * 1000.0)
+                    if self._ending:
+                        self._wake.set()
+                elif type(event) is Dtmf:
+                    await self._dtmf(event.digit)
+                elif type(event) is Stop:
+                    self._end("caller hung up")
+                    return
+            batch = []
+            if payloads:
+                try:
+                    await self._forward_uplink(agent, payloads)
+                except (ConnectionClosed, AgentError) as exc:
+                    self._agent_gone(f"agent send failed: {exc}")
+                    return
+                metrics.latency_up.observe(_perf() - t0)
+
+    async def _forward_uplink(self, agent: Agent, payloads: list[str]) -> None:
+        if self._to_pcm is None:
+            for payload in payloads:
+                await agent.send_audio_b64(payload)
+        else:
+            feed = self._to_pcm.feed_b64
+            pcm = b"".join([feed(p) for p in payloads])
+            await agent.send_audio(pcm)
+
+    def _silence(self, duration_ms: int) -> str:
+        # μ-law silence is 0xFF (G.711 table: code 0xFF decodes to 0). Cached per length.
+        b64 = self._silence_b64.get(duration_ms)
+        if b64 is None:
+            b64 = binascii.b2a_base64(b"\xff" * (8 * duration_ms), newline=False).decode()
+            self._silence_b64[duration_ms] = b64
+        return b64
+
+    async def _dtmf(self, digit: str) -> None:
+        self.record.dtmf.append(digit)
+        log.info("call %s: DTMF %s", self.call_sid, digit)
+        try:
+            assert self.agent is not None
+            await self.agent.send_dtmf(digit)
+        except (ConnectionClosed, AgentError) as exc:
+            self._agent_gone(f"agent send failed: {exc}")
+
+    def _twilio_closed(self, exc: ConnectionClosed) -> None:
+        if self._ending and self.downlink.idle:
+            self._end(self.end_reason or "agent ended")
+        elif exc.code in (1000, 1001, 1005, 1006):
+            self._end("caller hung up")
+        else:
+            self._count_error("twilio_closed", f"Twilio closed the stream: {exc}")
+            self._end(f"twilio closed ({exc.code})")
+
+    async def _fail_twilio(self, kind: str, message: str) -> None:
+        self._count_error(kind, message)
+        self.end_reason = f"bad message from Twilio ({kind})"
+        await self.ws.aclose(CLOSE_POLICY, kind)
+        self._end(self.end_reason)
+
+    # -- agent -> Twilio ----------------------------------------------------------------
+    async def _agent_reader(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        agent = self.agent
+        assert agent is not None
+        downlink = self.downlink
+        while True:
+            try:
+                events = await agent.receive()
+            except (ConnectionClosed, AgentError) as exc:
+                self._agent_gone(f"agent closed: {exc}")
+                return
+            t_event = _perf()
+            pushed = False
+            for ev in events:
+                kind = type(ev)
+                if kind is AgentAudio:
+                    rid = ev.response_id  # type: ignore[union-attr]
+                    self._current_rid = rid
+                    audio = ev.audio  # type: ignore[union-attr]
+                    if self._to_ulaw is not None:
+                        audio = self._to_ulaw.feed(audio)
+                    downlink.push(audio, rid)
+                    pushed = True
+                elif kind is AgentResponseDone:
+                    downlink.end_response(ev.response_id)  # type: ignore[union-attr]
+                    pushed = True
+                elif kind is AgentSpeechStarted:
+                    await self._barge_in(t_event)
+                elif kind is AgentTranscript:
+                    if ev.final:  # type: ignore[union-attr]
+                        self.record.transcript.append(
+                            {"role": ev.role, "text": ev.text, "t": self._elapsed()}  # type: ignore[union-attr]
+                        )
+                elif kind is AgentToolCall:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._run_tool, ev)
+                elif kind is AgentHangup:
+                    self._begin_ending(ev.reason)  # type: ignore[union-attr]
+                elif kind is AgentErrorEvent:
+                    self._count_error("agent_error", f"{ev.code}: {ev.message}")  # type: ignore[union-attr]
+                    if ev.fatal:  # type: ignore[union-attr]
+                        self._agent_gone(f"agent error {ev.code}")  # type: ignore[union-attr]
+                        return
+            if pushed:
+                sent = await self._send_due()
+                if sent:
+                    self.metrics.latency_down.observe(_perf() - t_event)
+                self._wake.set()
+
+    async def _send_due(self) -> int:
+        """Send every frame the lead bound allows now; returns how many were sent."""
+        now_ms = trio.current_time() * 1000.0
+        frames = self.downlink.pull(now_ms)
+        if not frames:
+            return 0
+        media = self.proto.media_message
+        mark = self.proto.mark_message
+        out = []
+        for ulaw, mark_name, _rid in frames:
+            out.append(build_frame(OP_TEXT, media(ulaw)))
+            out.append(build_frame(OP_TEXT, mark(mark_name)))
+        if not self._first_audio_seen:
+            self._first_audio_seen = True
+            self.record.first_agent_audio_ms = (trio.current_time() - self._started_at) * 1000.0
+        try:
+            await self.ws.send_frames(out, len(out))
+        except ConnectionClosed as exc:
+            self._twilio_closed(exc)
+            return 0
+        self.metrics.frames_out += len(frames)
+        return len(frames)
+
+    async def _barge_in(self, t_event: float) -> None:
+        # Clear first, always, even with nothing queued locally: Twilio may still hold
+        # audio we sent earlier (a common bug in sample relays is skipping this).
+        try:
+            await self.ws.send_frames([build_frame(OP_TEXT, self.proto.clear_message())])
+        except ConnectionClosed as exc:
+            self._twilio_closed(exc)
+            return
+        self.metrics.barge_in_to_clear.observe(_perf() - t_event)
+        self.metrics.barge_ins += 1
+        now_ms = trio.current_time() * 1000.0
+        rid, heard_ms, dropped_ms = self.downlink.clear(now_ms)
+        # Audio of the interrupted response may still be in flight from the agent.
+        for stale in {rid, self._current_rid} - {None}:
+            self.downlink.drop_response(stale)  # type: ignore[arg-type]
+        if self._to_ulaw is not None:
+            self._to_ulaw.reset()
+        self.record.barge_ins.append(
+            {"t": self._elapsed(), "response_id": rid, "heard_ms": heard_ms, "dropped_ms": dropped_ms}
+        )
+        log.info(
+            "call %s: barge-in, caller heard %d ms of %s, dropped %d ms",
+            self.call_sid,
+            heard_ms,
+            rid,
+            dropped_ms,
+        )
+        agent = self.agent
+        if rid is not None and agent is not None and agent.supports_truncate:
+            try:
+                await agent.truncate(rid, heard_ms)
+            except (ConnectionClosed, AgentError) as exc:
+                self._agent_gone(f"agent send failed: {exc}")
+
+    async def _run_tool(self, ev: AgentToolCall) -> None:
+        started = _perf()
+        output = await self.state.tools.call(ev.name, ev.arguments)
+        self.record.tool_calls.append(
+            {"name": ev.name, "call_id": ev.call_id, "ms": round((_perf() - started) * 1000, 1)}
+        )
+        try:
+            assert self.agent is not None
+            await self.agent.send_tool_result(ev.call_id, output)
+        except (ConnectionClosed, AgentError) as exc:
+            self._agent_gone(f"agent send failed: {exc}")
+
+    def _begin_ending(self, reason: str) -> None:
+        # The agent ended the conversation: hang up only after the caller heard the last
+        # word, i.e. once the final mark is echoed (playout does the closing).
+        if not self._ending:
+            self._ending = True
+            self._ending_since = trio.current_time()
+            self.end_reason = self.end_reason or reason
+            self.downlink.end_response(self._current_rid or "")
+        self._wake.set()
+
+    def _agent_gone(self, reason: str) -> None:
+        if self._ending:
+            return
+        self._count_error("agent_closed", reason)
+        self._begin_ending("agent disconnected")
+
+    async def _playout(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        downlink = self.downlink
+        final_timeout = self.cfg.media.final_mark_timeout_s
+        while True:
+            await self._send_due()
+            now_ms = trio.current_time() * 1000.0
+            due = downlink.next_due(now_ms)
+            if self._ending and due is None:
+                waited = trio.current_time() - self._ending_since
+                if downlink.idle or waited > final_timeout + downlink.buffered_ms / 1000.0:
+                    # Closing the WebSocket ends <Connect>; with no verb after it Twilio
+                    # hangs up: a clean hang-up after the last mark.
+                    await self.ws.aclose(CLOSE_NORMAL, "agent ended")
+                    self._end(self.end_reason or "agent ended")
+                    return
+                due = now_ms + 50.0  # poll for the final mark echo, bounded above
+            self._wake = trio.Event()
+            if due is None:
+                await self._wake.wait()
+            else:
+                with trio.move_on_at(due / 1000.0):
+                    await self._wake.wait()
+
+    async def _watchdog(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.sleep(self.cfg.calls.max_duration_s)
+        log.info("call %s: maximum duration reached", self.call_sid)
+        self.end_reason = "max duration"
+        self._end("max duration")
+
+    # -- records ------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        return round(trio.current_time() - self._started_at, 3)
+
+    def _stats(self) -> dict[str, Any]:
+        up = self.uplink
+        self.metrics.gaps_filled += up.gaps_filled
+        self.metrics.late_drops += up.late_drops
+        self.metrics.duplicates += up.duplicates
+        return {
+            "messages_from_twilio": self.ws.messages_in,
+            "messages_to_twilio": self.ws.messages_out,
+            "uplink_frames_out": up.frames_out,
+            "uplink_gaps_filled": up.gaps_filled,
+            "uplink_silence_ms": up.silence_ms,
+            "uplink_duplicates": up.duplicates,
+            "uplink_late_drops": up.late_drops,
+            "downlink_pending_marks": self.downlink.pending_marks,
+        }
+
+
+class _Reject(Exception):
+    def __init__(self, kind: str, message: str, code: int) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.code = code

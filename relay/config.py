@@ -1,0 +1,222 @@
+"""Configuration: ``relay.toml`` plus ``RELAY_*`` environment overrides.
+
+Every key of every section can be overridden by ``RELAY_<SECTION>_<KEY>`` (agent options by
+``RELAY_AGENTS_<NAME>_<KEY>``), so a deployment can keep secrets out of the file. Secrets are
+never printed in full: :func:`mask` shows a short tail only.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+SECRET_KEYS = ("auth_token", "api_key", "admin_key", "token_secret")
+
+
+def mask(value: str | None) -> str:
+    """``sk-…abcd`` style: enough to recognise a key, useless to an attacker."""
+    if not value:
+        return "(unset)"
+    if len(value) <= 8:
+        return "…" + "*" * 4
+    return f"{value[:3]}…{value[-4:]}"
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = ""
+    #: honour X-Forwarded-Proto/Host (first value) when computing the URL Twilio signed
+    trust_forwarded: bool = False
+    max_calls: int = 1000
+
+
+@dataclass
+class TwilioConfig:
+    auth_token: str = ""
+    account_sid: str = ""
+
+
+@dataclass
+class SecurityConfig:
+    admin_key: str = ""
+    token_secret: str = ""
+    token_ttl_s: float = 300.0
+
+
+@dataclass
+class MediaConfig:
+    downlink_frame_ms: int = 100
+    max_lead_ms: int = 200
+    send_timeout_s: float = 2.0
+    max_message_bytes: int = 65536
+    start_timeout_s: float = 10.0
+    agent_connect_timeout_s: float = 10.0
+    #: how long to wait for the last mark echo after the agent ends before hanging up anyway
+    final_mark_timeout_s: float = 5.0
+    uplink_reorder_ms: int = 0
+
+
+@dataclass
+class CallsConfig:
+    default_agent: str = "parrot"
+    max_duration_s: float = 3600.0
+    records_kept: int = 1000
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    twilio: TwilioConfig = field(default_factory=TwilioConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
+    calls: CallsConfig = field(default_factory=CallsConfig)
+    numbers: dict[str, str] = field(default_factory=dict)
+    agents: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"parrot": {"type": "parrot", "greeting": True}}
+    )
+
+    # -- derived -------------------------------------------------------------------------
+    @property
+    def public_url(self) -> str:
+        url = self.server.public_url or f"http://{self.server.host}:{self.server.port}"
+        return url.rstrip("/")
+
+    @property
+    def stream_url(self) -> str:
+        """The Media Streams URL put in TwiML: wss:// for https, ws:// for local http."""
+        parts = urlsplit(self.public_url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        return f"{scheme}://{parts.netloc}{parts.path}/twilio/stream"
+
+    def agent_for(self, called_number: str) -> str:
+        return self.numbers.get(called_number, self.calls.default_agent)
+
+    def token_secret_bytes(self) -> bytes:
+        if not self.security.token_secret:
+            # Random per process: tokens then only verify in the process that issued them,
+            # which is right for one process. Set token_secret for several processes.
+            self.security.token_secret = secrets.token_urlsafe(32)
+        return self.security.token_secret.encode()
+
+    def validate(self, *, require_auth_token: bool = True) -> None:
+        if require_auth_token and not self.twilio.auth_token:
+            raise ConfigError(
+                "twilio.auth_token is not set (set RELAY_TWILIO_AUTH_TOKEN or [twilio] "
+                "auth_token): relay refuses to run without checking Twilio signatures"
+            )
+        parts = urlsplit(self.public_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"server.public_url must be http(s)://host, got {self.public_url!r}")
+        if self.calls.default_agent not in self.agents:
+            raise ConfigError(
+                f"calls.default_agent {self.calls.default_agent!r} has no [agents."
+                f"{self.calls.default_agent}] section"
+            )
+        for number, agent in self.numbers.items():
+            if agent not in self.agents:
+                raise ConfigError(f"numbers.{number} names unknown agent {agent!r}")
+        for name, options in self.agents.items():
+            if "type" not in options:
+                raise ConfigError(f"agents.{name} needs a type (openai, parrot, echo)")
+        if self.media.downlink_frame_ms < 10 or self.media.downlink_frame_ms % 10:
+            raise ConfigError("media.downlink_frame_ms must be a multiple of 10, at least 10")
+
+    def describe(self) -> dict[str, Any]:
+        """The effective configuration with every secret masked (for logs and /healthz)."""
+        out: dict[str, Any] = {}
+        for section in ("server", "twilio", "security", "media", "calls"):
+            values = dict(vars(getattr(self, section)))
+            for key in values:
+                if key in SECRET_KEYS:
+                    values[key] = mask(values[key])
+            out[section] = values
+        out["numbers"] = dict(self.numbers)
+        out["agents"] = {
+            name: {k: (mask(v) if k in SECRET_KEYS else v) for k, v in opts.items()}
+            for name, opts in self.agents.items()
+        }
+        return out
+
+
+def _coerce(value: str, like: Any) -> Any:
+    if isinstance(like, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"expected a boolean, got {value!r}")
+    if isinstance(like, int):
+        return int(value)
+    if isinstance(like, float):
+        return float(value)
+    return value
+
+
+def _apply_section(obj: Any, data: Mapping[str, Any], section: str) -> None:
+    known = {f.name for f in fields(obj)}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"unknown key {section}.{key}")
+        current = getattr(obj, key)
+        if isinstance(value, str) and not isinstance(current, str):
+            value = _coerce(value, current)
+        setattr(obj, key, value)
+
+
+def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (optional) then apply environment overrides."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    cfg = Config()
+    for section in ("server", "twilio", "security", "media", "calls"):
+        if section in data:
+            _apply_section(getattr(cfg, section), data.pop(section), section)
+    if "numbers" in data:
+        cfg.numbers = {str(k): str(v) for k, v in data.pop("numbers").items()}
+    if "agents" in data:
+        cfg.agents = {str(k): dict(v) for k, v in data.pop("agents").items()}
+    if data:
+        raise ConfigError(f"unknown config section(s): {', '.join(sorted(data))}")
+    _apply_env(cfg, env)
+    return cfg
+
+
+def _apply_env(cfg: Config, env: Mapping[str, str]) -> None:
+    for section in ("server", "twilio", "security", "media", "calls"):
+        obj = getattr(cfg, section)
+        for f in fields(obj):
+            name = f"RELAY_{section.upper()}_{f.name.upper()}"
+            if name in env:
+                setattr(obj, f.name, _coerce(env[name], getattr(obj, f.name)))
+    prefix = "RELAY_AGENTS_"
+    for name, value in env.items():
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix) :].lower()
+        # agent names may contain underscores: match the longest configured agent name
+        for agent in sorted(cfg.agents, key=len, reverse=True):
+            if rest.startswith(agent.lower() + "_"):
+                key = rest[len(agent) + 1 :]
+                current = cfg.agents[agent].get(key)
+                cfg.agents[agent][key] = (
+                    _coerce(value, current) if current is not None and not isinstance(current, str) else value
+                )
+                break

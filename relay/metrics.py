@@ -1,0 +1,127 @@
+"""Process metrics in Prometheus text format (exposition format 0.0.4).
+
+A dependency-free registry: a counter increment on the per-frame path must cost tens of
+nanoseconds, so counters are plain attributes/dicts and the text is rendered only when
+``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+
+# Per-frame relay latency buckets in seconds: the relay's budget is far below one 20 ms frame.
+LATENCY_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+)
+
+
+class Histogram:
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.sum += value
+
+    def quantile(self, q: float) -> float:
+        """Upper bound of the bucket holding quantile ``q`` (coarse, for summaries)."""
+        if not self.count:
+            return 0.0
+        target = q * self.count
+        seen = 0
+        for i, n in enumerate(self.counts):
+            seen += n
+            if seen >= target:
+                return self.bounds[i] if i < len(self.bounds) else float("inf")
+        return float("inf")
+
+    def render(self, name: str, labels: str = "") -> list[str]:
+        lines = []
+        cumulative = 0
+        sep = "," if labels else ""
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            cumulative += n
+            lines.append(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {cumulative}')
+        lines.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
+        lab = f"{{{labels}}}" if labels else ""
+        lines.append(f"{name}_sum{lab} {self.sum:.9f}")
+        lines.append(f"{name}_count{lab} {self.count}")
+        return lines
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.active_calls = 0
+        self.calls_total = 0
+        self.calls_rejected: dict[str, int] = defaultdict(int)
+        self.frames_in = 0  # Twilio -> agent, media messages received from Twilio
+        self.frames_out = 0  # agent -> Twilio, media messages sent to Twilio
+        self.barge_ins = 0
+        self.errors: dict[str, int] = defaultdict(int)
+        self.webhooks: dict[str, int] = defaultdict(int)
+        self.latency_up = Histogram()
+        self.latency_down = Histogram()
+        self.barge_in_to_clear = Histogram()
+        self.gaps_filled = 0
+        self.late_drops = 0
+        self.duplicates = 0
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] += 1
+
+    def render(self) -> str:
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str, samples: list[str]) -> None:
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+            out.extend(samples)
+
+        metric("relay_active_calls", "gauge", "Calls with an open media stream.",
+               [f"relay_active_calls {self.active_calls}"])
+        metric("relay_calls_total", "counter", "Media streams accepted.",
+               [f"relay_calls_total {self.calls_total}"])
+        metric("relay_calls_rejected_total", "counter", "Calls refused, by reason.",
+               [f'relay_calls_rejected_total{{reason="{k}"}} {v}'
+                for k, v in sorted(self.calls_rejected.items())])
+        metric("relay_frames_total", "counter", "Media messages relayed, by direction.",
+               [f'relay_frames_total{{direction="twilio_to_agent"}} {self.frames_in}',
+                f'relay_frames_total{{direction="agent_to_twilio"}} {self.frames_out}'])
+        metric("relay_barge_ins_total", "counter", "Caller interruptions (clear sent).",
+               [f"relay_barge_ins_total {self.barge_ins}"])
+        metric("relay_uplink_gaps_filled_total", "counter", "Timestamp gaps filled with silence.",
+               [f"relay_uplink_gaps_filled_total {self.gaps_filled}"])
+        metric("relay_uplink_dropped_total", "counter", "Uplink frames dropped, by reason.",
+               [f'relay_uplink_dropped_total{{reason="late"}} {self.late_drops}',
+                f'relay_uplink_dropped_total{{reason="duplicate"}} {self.duplicates}'])
+        metric("relay_errors_total", "counter", "Errors by kind (one call or request each).",
+               [f'relay_errors_total{{kind="{k}"}} {v}' for k, v in sorted(self.errors.items())])
+        metric("relay_webhooks_total", "counter", "Webhook requests by route and outcome.",
+               [f'relay_webhooks_total{{outcome="{k}"}} {v}'
+                for k, v in sorted(self.webhooks.items())])
+        metric("relay_frame_latency_seconds", "histogram",
+               "Time from receiving a media batch to finishing its forward send.",
+               self.latency_up.render("relay_frame_latency_seconds", 'direction="twilio_to_agent"')
+               + self.latency_down.render("relay_frame_latency_seconds",
+                                          'direction="agent_to_twilio"'))
+        metric("relay_barge_in_clear_seconds", "histogram",
+               "Time from the agent's speech-started event to Twilio clear sent.",
+               self.barge_in_to_clear.render("relay_barge_in_clear_seconds"))
+        return "\n".join(out) + "\n"

@@ -1,0 +1,1 @@
+"""Sans-IO protocol cores: pure classes that take bytes/str and return events."""

@@ -1,0 +1,222 @@
+"""The relay's one listener: webhooks and the media WebSocket on one port.
+
+Twilio needs one public port (one tunnel, one TLS terminator), so both kinds of traffic share
+it. Each accepted connection's request head is read here: ``GET /twilio/stream`` with a
+WebSocket upgrade goes to the lean media path (``relay.websocket`` + ``relay.call``); every
+other request is handed, with the bytes already read, to Hypercorn's Trio ``TCPServer``
+running the Quart-Trio app. The media path thus skips ASGI entirely (measured ~2-3x cheaper
+per message, see README), while webhooks get a full HTTP server.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import wrap_app
+
+from .call import Call
+from .config import Config
+from .errors import RemoteProtocolError
+from .metrics import Metrics
+from .protocol.signature import StreamTokens, validate_signature
+from .records import CallRegistry
+from .tools import ToolRegistry, default_tools
+from .webapp import create_app
+from .websocket import WebSocket, parse_head, read_http_head, server_handshake_response
+
+log = logging.getLogger("relay.server")
+
+HEAD_TIMEOUT_S = 10.0
+
+
+@dataclass
+class RelayState:
+    cfg: Config
+    metrics: Metrics = field(default_factory=Metrics)
+    records: CallRegistry = field(default_factory=CallRegistry)
+    tools: ToolRegistry = field(default_factory=default_tools)
+    tokens: StreamTokens = field(init=False)
+    calls: set[Call] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.tokens = StreamTokens(self.cfg.token_secret_bytes(), self.cfg.security.token_ttl_s)
+        self.records.keep = self.cfg.calls.records_kept
+
+
+class _PrefixedStream(trio.abc.HalfCloseableStream):
+    """A SocketStream whose first ``receive_some`` returns bytes we already consumed."""
+
+    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+        self.socket = stream.socket
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def _plain_response(status: str, text: str) -> bytes:
+    body = text.encode()
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode() + body
+
+
+class RelayServer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.state = RelayState(cfg)
+        self.app = create_app(self.state)
+        self._hconfig = HypercornConfig()
+        self._hconfig.accesslog = None
+        self._hconfig.errorlog = logging.getLogger("relay.hypercorn")
+        self._app_wrapper = wrap_app(self.app, self._hconfig.wsgi_max_body_size, None)
+        self._context = WorkerContext(None)
+        self._lifespan_state: dict[str, Any] = {}
+        self.ports: list[int] = []
+
+    async def serve(self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
+        lifespan = Lifespan(self._app_wrapper, self._hconfig, self._lifespan_state)
+        async with trio.open_nursery() as lifespan_nursery:
+            await lifespan_nursery.start(lifespan.handle_lifespan)
+            await lifespan.wait_for_startup()
+            listeners = await trio.open_tcp_listeners(self.cfg.server.port, host=self.cfg.server.host)
+            self.ports = [ln.socket.getsockname()[1] for ln in listeners]
+            if not self.cfg.server.public_url:
+                # port 0 (tests, demo): the public URL is what we actually bound
+                self.cfg.server.public_url = f"http://{self.cfg.server.host}:{self.ports[0]}"
+            log.info(
+                "relay listening on %s:%s (public URL %s)",
+                self.cfg.server.host,
+                self.ports[0],
+                self.cfg.public_url,
+            )
+            task_status.started(self.ports)
+            try:
+                await trio.serve_listeners(self._handle, listeners)
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await lifespan.wait_for_shutdown()
+                lifespan_nursery.cancel_scope.cancel()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+            with trio.fail_after(HEAD_TIMEOUT_S):
+                head, rest = await read_http_head(stream)
+        except (trio.TooSlowError, RemoteProtocolError, trio.BrokenResourceError, OSError):
+            await trio.aclose_forcefully(stream)
+            return
+        first, headers = parse_head(head)
+        parts = first.split(" ")
+        target = parts[1] if len(parts) == 3 else ""
+        if target.split("?", 1)[0] == "/twilio/stream":
+            await self._media(stream, parts[0], headers, rest)
+            return
+        server = TCPServer(
+            self._app_wrapper,
+            self._hconfig,
+            self._context,
+            ConnectionState(self._lifespan_state.copy()),
+            _PrefixedStream(stream, head + b"\r\n\r\n" + rest),  # type: ignore[arg-type]
+        )
+        await server.run()
+
+    async def _refuse(self, stream: trio.SocketStream, status: str, kind: str, message: str) -> None:
+        self.state.metrics.error(kind)
+        log.warning("media stream upgrade refused (%s): %s", status, message)
+        with trio.move_on_after(1):
+            try:
+                await stream.send_all(_plain_response(status, message + "\n"))
+            except (trio.BrokenResourceError, OSError):
+                pass
+        await trio.aclose_forcefully(stream)
+
+    async def _media(
+        self, stream: trio.SocketStream, method: str, headers: dict[str, str], rest: bytes
+    ) -> None:
+        cfg = self.cfg
+        if (
+            method != "GET"
+            or headers.get("upgrade", "").lower() != "websocket"
+            or "upgrade" not in headers.get("connection", "").lower()
+            or headers.get("sec-websocket-version") != "13"
+            or not headers.get("sec-websocket-key")
+        ):
+            await self._refuse(stream, "400 Bad Request", "ws_bad_upgrade", "not a WebSocket upgrade")
+            return
+        # Twilio signs the wss:// URL with no query string; an unsigned stream endpoint
+        # would let anyone run agent sessions on the deployer's API keys (toll fraud).
+        signature = headers.get("x-twilio-signature")
+        if not validate_signature(cfg.twilio.auth_token, cfg.stream_url, None, signature):
+            await self._refuse(
+                stream,
+                "403 Forbidden",
+                "bad_signature",
+                f"{'missing' if not signature else 'invalid'} x-twilio-signature",
+            )
+            return
+        if self.state.metrics.active_calls >= cfg.server.max_calls:
+            self.state.metrics.calls_rejected["concurrent_limit"] += 1
+            await self._refuse(stream, "503 Service Unavailable", "capacity", "too many calls")
+            return
+        try:
+            with trio.move_on_after(cfg.media.send_timeout_s):
+                await stream.send_all(server_handshake_response(headers["sec-websocket-key"]))
+        except (trio.BrokenResourceError, OSError):
+            await trio.aclose_forcefully(stream)
+            return
+        ws = WebSocket(
+            stream,
+            client_side=False,
+            max_message=cfg.media.max_message_bytes,
+            send_timeout=cfg.media.send_timeout_s,
+            leftover=rest,
+        )
+        call = Call(ws, self.state)
+        self.state.calls.add(call)
+        try:
+            await call.run()
+        finally:
+            self.state.calls.discard(call)
+
+
+async def run_server(cfg: Config, *, task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a relay until cancelled; ``task_status.started`` receives the RelayServer."""
+    server = RelayServer(cfg)
+
+    async def _serve(task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
+        await server.serve(task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_serve)
+        task_status.started(server)
+
+
+__all__ = ["RelayServer", "RelayState", "run_server"]
