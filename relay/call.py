@@ -261,8 +261,10 @@ class Call:
 
     async def _forward_uplink(self, agent: Agent, payloads: list[str]) -> None:
         if self._to_pcm is None:
-            for payload in payloads:
-                await agent.send_audio_b64(payload)
+            if len(payloads) == 1:
+                await agent.send_audio_b64(payloads[0])
+            else:
+                await agent.send_audio_b64_many(payloads)
         else:
             feed = self._to_pcm.feed_b64
             pcm = b"".join([feed(p) for p in payloads])

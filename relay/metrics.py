@@ -8,7 +8,7 @@ nanoseconds, so counters are plain attributes/dicts and the text is rendered onl
 from __future__ import annotations
 
 import bisect
-from collections import defaultdict
+from collections import defaultdict, deque
 
 # Per-frame relay latency buckets in seconds: the relay's budget is far below one 20 ms frame.
 LATENCY_BUCKETS = (
@@ -27,18 +27,34 @@ LATENCY_BUCKETS = (
 
 
 class Histogram:
-    __slots__ = ("bounds", "count", "counts", "sum")
+    """Prometheus histogram plus a bounded window of recent raw samples.
 
-    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+    The window gives exact p50/p99 for reports (the demo, ``/calls``) where bucket bounds
+    would be too coarse; it costs one deque append per observation.
+    """
+
+    __slots__ = ("bounds", "count", "counts", "recent", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS, window: int = 50_000) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.count = 0
         self.sum = 0.0
+        self.recent: deque[float] = deque(maxlen=window)
 
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.count += 1
         self.sum += value
+        self.recent.append(value)
+
+    def percentile(self, q: float) -> float:
+        """Exact ``q`` (0..100) percentile of the recent window, 0.0 when empty."""
+        if not self.recent:
+            return 0.0
+        ordered = sorted(self.recent)
+        idx = min(len(ordered) - 1, max(0, round(q / 100.0 * (len(ordered) - 1))))
+        return ordered[idx]
 
     def quantile(self, q: float) -> float:
         """Upper bound of the bucket holding quantile ``q`` (coarse, for summaries)."""

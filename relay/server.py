@@ -29,7 +29,7 @@ from .errors import RemoteProtocolError
 from .metrics import Metrics
 from .protocol.signature import StreamTokens, validate_signature
 from .records import CallRegistry
-from .tools import ToolRegistry, default_tools
+from .tools import ToolRegistry, default_registry
 from .webapp import create_app
 from .websocket import WebSocket, parse_head, read_http_head, server_handshake_response
 
@@ -43,7 +43,7 @@ class RelayState:
     cfg: Config
     metrics: Metrics = field(default_factory=Metrics)
     records: CallRegistry = field(default_factory=CallRegistry)
-    tools: ToolRegistry = field(default_factory=default_tools)
+    tools: ToolRegistry = field(default_factory=default_registry)
     tokens: StreamTokens = field(init=False)
     calls: set[Call] = field(default_factory=set)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import socket
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -246,6 +247,7 @@ class WebSocket:
         self._close_sent = False
         self.messages_in = 0
         self.messages_out = 0
+        self._raw = _raw_socket(stream)
 
     # -- sending ---------------------------------------------------------------------
     def _frame(self, opcode: int, payload: bytes) -> bytes:
@@ -254,13 +256,46 @@ class WebSocket:
     async def _write(self, data: bytes) -> None:
         if self.closed is not None:
             raise self.closed
+        lock = self._send_lock
+        raw = self._raw
+        if raw is not None and not lock.locked():
+            # Fast path: one non-blocking send(2) straight on the socket. Trio's send_all
+            # adds two scheduler round trips per call; on the relay's ~200 messages per
+            # call-second those dominate. Whatever the kernel does not take goes through
+            # the bounded slow path with the lock taken *before* any yield, so another
+            # task's frame can never land inside ours.
+            try:
+                sent = raw.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.closed = ConnectionClosed(CLOSE_ABNORMAL, f"send failed: {exc!r}")
+                raise self.closed from None
+            if sent == len(data):
+                return
+            lock.acquire_nowait()
+            try:
+                await self._send_bounded(data[sent:])
+            finally:
+                lock.release()
+            return
+        async with lock:
+            await self._send_bounded(data)
+
+    async def _send_bounded(self, data: bytes) -> None:
+        if self.closed is not None:
+            raise self.closed
         with trio.move_on_after(self.send_timeout) as scope:
             try:
-                async with self._send_lock:
-                    await self.stream.send_all(data)
+                await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.closed = ConnectionClosed(CLOSE_ABNORMAL, f"send failed: {exc!r}")
                 raise self.closed from None
+            except BaseException:
+                # Cancelled from outside mid-write: part of a frame may be on the wire, so
+                # nothing more may follow it on this socket.
+                self.closed = ConnectionClosed(CLOSE_ABNORMAL, "send interrupted")
+                raise
         if scope.cancelled_caught:
             self.closed = ConnectionClosed(CLOSE_ABNORMAL, "send timed out (peer not reading)")
             raise self.closed
@@ -294,7 +329,7 @@ class WebSocket:
                 data, self._leftover = self._leftover, b""
             else:
                 try:
-                    data = await self.stream.receive_some(65536)
+                    data = await self._receive_some()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self.closed = ConnectionClosed(CLOSE_ABNORMAL, f"receive failed: {exc!r}")
                     raise self.closed from None
@@ -321,6 +356,30 @@ class WebSocket:
                 return messages
             if self.closed is not None:
                 raise self.closed
+
+    async def _receive_some(self) -> bytes:
+        raw = self._raw
+        if raw is None:
+            data: bytes = await self.stream.receive_some(65536)
+            return data
+        # Fast path: recv(2) first; if nothing is there, park on readability (one
+        # scheduler round trip instead of trio's three). When data was already waiting we
+        # still yield once, shielded, so a busy connection cannot starve the other calls
+        # and a pending cancel cannot lose bytes we already took from the kernel.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = raw.recv(65536)
+        except BlockingIOError:
+            pass
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        while True:
+            await trio.lowlevel.wait_readable(raw)
+            try:
+                return raw.recv(65536)
+            except BlockingIOError:
+                continue
 
     async def _control(self, frame: Control) -> None:
         if frame.opcode == OP_PING:
@@ -349,18 +408,23 @@ class WebSocket:
         We do not wait for the peer's close reply: the relay's job is done and some
         clients stall ~10 s on the closing handshake (a known complaint with Twilio relays).
         """
-        if not self._close_sent and self.closed is None:
-            self._close_sent = True
-            with trio.move_on_after(min(self.send_timeout, 1.0)):
-                try:
-                    async with self._send_lock:
-                        await self.stream.send_all(self._frame(OP_CLOSE, close_payload(code, reason)))
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
-        if self.closed is None:
-            self.closed = ConnectionClosed(code, reason)
-        with trio.CancelScope(shield=True):
-            await trio.aclose_forcefully(self.stream)
+        try:
+            if not self._close_sent and self.closed is None:
+                self._close_sent = True
+                with trio.move_on_after(min(self.send_timeout, 1.0)):
+                    try:
+                        async with self._send_lock:
+                            await self.stream.send_all(
+                                self._frame(OP_CLOSE, close_payload(code, reason))
+                            )
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+        finally:
+            # Runs even when we are cancelled (a call's finally): the socket must not leak.
+            if self.closed is None:
+                self.closed = ConnectionClosed(code, reason)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
 
 
 # --- handshakes -----------------------------------------------------------------------
@@ -403,7 +467,8 @@ async def connect(
         try:
             _set_nodelay(stream)
             key = base64.b64encode(os.urandom(16)).decode("ascii")
-            hostport = host if parts.port is None else f"{host}:{port}"
+            bracketed = f"[{host}]" if ":" in host else host  # IPv6 literal (RFC 7230 §5.4)
+            hostport = bracketed if parts.port is None else f"{bracketed}:{port}"
             lines = [
                 f"GET {path} HTTP/1.1",
                 f"Host: {hostport}",
@@ -414,7 +479,10 @@ async def connect(
             ]
             if subprotocols:
                 lines.append("Sec-WebSocket-Protocol: " + ", ".join(subprotocols))
-            lines += [f"{k}: {v}" for k, v in headers]
+            for k, v in headers:
+                if "\r" in v or "\n" in v or "\r" in k or "\n" in k:
+                    raise ValueError(f"header {k!r} contains a line break")
+                lines.append(f"{k}: {v}")
             await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
             head, rest = await read_http_head(stream, limit=16384)
             status_line, response_headers = parse_head(head)
@@ -435,11 +503,21 @@ async def connect(
     )
 
 
+def _raw_socket(stream: object) -> socket.socket | None:
+    """The stdlib socket under a plain ``trio.SocketStream`` (None for TLS or test streams).
+
+    ``trio.socket.SocketType`` keeps it as ``_sock``; if a future trio renames it we simply
+    lose the fast path, not correctness.
+    """
+    if type(stream) is not trio.SocketStream:
+        return None
+    raw = getattr(stream.socket, "_sock", None)
+    return raw if isinstance(raw, socket.socket) else None
+
+
 def _set_nodelay(stream: trio.abc.Stream) -> None:
     sock_stream = getattr(stream, "transport_stream", stream)
     if isinstance(sock_stream, trio.SocketStream):
-        import socket
-
         sock_stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
 
 

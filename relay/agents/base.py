@@ -144,6 +144,12 @@ class Agent(abc.ABC):
 
         await self.send_audio(binascii.a2b_base64(payload))
 
+    async def send_audio_b64_many(self, payloads: list[str]) -> None:
+        """Several base64 frames at once (one receive batch); adapters may send them in one
+        write. Default: one ``send_audio_b64`` each."""
+        for payload in payloads:
+            await self.send_audio_b64(payload)
+
     @abc.abstractmethod
     async def receive(self) -> list[AgentEvent]:
         """Wait for the next batch of events (never empty). Raises

@@ -1,0 +1,644 @@
+"""Sans-IO core of the OpenAI Realtime adapter: wire text in, :mod:`relay.agents.base` events
+out, and the client messages the adapter sends. No sockets, no Trio, no clocks.
+
+Rules followed (``/work/shared/reference/voice-agent-apis.md``, "OpenAI Realtime"):
+
+* GA and beta differ in the ``session.update`` shape (nested ``session.audio`` with format
+  objects vs flat ``input_audio_format`` strings) and in event names
+  (``response.output_audio.delta`` vs ``response.audio.delta``, ...). :meth:`parse` accepts
+  both name sets whatever ``api`` is configured ("vendors rename things").
+* ``conversation.item.truncate``: "N larger than the generated audio is an error", so the
+  protocol counts the audio bytes it parsed per assistant item and clamps N to them.
+* Errors are "mostly non-fatal": only authentication, quota, session expiry (the 60 min
+  cap) and a rejected ``session.update`` (the session would run with the wrong audio
+  format) are reported with ``fatal=True``.
+
+Malformed agent input (bad JSON, a known event with wrongly typed fields, undecodable
+base64, a binary frame) raises :class:`relay.errors.RemoteProtocolError` with kind
+``agent_protocol``; the Trio layer decides what that means for the call.
+"""
+
+from __future__ import annotations
+
+import binascii
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit
+
+import orjson
+
+from ..errors import ConfigError, RemoteProtocolError
+from .base import (
+    AgentAudio,
+    AgentErrorEvent,
+    AgentEvent,
+    AgentResponseDone,
+    AgentSpeechStarted,
+    AgentSpeechStopped,
+    AgentToolCall,
+    AgentTranscript,
+)
+
+__all__ = [
+    "BYTES_PER_MS",
+    "DEFAULT_URL",
+    "FATAL_ERROR_CODES",
+    "SESSION_UPDATE_EVENT_ID",
+    "OpenAIOptions",
+    "OpenAIRealtimeProtocol",
+    "mask_secret",
+]
+
+DEFAULT_URL = "wss://api.openai.com/v1/realtime"
+
+#: Client ``event_id`` of our ``session.update``; the server echoes it in ``error.event_id``
+#: when it rejects the update, which is how a rejected configuration is recognised.
+SESSION_UPDATE_EVENT_ID = "relay_session_update"
+
+#: Generated audio bytes per millisecond: μ-law 8 kHz = 8 B/ms, PCM16 24 kHz = 48 B/ms.
+BYTES_PER_MS: Mapping[str, int] = {"pcmu": 8, "pcm24k": 48}
+
+#: ``error.code`` / ``error.type`` values after which the session cannot go on.
+FATAL_ERROR_CODES = frozenset(
+    {
+        "invalid_api_key",
+        "authentication_error",
+        "permission_denied",
+        "insufficient_quota",
+        "session_expired",
+        "model_not_found",
+    }
+)
+FATAL_ERROR_TYPES = frozenset({"authentication_error", "permission_error"})
+
+#: Per-item bookkeeping is bounded: only recent items can still be playing or truncated.
+MAX_TRACKED_ITEMS = 256
+
+_AUDIO_FORMATS = ("pcmu", "pcm24k")
+_APIS = ("ga", "beta")
+
+
+def mask_secret(secret: str) -> str:
+    """``sk-…abcd``: enough to tell keys apart in logs, never enough to use one."""
+    if not secret:
+        return "<unset>"
+    if len(secret) <= 12:
+        return "…" + secret[-2:] if len(secret) > 6 else "…"
+    return secret[:3] + "…" + secret[-4:]
+
+
+def _normalize_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    """A Realtime function tool ``{"type":"function","name","description","parameters"}``.
+
+    The Chat Completions shape (``{"type":"function","function":{...}}``) is flattened,
+    since Realtime tools are flat (reference: session.update ``tools``).
+    """
+    if not isinstance(tool, Mapping):
+        raise ConfigError(f"tool schema must be a mapping, got {type(tool).__name__}")
+    inner = tool.get("function")
+    src: Mapping[str, Any] = inner if isinstance(inner, Mapping) else tool
+    name = src.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"tool schema without a name: {dict(tool)!r}")
+    out: dict[str, Any] = {"type": "function", "name": name}
+    out["description"] = str(src.get("description") or "")
+    params = src.get("parameters")
+    out["parameters"] = (
+        dict(params) if isinstance(params, Mapping) else {"type": "object", "properties": {}}
+    )
+    return out
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        cur = base.get(key)
+        if isinstance(cur, dict) and isinstance(value, Mapping):
+            _deep_merge(cur, value)
+        else:
+            base[key] = value
+    return base
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIOptions:
+    """Everything an OpenAI Realtime session is configured with.
+
+    ``audio``: "pcmu" (μ-law 8 kHz both ways: Twilio passthrough) or "pcm24k" (PCM16
+    24 kHz both ways; the engine resamples). ``api``: "ga" or "beta" (session shape, the
+    ``OpenAI-Beta`` header). ``turn_detection``: None means ``{"type": "server_vad"}``;
+    ``{"type": "none"}`` disables it (sent as ``null``); other mappings are sent verbatim.
+    ``session_extra`` is deep-merged into the ``session`` object (new API fields).
+    """
+
+    url: str = DEFAULT_URL
+    api_key: str = field(default="", repr=False)
+    model: str = "gpt-realtime"
+    voice: str = "marin"
+    audio: str = "pcmu"
+    api: str = "ga"
+    instructions: str = ""
+    greeting: str = ""
+    tools: Sequence[Mapping[str, Any]] = ()
+    transcription_model: str | None = None
+    turn_detection: Mapping[str, Any] | None = None
+    tool_choice: str = "auto"
+    session_extra: Mapping[str, Any] | None = None
+    connect_timeout_s: float = 10.0
+    send_timeout_s: float = 2.0
+    #: Wait for ``session.updated`` before the greeting (bounded by ``connect_timeout_s``).
+    wait_for_session: bool = True
+
+    def __post_init__(self) -> None:
+        if self.audio not in _AUDIO_FORMATS:
+            raise ConfigError(f"openai audio must be one of {_AUDIO_FORMATS}, got {self.audio!r}")
+        if self.api not in _APIS:
+            raise ConfigError(f"openai api must be one of {_APIS}, got {self.api!r}")
+        scheme = urlsplit(self.url).scheme
+        if scheme not in ("ws", "wss"):
+            raise ConfigError(f"openai url must be ws:// or wss://, got {self.url!r}")
+        if not self.model:
+            raise ConfigError("openai model must not be empty")
+        if not (self.connect_timeout_s > 0 and self.send_timeout_s > 0):
+            raise ConfigError("openai connect_timeout_s and send_timeout_s must be > 0")
+        if any(not (0x20 < ord(c) < 0x7F) for c in self.api_key):
+            # It goes into an HTTP header: no spaces, controls (header injection) or non-ASCII.
+            raise ConfigError("openai api_key contains whitespace or non-printable characters")
+        object.__setattr__(self, "tools", tuple(_normalize_tool(t) for t in self.tools))
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenAIOptions(url={self.url!r}, model={self.model!r}, api={self.api!r}, "
+            f"audio={self.audio!r}, voice={self.voice!r}, tools={len(self.tools)}, "
+            f"api_key={mask_secret(self.api_key)!r})"
+        )
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode("utf-8")
+
+
+def _bad(etype: str, what: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"agent event {etype!r}: {what}", kind="agent_protocol")
+
+
+def _str_field(msg: Mapping[str, Any], key: str, etype: str) -> str:
+    value = msg.get(key)
+    if type(value) is not str:
+        raise _bad(etype, f"field {key!r} must be a string")
+    return value
+
+
+def _opt_str(value: Any) -> str:
+    """A string field we only display: tolerate absence and odd types."""
+    if value is None:
+        return ""
+    return value if type(value) is str else str(value)
+
+
+# input_audio_buffer.append is built by concatenation: base64 needs no JSON escaping.
+_APPEND_HEAD = '{"type":"input_audio_buffer.append","audio":"'
+_APPEND_TAIL = '"}'
+
+
+class OpenAIRealtimeProtocol:
+    """State of one Realtime session as seen from the relay (sans-IO)."""
+
+    def __init__(self, options: OpenAIOptions) -> None:
+        self.options = options
+        self.bytes_per_ms = BYTES_PER_MS[options.audio]
+        #: True once ``session.updated`` arrived (our configuration is in effect).
+        self.configured = False
+        self.session_created = False
+        self.session_id: str | None = None
+        #: The last session object the server sent (session.created / session.updated).
+        self.session: dict[str, Any] | None = None
+        #: Set when the server rejected our session.update (error.event_id matched).
+        self.session_error: AgentErrorEvent | None = None
+        self.events_in = 0
+        self.ignored = 0
+        self.ignored_types: Counter[str] = Counter()
+        # item_id -> audio bytes generated (insertion ordered, bounded)
+        self._item_bytes: dict[str, int] = {}
+        self._done: set[str] = set()
+        self._truncated: set[str] = set()
+        # call_id/item_id -> function name (the .done event may omit ``name``)
+        self._function_names: dict[str, str] = {}
+        self._tool_calls: dict[str, None] = {}
+        h = self._handlers = dict[str, Callable[[dict[str, Any], str], list[AgentEvent]]]()
+        for name in ("response.output_audio.delta", "response.audio.delta"):
+            h[name] = self._on_audio_delta
+        for name in ("response.output_audio.done", "response.audio.done"):
+            h[name] = self._on_audio_done
+        h["response.done"] = self._on_response_done
+        h["input_audio_buffer.speech_started"] = self._on_speech_started
+        h["input_audio_buffer.speech_stopped"] = self._on_speech_stopped
+        for name in ("response.output_audio_transcript.delta", "response.audio_transcript.delta"):
+            h[name] = self._on_agent_transcript_delta
+        for name in ("response.output_audio_transcript.done", "response.audio_transcript.done"):
+            h[name] = self._on_agent_transcript_done
+        h["conversation.item.input_audio_transcription.delta"] = self._on_caller_delta
+        h["conversation.item.input_audio_transcription.completed"] = self._on_caller_done
+        h["conversation.item.input_audio_transcription.failed"] = self._on_caller_failed
+        h["response.function_call_arguments.done"] = self._on_function_args_done
+        h["response.output_item.added"] = self._on_output_item
+        h["response.output_item.done"] = self._on_output_item
+        h["error"] = self._on_error
+        h["session.created"] = self._on_session
+        h["session.updated"] = self._on_session
+
+    # -- client messages ---------------------------------------------------------------
+    def ws_url(self) -> str:
+        """The endpoint with ``?model=`` appended (an existing query, incl. model, is kept)."""
+        url = self.options.url
+        parts = urlsplit(url)
+        if any(k == "model" for k, _ in parse_qsl(parts.query, keep_blank_values=True)):
+            return url
+        base, _, frag = url.partition("#")
+        sep = "&" if parts.query else ("" if base.endswith("?") else "?")
+        return f"{base}{sep}model={quote(self.options.model, safe='')}" + (
+            f"#{frag}" if frag else ""
+        )
+
+    def handshake_headers(self) -> list[tuple[str, str]]:
+        """``Authorization: Bearer <key>``; beta also needs ``OpenAI-Beta: realtime=v1``."""
+        headers = [("Authorization", f"Bearer {self.options.api_key}")]
+        if self.options.api == "beta":
+            headers.append(("OpenAI-Beta", "realtime=v1"))
+        return headers
+
+    def _turn_detection(self) -> dict[str, Any] | None:
+        td = self.options.turn_detection
+        if td is None:
+            return {"type": "server_vad"}
+        if td.get("type") in ("none", None):
+            return None
+        return dict(td)
+
+    def session_update(self) -> str:
+        """The ``session.update`` for the configured API flavour."""
+        o = self.options
+        session: dict[str, Any]
+        if o.api == "ga":
+            # GA: session.type "realtime", output_modalities, nested audio.{input,output}
+            # with format objects ({"type":"audio/pcmu"} or {"type":"audio/pcm","rate":24000}).
+            fmt: dict[str, Any] = (
+                {"type": "audio/pcmu"}
+                if o.audio == "pcmu"
+                else {"type": "audio/pcm", "rate": 24000}
+            )
+            audio_in: dict[str, Any] = {"format": fmt, "turn_detection": self._turn_detection()}
+            if o.transcription_model:
+                audio_in["transcription"] = {"model": o.transcription_model}
+            session = {
+                "type": "realtime",
+                "model": o.model,
+                "output_modalities": ["audio"],
+                "audio": {"input": audio_in, "output": {"format": dict(fmt), "voice": o.voice}},
+            }
+        else:
+            # Beta: flat input_audio_format/output_audio_format strings, modalities incl. text.
+            bfmt = "g711_ulaw" if o.audio == "pcmu" else "pcm16"
+            session = {
+                "modalities": ["audio", "text"],
+                "voice": o.voice,
+                "input_audio_format": bfmt,
+                "output_audio_format": bfmt,
+                "turn_detection": self._turn_detection(),
+            }
+            if o.transcription_model:
+                session["input_audio_transcription"] = {"model": o.transcription_model}
+        if o.instructions:
+            session["instructions"] = o.instructions
+        if o.tools:
+            session["tools"] = [dict(t) for t in o.tools]
+            session["tool_choice"] = o.tool_choice
+        if o.session_extra:
+            _deep_merge(session, o.session_extra)
+        return _dumps(
+            {"type": "session.update", "event_id": SESSION_UPDATE_EVENT_ID, "session": session}
+        )
+
+    def greeting_messages(self) -> list[str]:
+        """Speak first: ``conversation.item.create`` then ``response.create`` (reference:
+        "Greeting / speak first"). The prompt is a user message asking for the exact words,
+        as in the Twilio/OpenAI speech-assistant sample. Empty when no greeting is set."""
+        greeting = self.options.greeting
+        if not greeting:
+            return []
+        prompt = f'Greet the caller by saying exactly: "{greeting}"'
+        item = {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": prompt}],
+        }
+        return [
+            _dumps({"type": "conversation.item.create", "item": item}),
+            _dumps({"type": "response.create"}),
+        ]
+
+    def append_audio_b64(self, payload: str) -> str:
+        """``input_audio_buffer.append`` for caller audio already in base64 (hot path).
+
+        Base64 (A-Z a-z 0-9 + / =) never needs JSON escaping, so this is concatenation; a
+        payload with a quote or backslash (not base64, maybe hostile) is escaped properly.
+        """
+        if '"' in payload or "\\" in payload:
+            return _dumps({"type": "input_audio_buffer.append", "audio": payload})
+        return _APPEND_HEAD + payload + _APPEND_TAIL
+
+    def append_audio(self, audio: bytes) -> str:
+        return (
+            _APPEND_HEAD + binascii.b2a_base64(audio, newline=False).decode("ascii") + _APPEND_TAIL
+        )
+
+    def generated_ms(self, item_id: str) -> int:
+        """Milliseconds of audio the agent generated for ``item_id`` (whole ms, floor)."""
+        return self._item_bytes.get(item_id, 0) // self.bytes_per_ms
+
+    def knows_item(self, item_id: str) -> bool:
+        return item_id in self._item_bytes
+
+    def truncate(self, item_id: str, audio_end_ms: int) -> str:
+        """``conversation.item.truncate`` (content_index 0) with ``audio_end_ms`` clamped to
+        [0, generated ms]: "N larger than the generated audio is an error". The tracked
+        length shrinks to N, as the server's item does, and stops growing (deltas already in
+        flight are not added to the server's truncated item), so a later truncate stays valid."""
+        generated = self._item_bytes.get(item_id, 0) // self.bytes_per_ms
+        ms = max(0, min(int(audio_end_ms), generated))
+        if item_id in self._item_bytes:
+            self._item_bytes[item_id] = ms * self.bytes_per_ms
+            self._truncated.add(item_id)
+        return _dumps(
+            {
+                "type": "conversation.item.truncate",
+                "item_id": item_id,
+                "content_index": 0,
+                "audio_end_ms": ms,
+            }
+        )
+
+    def tool_result(self, call_id: str, output: str) -> list[str]:
+        """``function_call_output`` item, then ``response.create`` so the model answers."""
+        item = {"type": "function_call_output", "call_id": call_id, "output": output}
+        return [
+            _dumps({"type": "conversation.item.create", "item": item}),
+            _dumps({"type": "response.create"}),
+        ]
+
+    def cancel_response(self) -> str:
+        return _dumps({"type": "response.cancel"})
+
+    # -- server messages -----------------------------------------------------------------
+    def parse_message(self, message: str | bytes) -> list[AgentEvent]:
+        """A WebSocket message as received: OpenAI sends only text frames."""
+        if type(message) is not str:
+            raise RemoteProtocolError(
+                f"agent sent a binary frame ({len(message)} bytes); OpenAI Realtime is JSON text",
+                kind="agent_protocol",
+            )
+        return self.parse(message)
+
+    def parse(self, text: str | bytes) -> list[AgentEvent]:
+        """One server event (JSON text) -> zero or more agent events."""
+        try:
+            msg = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise RemoteProtocolError(
+                f"agent sent malformed JSON: {exc}", kind="agent_protocol"
+            ) from None
+        if type(msg) is not dict:
+            raise RemoteProtocolError("agent event is not a JSON object", kind="agent_protocol")
+        self.events_in += 1
+        etype = msg.get("type")
+        handler = self._handlers.get(etype) if type(etype) is str else None
+        if handler is None:
+            self._ignore(etype)
+            return []
+        return handler(msg, etype)  # type: ignore[arg-type]
+
+    def _ignore(self, etype: Any) -> None:
+        self.ignored += 1
+        key = etype if type(etype) is str else "<no type>"
+        if key in self.ignored_types or len(self.ignored_types) < 64:
+            self.ignored_types[key[:80]] += 1
+
+    # bookkeeping ---------------------------------------------------------------------
+    def _track(self, item_id: str) -> None:
+        items = self._item_bytes
+        if item_id not in items:
+            if len(items) >= MAX_TRACKED_ITEMS:
+                oldest = next(iter(items))
+                del items[oldest]
+                self._done.discard(oldest)
+                self._truncated.discard(oldest)
+            items[item_id] = 0
+
+    def _finish(self, item_id: str) -> list[AgentEvent]:
+        if item_id in self._done:
+            return []
+        self._track(item_id)
+        self._done.add(item_id)
+        return [AgentResponseDone(item_id)]
+
+    def _remember_call(self, call_id: str) -> bool:
+        """True the first time ``call_id`` is seen: a tool call is reported once."""
+        if call_id in self._tool_calls:
+            return False
+        if len(self._tool_calls) >= MAX_TRACKED_ITEMS:
+            del self._tool_calls[next(iter(self._tool_calls))]
+        self._tool_calls[call_id] = None
+        return True
+
+    # handlers --------------------------------------------------------------------------
+    def _on_audio_delta(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
+        delta = msg.get("delta")
+        item_id = msg.get("item_id")
+        if type(delta) is not str or type(item_id) is not str:
+            raise _bad(etype, "delta and item_id must be strings")
+        try:
+            audio = binascii.a2b_base64(delta)
+        except (binascii.Error, ValueError):
+            raise _bad(etype, "delta is not valid base64") from None
+        items = self._item_bytes
+        n = items.get(item_id)
+        if n is None:
+            self._track(item_id)
+            n = 0
+        if not audio:
+            return []
+        if item_id not in self._truncated:
+            # Deltas still in flight after a truncate do not lengthen the server's item.
+            items[item_id] = n + len(audio)
+        return [AgentAudio(audio, item_id)]
+
+    def _on_audio_done(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
+        return self._finish(_str_field(msg, "item_id", etype))
+
+    def _on_response_done(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
+        resp = msg.get("response")
+        if type(resp) is not dict:
+            raise _bad(etype, "response must be an object")
+        output = resp.get("output")
+        if output is None:
+            output = []
+        if type(output) is not list:
+            raise _bad(etype, "response.output must be a list")
+        status = resp.get("status")
+        events: list[AgentEvent] = []
+        for item in output:
+            if type(item) is not dict:
+                continue
+            item_id = item.get("id")
+            kind = item.get("type")
+            if kind == "message" and type(item_id) is str:
+                # Only items that produced audio: the engine knows no others.
+                if item_id in self._item_bytes:
+                    events += self._finish(item_id)
+            elif kind == "function_call" and status == "completed":
+                events += self._tool_call_from_item(item)
+        if status == "failed":
+            details = resp.get("status_details")
+            err = details.get("error") if type(details) is dict else None
+            if type(err) is not dict:
+                err = {}
+            code = _opt_str(err.get("code") or err.get("type")) or "response_failed"
+            events.append(
+                AgentErrorEvent(
+                    code,
+                    _opt_str(err.get("message")) or "response failed",
+                    fatal=self._is_fatal(code, _opt_str(err.get("type"))),
+                )
+            )
+        return events
+
+    def _on_speech_started(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
+        return [AgentSpeechStarted()]
+
+    def _on_speech_stopped(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
+        return [AgentSpeechStopped()]
+
+    def _on_agent_transcript_delta(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
+        delta = _str_field(msg, "delta", etype)
+        return [AgentTranscript("agent", delta, final=False)] if delta else []
+
+    def _on_agent_transcript_done(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
+        return [AgentTranscript("agent", _str_field(msg, "transcript", etype))]
+
+    def _on_caller_delta(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
+        delta = _str_field(msg, "delta", etype)
+        return [AgentTranscript("caller", delta, final=False)] if delta else []
+
+    def _on_caller_done(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
+        return [AgentTranscript("caller", _str_field(msg, "transcript", etype))]
+
+    def _on_caller_failed(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
+        err = msg.get("error")
+        message = _opt_str(err.get("message")) if type(err) is dict else ""
+        return [AgentErrorEvent("transcription_failed", message or "caller transcription failed")]
+
+    def _on_output_item(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
+        item = msg.get("item")
+        if type(item) is not dict or item.get("type") != "function_call":
+            return []
+        name = item.get("name")
+        call_id = item.get("call_id")
+        item_id = item.get("id")
+        if type(name) is str and name:
+            for key in (call_id, item_id):
+                if type(key) is str:
+                    if len(self._function_names) >= MAX_TRACKED_ITEMS:
+                        del self._function_names[next(iter(self._function_names))]
+                    self._function_names[key] = name
+        # Fallback when no arguments.done was seen: a completed function_call item.
+        if etype == "response.output_item.done" and item.get("status") == "completed":
+            return self._tool_call_from_item(item)
+        return []
+
+    def _tool_call_from_item(self, item: dict[str, Any]) -> list[AgentEvent]:
+        call_id = item.get("call_id")
+        name = item.get("name")
+        arguments = item.get("arguments")
+        if type(call_id) is not str or type(name) is not str or type(arguments) is not str:
+            return []
+        if not self._remember_call(call_id):
+            return []
+        return [AgentToolCall(call_id, name, arguments)]
+
+    def _on_function_args_done(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
+        call_id = _str_field(msg, "call_id", etype)
+        arguments = _str_field(msg, "arguments", etype)
+        name = msg.get("name")
+        if type(name) is not str or not name:
+            # Some API versions omit ``name`` here; it came with response.output_item.added.
+            item_id = msg.get("item_id")
+            name = self._function_names.get(call_id) or (
+                self._function_names.get(item_id, "") if type(item_id) is str else ""
+            )
+        if not self._remember_call(call_id):
+            return []
+        return [AgentToolCall(call_id, name, arguments)]
+
+    @staticmethod
+    def _is_fatal(code: str, etype: str) -> bool:
+        return code in FATAL_ERROR_CODES or etype in FATAL_ERROR_TYPES
+
+    def _on_error(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
+        # {"type":"error","error":{type,code,message,param,event_id}}: tolerate odd shapes,
+        # an error report must never itself become a protocol error.
+        err = msg.get("error")
+        if type(err) is not dict:
+            err = {"message": _opt_str(err)}
+        etype_ = _opt_str(err.get("type"))
+        code = _opt_str(err.get("code")) or etype_ or "unknown"
+        message = _opt_str(err.get("message"))
+        fatal = self._is_fatal(code, etype_)
+        if err.get("event_id") == SESSION_UPDATE_EVENT_ID:
+            # Our configuration was refused: audio format, voice or tools would be wrong.
+            fatal = True
+            message = f"session.update rejected: {message}"
+        event = AgentErrorEvent(code, message, fatal=fatal)
+        if err.get("event_id") == SESSION_UPDATE_EVENT_ID:
+            self.session_error = event
+        return [event]
+
+    def _on_session(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
+        session = msg.get("session")
+        if type(session) is dict:
+            self.session = session
+            sid = session.get("id")
+            if type(sid) is str:
+                self.session_id = sid
+        if etype == "session.created":
+            self.session_created = True
+            return []
+        self.configured = True
+        mismatch = self._format_mismatch(session) if type(session) is dict else None
+        if mismatch:
+            return [AgentErrorEvent("session_format_mismatch", mismatch, fatal=True)]
+        return []
+
+    def _format_mismatch(self, session: dict[str, Any]) -> str | None:
+        """Compare the audio formats the server echoed with ours (only fields present)."""
+        pcmu = self.options.audio == "pcmu"
+        found: list[tuple[str, Any]] = []
+        audio = session.get("audio")
+        if type(audio) is dict:
+            for direction in ("input", "output"):
+                part = audio.get(direction)
+                fmt = part.get("format") if type(part) is dict else None
+                if type(fmt) is dict and "type" in fmt:
+                    ok = fmt["type"] == "audio/pcmu" if pcmu else fmt["type"] == "audio/pcm"
+                    if not ok or (not pcmu and fmt.get("rate", 24000) != 24000):
+                        found.append((f"audio.{direction}.format", fmt))
+        for key in ("input_audio_format", "output_audio_format"):
+            if key in session:
+                want = "g711_ulaw" if pcmu else "pcm16"
+                if session[key] != want:
+                    found.append((key, session[key]))
+        if not found:
+            return None
+        return "server audio format differs from the configured one: " + ", ".join(
+            f"{k}={v!r}" for k, v in found
+        )

@@ -1,0 +1,468 @@
+"""relay.agents.openai: the Trio adapter against tests/fake_openai.py over loopback."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+from fake_openai import FakeOptions, fake_openai_server, silent_server, tone
+
+from relay.agents.base import (
+    AgentAudio,
+    AgentErrorEvent,
+    AgentEvent,
+    AgentResponseDone,
+    AgentSpeechStarted,
+    AgentSpeechStopped,
+    AgentToolCall,
+    AgentTranscript,
+    AudioFormat,
+    CallInfo,
+)
+from relay.agents.openai import OpenAIRealtimeAgent
+from relay.agents.openai_protocol import OpenAIOptions
+from relay.errors import AgentError, ConfigError, ConnectionClosed
+from relay.tools import default_registry
+
+CALL = CallInfo(call_sid="CA123", stream_sid="MZ456", from_number="+15550001111")
+KEY = "sk-test-fake-key-0123456789abcd"
+
+
+def make_agent(url: str, **kw: Any) -> OpenAIRealtimeAgent:
+    kw.setdefault("api_key", KEY)
+    kw.setdefault("connect_timeout_s", 3.0)
+    return OpenAIRealtimeAgent(OpenAIOptions(url=url, **kw))
+
+
+async def collect(
+    agent: OpenAIRealtimeAgent,
+    until: Callable[[list[AgentEvent]], bool],
+    timeout: float = 3.0,
+) -> list[AgentEvent]:
+    events: list[AgentEvent] = []
+    with trio.fail_after(timeout):
+        while not until(events):
+            events += await agent.receive()
+    return events
+
+
+def audio_of(events: list[AgentEvent], item_id: str | None = None) -> bytes:
+    return b"".join(
+        e.audio
+        for e in events
+        if isinstance(e, AgentAudio) and (item_id is None or e.response_id == item_id)
+    )
+
+
+def errors(events: list[AgentEvent]) -> list[AgentErrorEvent]:
+    return [e for e in events if isinstance(e, AgentErrorEvent)]
+
+
+def has(kind: type) -> Callable[[list[AgentEvent]], bool]:
+    return lambda events: any(isinstance(e, kind) for e in events)
+
+
+# --- connect ----------------------------------------------------------------------------
+async def test_connect_ga_auth_and_session_update() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server(model="gpt-realtime") as server:
+            agent = make_agent(server.url, instructions="Be nice.", voice="cedar")
+            await agent.connect(CALL)
+            session = server.sessions[0]
+            assert session.headers["authorization"] == f"Bearer {KEY}"
+            assert "openai-beta" not in session.headers
+            assert session.query == {"model": "gpt-realtime"}
+            assert session.api == "ga"
+            [update] = session.session_updates
+            assert update["type"] == "realtime"
+            assert update["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+            assert update["audio"]["output"]["voice"] == "cedar"
+            assert update["instructions"] == "Be nice."
+            assert agent.protocol.configured and agent.protocol.session_id
+            assert agent.connected
+            assert agent.input_format == agent.output_format == AudioFormat("mulaw", 8000)
+            assert not session.items_created and not session.response_creates  # no greeting
+            await agent.aclose()
+            await agent.aclose()  # idempotent
+            await session.wait_closed()
+            assert not agent.connected
+
+
+async def test_connect_beta() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server() as server:
+            agent = make_agent(server.url, api="beta", audio="pcm24k")
+            await agent.connect(CALL)
+            session = server.sessions[0]
+            assert session.headers["openai-beta"] == "realtime=v1"
+            assert session.api == "beta"
+            assert session.config["input_audio_format"] == "pcm16"
+            assert session.input_format == session.output_format == "pcm24k"
+            assert agent.input_format == agent.output_format == AudioFormat("pcm16", 24000)
+            await agent.aclose()
+
+
+async def test_wrong_api_key_is_refused_and_not_leaked() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server(api_key="sk-the-right-one-0000") as server:
+            agent = make_agent(server.url, api_key="sk-wrong-SECRET-key-9999")
+            with pytest.raises(AgentError) as info:
+                await agent.connect(CALL)
+            assert info.value.kind == "agent_connect"
+            assert "401" in str(info.value)
+            assert "SECRET" not in str(info.value) and "SECRET" not in repr(agent)
+            assert server.rejected[0]["status"] == 401
+
+
+async def test_rejected_session_update_fails_connect() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server(reject_session_update=True) as server:
+            agent = make_agent(server.url)
+            with pytest.raises(AgentError) as info:
+                await agent.connect(CALL)
+            assert info.value.kind == "agent_session"
+            await server.sessions[0].wait_closed()
+
+
+async def test_connect_timeout_silent_tcp() -> None:
+    with trio.fail_after(5):
+        async with silent_server() as url:
+            agent = make_agent(url, connect_timeout_s=0.3)
+            start = trio.current_time()
+            with pytest.raises(AgentError) as info:
+                await agent.connect(CALL)
+            assert info.value.kind == "agent_connect_timeout"
+            assert trio.current_time() - start < 1.5
+
+
+async def test_connect_timeout_no_session_updated() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server(ack_session_update=False) as server:
+            agent = make_agent(server.url, connect_timeout_s=0.3)
+            with pytest.raises(AgentError) as info:
+                await agent.connect(CALL)
+            assert info.value.kind == "agent_connect_timeout"
+            assert "session.updated" in str(info.value)
+            await server.sessions[0].wait_closed()
+
+
+async def test_connect_refused_port() -> None:
+    with trio.fail_after(5):
+        async with silent_server() as url:
+            pass  # the listener is gone: connection refused
+        with pytest.raises(AgentError) as info:
+            await make_agent(url).connect(CALL)
+        assert info.value.kind == "agent_connect"
+
+
+async def test_greeting_speaks_first() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server(response_ms=300) as server:
+            agent = make_agent(server.url, greeting="Thanks for calling Acme.")
+            await agent.connect(CALL)
+            events = await collect(
+                agent, lambda ev: any(isinstance(e, AgentTranscript) and e.final for e in ev)
+            )
+            session = server.sessions[0]
+            [item] = session.items_created
+            assert "Thanks for calling Acme." in item["content"][0]["text"]
+            assert len(session.response_creates) == 1
+            assert len(audio_of(events)) == 300 * 8
+            assert AgentTranscript("agent", "Hello, this is the fake agent.") in events
+            await agent.aclose()
+
+
+# --- audio --------------------------------------------------------------------------------
+@pytest.mark.parametrize(("audio", "bpms"), [("pcmu", 8), ("pcm24k", 48)])
+async def test_audio_both_ways(audio: str, bpms: int) -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server() as server:
+            agent = make_agent(server.url, audio=audio)
+            await agent.connect(CALL)
+            session = server.sessions[0]
+            assert session.input_format == audio
+            caller = tone(100, audio, hz=300)
+            payload = base64.b64encode(caller[: len(caller) // 2]).decode()
+            await agent.send_audio_b64(payload)  # passthrough of a base64 string
+            await agent.send_audio(caller[len(caller) // 2 :])
+            await session.wait_for(lambda s: s.appends == 2)
+            assert bytes(session.audio_in) == caller
+            assert session.audio_in_ms == 100
+            first = session.events_of("input_audio_buffer.append")[0]
+            assert first == {"type": "input_audio_buffer.append", "audio": payload}
+
+            reply = tone(250, audio, hz=500)
+            item_id = await session.send_response(audio=reply, chunk_ms=40)
+            events = await collect(agent, has(AgentResponseDone))
+            assert audio_of(events, item_id) == reply
+            assert all(e.response_id == item_id for e in events if isinstance(e, AgentAudio))
+            assert [e for e in events if isinstance(e, AgentResponseDone)] == [
+                AgentResponseDone(item_id)
+            ]
+            assert agent.protocol.generated_ms(item_id) == len(reply) // bpms == 250
+            partial = [e for e in events if isinstance(e, AgentTranscript) and not e.final]
+            assert partial and all(e.role == "agent" for e in partial)
+            await agent.aclose()
+
+
+async def test_truncate_clamped_and_accepted_by_server() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server() as server:
+            agent = make_agent(server.url)
+            await agent.connect(CALL)
+            session = server.sessions[0]
+            item_id = await session.send_response(ms=500)
+            await collect(agent, has(AgentResponseDone))
+            await agent.truncate(item_id, 10_000)  # more than generated: clamped to 500
+            await agent.truncate(item_id, 120)
+            await agent.truncate(item_id, 300)  # item is now 120 ms long: clamped again
+            await agent.truncate("item_never_seen", 50)  # skipped, nothing sent
+            await session.wait_for(lambda s: len(s.events_of("conversation.item.truncate")) == 3)
+            assert [t["audio_end_ms"] for t in session.truncates] == [500, 120, 120]
+            assert session.truncate_errors == []
+            assert all(t["content_index"] == 0 for t in session.truncates)
+            assert session.items[item_id].truncated_ms == 120
+            await agent.aclose()
+
+
+async def test_barge_in_transcripts_and_errors() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server() as server:
+            agent = make_agent(server.url)
+            await agent.connect(CALL)
+            session = server.sessions[0]
+            await session.speech_started()
+            await session.speech_stopped()
+            await session.caller_transcript("what time is it")
+            await session.send_error("invalid_value", "something minor")
+            events = await collect(agent, has(AgentErrorEvent))
+            assert AgentSpeechStarted() in events and AgentSpeechStopped() in events
+            assert AgentTranscript("caller", "what time is it") in events
+            assert AgentErrorEvent("invalid_value", "something minor", fatal=False) in events
+            await session.send_error("session_expired", "60 minutes", etype="invalid_request_error")
+            [err] = errors(await collect(agent, has(AgentErrorEvent)))
+            assert err.fatal
+            await agent.aclose()
+
+
+async def test_auto_reply_mode() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server(auto_reply_after_ms=200, auto_reply_ms=300) as server:
+            agent = make_agent(server.url)
+            await agent.connect(CALL)
+            frame = base64.b64encode(b"\xff" * 160).decode()  # 20 ms of μ-law silence
+            for _ in range(10):
+                await agent.send_audio_b64(frame)
+            events = await collect(agent, has(AgentResponseDone))
+            assert isinstance(events[0], AgentSpeechStarted)
+            assert any(isinstance(e, AgentTranscript) and e.role == "caller" for e in events)
+            assert len(audio_of(events)) == 300 * 8
+            await agent.aclose()
+
+
+# --- tools ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name_in_done", [True, False])
+async def test_tool_call_round_trip(name_in_done: bool) -> None:
+    registry = default_registry()
+    with trio.fail_after(5):
+        async with fake_openai_server(name_in_args_done=name_in_done, response_ms=100) as server:
+            agent = make_agent(server.url, tools=registry.schemas_openai())
+            await agent.connect(CALL)
+            session = server.sessions[0]
+            assert session.config["tools"][0]["name"] == "get_time"
+            call_id = await session.send_function_call("get_time", {"timezone": "UTC"})
+            events = await collect(agent, has(AgentToolCall))
+            [call] = [e for e in events if isinstance(e, AgentToolCall)]
+            assert call.call_id == call_id and call.name == "get_time"
+            output = await registry.call(call.name, call.arguments)
+            await agent.send_tool_result(call.call_id, output)
+            await session.wait_for(lambda s: bool(s.tool_outputs) and bool(s.response_creates))
+            [out] = session.tool_outputs
+            assert out["call_id"] == call_id
+            assert json.loads(out["output"])["timezone"] == "UTC"
+            # the model answers after the tool output (response.create)
+            events = await collect(agent, has(AgentResponseDone))
+            assert not any(isinstance(e, AgentToolCall) for e in events)  # reported once
+            await agent.aclose()
+
+
+# --- failure modes ------------------------------------------------------------------------
+async def test_server_close_raises_connection_closed() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server() as server:
+            agent = make_agent(server.url)
+            await agent.connect(CALL)
+            session = server.sessions[0]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.close, 1011, "server going away")
+                with pytest.raises(ConnectionClosed) as info:
+                    while True:
+                        await agent.receive()
+            assert info.value.code == 1011
+            with pytest.raises(ConnectionClosed):
+                await agent.send_audio_b64("AAAA")
+            await agent.aclose()
+
+
+async def test_tcp_drop_raises_connection_closed() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server() as server:
+            agent = make_agent(server.url)
+            await agent.connect(CALL)
+            await server.sessions[0].abort()
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await agent.receive()
+            await agent.aclose()
+
+
+async def test_malformed_and_binary_are_non_fatal_until_budget() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server() as server:
+            agent = OpenAIRealtimeAgent(
+                OpenAIOptions(url=server.url, api_key=KEY), max_protocol_errors=2
+            )
+            await agent.connect(CALL)
+            session = server.sessions[0]
+            await session.send_malformed()
+            await session.send_binary()
+            events = errors(await collect(agent, lambda ev: len(ev) >= 2))
+            assert [e.code for e in events] == ["agent_protocol", "agent_protocol"]
+            assert not any(e.fatal for e in events)
+            await session.send_malformed()
+            with pytest.raises(AgentError) as info:
+                await collect(agent, lambda ev: False)
+            assert info.value.kind == "agent_protocol"
+            await session.wait_closed()
+
+
+async def test_send_before_connect_is_local_error() -> None:
+    from relay.errors import LocalProtocolError
+
+    agent = make_agent("ws://127.0.0.1:9/v1/realtime")
+    with pytest.raises(LocalProtocolError):
+        await agent.send_audio_b64("AAAA")
+    await agent.aclose()  # no-op before connect
+
+
+# --- configuration --------------------------------------------------------------------------
+def test_repr_masks_api_key() -> None:
+    agent = make_agent("wss://api.openai.com/v1/realtime", api_key="sk-proj-TOPSECRETVALUE9abcd")
+    text = repr(agent)
+    assert "TOPSECRET" not in text and "sk-…abcd" in text
+    assert "TOPSECRET" not in repr(agent.options)
+
+
+def test_from_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env-000000000000wxyz")
+    agent = OpenAIRealtimeAgent.from_config(
+        {
+            "url": "ws://127.0.0.1:1/v1/realtime",
+            "audio": "pcm24k",
+            "api": "beta",
+            "greeting": "Hello!",
+            "connect_timeout_s": "4",
+            "send_timeout_s": 1,
+            "wait_for_session": "false",
+            "tools": ["get_time"],
+        }
+    )
+    o = agent.options
+    assert o.api_key == "sk-from-env-000000000000wxyz"
+    assert (o.audio, o.api, o.greeting, o.connect_timeout_s, o.send_timeout_s) == (
+        "pcm24k",
+        "beta",
+        "Hello!",
+        4.0,
+        1.0,
+    )
+    assert o.wait_for_session is False
+    assert o.model == "gpt-realtime" and o.voice == "marin"
+    assert [t["name"] for t in o.tools] == ["get_time"]
+    assert agent.tools is not None and "get_time" in agent.tools
+    assert agent.output_format == AudioFormat("pcm16", 24000)
+    assert OpenAIRealtimeAgent.supports_truncate
+
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(ConfigError):
+        OpenAIRealtimeAgent.from_config({})
+    with pytest.raises(ConfigError):
+        OpenAIRealtimeAgent.from_config({"api_key": "k", "audio": "opus"})
+    with pytest.raises(ConfigError):
+        OpenAIRealtimeAgent.from_config({"api_key": "k", "tools": ["no_such_tool"]})
+
+
+def test_registry_creates_openai_agent() -> None:
+    from relay.agents.registry import create_agent
+
+    agent = create_agent({"type": "openai", "api_key": "sk-x-000000000000"})
+    assert isinstance(agent, OpenAIRealtimeAgent)
+
+
+@pytest.mark.parametrize("opts", [FakeOptions(hang_handshake=True)])
+async def test_connect_timeout_hung_handshake(opts: FakeOptions) -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server(opts) as server:
+            agent = make_agent(server.url, connect_timeout_s=0.3)
+            with pytest.raises(AgentError) as info:
+                await agent.connect(CALL)
+            assert info.value.kind == "agent_connect_timeout"
+            assert "handshake" in str(info.value)
+
+
+async def test_handshake_refused_status() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server(reject_status=503) as server:
+            with pytest.raises(AgentError) as info:
+                await make_agent(server.url).connect(CALL)
+            assert info.value.kind == "agent_connect" and "503" in str(info.value)
+
+
+async def test_greeting_without_waiting_for_session() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server(response_ms=200) as server:
+            agent = make_agent(server.url, greeting="Hi!", wait_for_session=False)
+            await agent.connect(CALL)
+            events = await collect(agent, has(AgentResponseDone))
+            assert len(audio_of(events)) == 200 * 8
+            assert agent.protocol.configured
+            session = server.sessions[0]
+            types = [e["type"] for e in session.received]
+            assert types == ["session.update", "conversation.item.create", "response.create"]
+            await agent.aclose()
+
+
+async def test_stalled_agent_send_times_out() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server() as server:
+            agent = make_agent(server.url, send_timeout_s=0.3)
+            await agent.connect(CALL)
+            server.sessions[0].stall()  # stops reading: TCP backpressure
+            chunk = b"\xff" * 48_000
+            with pytest.raises(ConnectionClosed) as info:
+                while True:
+                    await agent.send_audio(chunk)
+                    await trio.sleep(0)
+            assert "timed out" in info.value.reason
+            await agent.aclose()
+
+
+async def test_aclose_when_cancelled_still_closes_tcp() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server() as server:
+            agent = make_agent(server.url)
+            await agent.connect(CALL)
+            with trio.CancelScope() as scope:
+                scope.cancel()  # e.g. from the finally of a cancelled call
+                try:
+                    await agent.aclose()
+                except trio.Cancelled:
+                    pass
+            assert agent._ws is not None
+            stream = agent._ws.stream
+            assert isinstance(stream, trio.SocketStream) and stream.socket.fileno() == -1
+            await server.sessions[0].wait_closed()
