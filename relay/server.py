@@ -122,7 +122,10 @@ class RelayServer:
                 await trio.serve_listeners(self._handle, listeners)
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
-                    await lifespan.wait_for_shutdown()
+                    try:
+                        await lifespan.wait_for_shutdown()
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        pass  # the lifespan task was already cancelled with us
                 lifespan_nursery.cancel_scope.cancel()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
