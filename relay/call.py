@@ -52,7 +52,7 @@ from .protocol.twilio import (
     TwilioProtocolError,
     TwilioStream,
 )
-from .websocket import CLOSE_NORMAL, CLOSE_POLICY, OP_TEXT, WebSocket, build_frame
+from .websocket import CLOSE_NORMAL, CLOSE_POLICY, OP_TEXT, SendTimedOut, WebSocket, build_frame
 
 if TYPE_CHECKING:
     from .server import RelayState
@@ -84,6 +84,7 @@ class Call:
         self._silence_b64: dict[int, str] = {}
         self._wake = trio.Event()
         self._ending = False
+        self._twilio_gone = False
         self._ending_since = 0.0
         self._current_rid: str | None = None
         self._started_at = 0.0
@@ -143,9 +144,12 @@ class Call:
             with trio.fail_after(self.cfg.media.agent_connect_timeout_s):
                 await self.agent.connect(info)
         except (RelayError, OSError, trio.TooSlowError) as exc:
-            reason = "agent connect timed out" if isinstance(exc, trio.TooSlowError) else (
-                "agent connect failed"
+            # The adapter's own connect timeout (AgentError kind agent_connect_timeout) is a
+            # timeout too, whichever of the two bounds fires first.
+            timed_out = isinstance(exc, trio.TooSlowError) or (
+                isinstance(exc, RelayError) and exc.kind == "agent_connect_timeout"
             )
+            reason = "agent connect timed out" if timed_out else "agent connect failed"
             self.end_reason = reason
             self._count_error("agent_connect", f"{reason}: {exc}")
             await self._close_all(CLOSE_NORMAL, reason)
@@ -288,8 +292,17 @@ class Call:
             self._agent_gone(f"agent send failed: {exc}")
 
     def _twilio_closed(self, exc: ConnectionClosed) -> None:
+        # Several tasks may see the same closed socket (a reader and a sender): the first
+        # one decides the end reason and counts the error, once.
+        if self._twilio_gone:
+            return
+        self._twilio_gone = True
         if self._ending and self.downlink.idle:
             self._end(self.end_reason or "agent ended")
+        elif isinstance(exc, SendTimedOut):
+            # Twilio stopped reading (half-dead socket): not a caller hang-up.
+            self._count_error("twilio_send_timeout", f"Twilio stream not reading: {exc}")
+            self._end("twilio send timed out")
         elif exc.code in (1000, 1001, 1005, 1006):
             self._end("caller hung up")
         else:
@@ -376,15 +389,9 @@ class Call:
         return len(frames)
 
     async def _barge_in(self, t_event: float) -> None:
-        # Clear first, always, even with nothing queued locally: Twilio may still hold
-        # audio we sent earlier (a common bug in sample relays is skipping this).
-        try:
-            await self.ws.send_frames([build_frame(OP_TEXT, self.proto.clear_message())])
-        except ConnectionClosed as exc:
-            self._twilio_closed(exc)
-            return
-        self.metrics.barge_in_to_clear.observe(_perf() - t_event)
-        self.metrics.barge_ins += 1
+        # Empty the local buffer *before* the clear write can yield: if the socket is
+        # backed up, the playout task would otherwise pull frames of the interrupted
+        # response while we wait and send them right after the clear (heard as stale audio).
         now_ms = trio.current_time() * 1000.0
         rid, heard_ms, dropped_ms = self.downlink.clear(now_ms)
         # Audio of the interrupted response may still be in flight from the agent.
@@ -392,6 +399,15 @@ class Call:
             self.downlink.drop_response(stale)  # type: ignore[arg-type]
         if self._to_ulaw is not None:
             self._to_ulaw.reset()
+        # Clear always, even with nothing queued locally: Twilio may still hold audio we
+        # sent earlier (a common bug in sample relays is skipping this).
+        try:
+            await self.ws.send_frames([build_frame(OP_TEXT, self.proto.clear_message())])
+        except ConnectionClosed as exc:
+            self._twilio_closed(exc)
+            return
+        self.metrics.barge_in_to_clear.observe(_perf() - t_event)
+        self.metrics.barge_ins += 1
         self.record.barge_ins.append(
             {"t": self._elapsed(), "response_id": rid, "heard_ms": heard_ms, "dropped_ms": dropped_ms}
         )

@@ -56,8 +56,13 @@ def format_timelines(results: list[Any], server: RelayServer) -> str:
         if result.refused:
             lines.append(f"  refused: {result.refused}")
             continue
+        echoes = 0
         for t, kind, detail in result.timeline:
+            if kind == "mark_echo":  # one per 100 ms frame: counted, not listed
+                echoes += 1
+                continue
             lines.append(f"  {t:7.2f} s  {kind:<20} {detail}")
+        lines.append(f"  mark echoes: {echoes} (each one = a frame the caller heard or, after a clear, discarded)")
         lines.append(f"  time to first agent audio (caller side): {_ms(result.first_agent_audio_s)}")
         if record is not None:
             for b in record.barge_ins:
@@ -92,7 +97,7 @@ async def run_demo(calls: int, out_dir: Path) -> tuple[list[Any], RelayServer]:
             base,
             cfg.twilio.auth_token,
             calls=calls,
-            duration_s=len(audio) / 8000.0,
+            duration_s=None,  # hang up once the script is over and the parrot is quiet
             audio=audio,
             out_dir=out_dir,
         )
@@ -107,6 +112,6 @@ async def run_demo(calls: int, out_dir: Path) -> tuple[list[Any], RelayServer]:
 def main(calls: int = 3, out_dir: Path = Path("out/demo")) -> int:
     results, server = trio.run(run_demo, calls, out_dir)
     print(format_timelines(results, server))
-    heard_ok = all(getattr(r, "media_received", 0) > 0 for r in results)
+    heard_ok = bool(results) and all(r.ok and r.media_received > 0 for r in results)
     print("\nOK: every caller heard the parrot" if heard_ok else "\nFAILED: a caller heard nothing")
     return 0 if heard_ok else 1

@@ -180,8 +180,16 @@ def create_app(state: RelayState) -> QuartTrio:
         denied = authorized()
         if denied is not None:
             return denied
-        limit = min(int(request.args.get("limit", "50")), 500)
-        offset = max(int(request.args.get("offset", "0")), 0)
+        # Paging input is the client's to get right: a 400, never a 500 (int() raising) or
+        # a silently wrong page (a negative limit would slice from the end).
+        try:
+            limit = int(request.args.get("limit", "50"))
+            offset = int(request.args.get("offset", "0"))
+        except ValueError:
+            return Response("limit and offset must be integers\n", status=400)
+        if limit < 0 or offset < 0:
+            return Response("limit and offset must be >= 0\n", status=400)
+        limit = min(limit, 500)
         return {"calls": [r.to_json() for r in state.records.newest(limit, offset)]}
 
     @app.get("/calls/<call_sid>")

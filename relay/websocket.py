@@ -64,6 +64,15 @@ class ProtocolViolation(RemoteProtocolError):
         self.code = code
 
 
+class SendTimedOut(ConnectionClosed):
+    """A bounded send did not complete: the peer stopped reading (a half-dead socket).
+
+    A subclass so callers can tell "we gave up on the peer" from "the peer went away";
+    code 1006 as for any connection lost without a close handshake."""
+
+    kind = "send_timeout"
+
+
 @dataclass(frozen=True, slots=True)
 class Control:
     """A control frame the connection layer must act on (ping, pong, close)."""
@@ -297,7 +306,7 @@ class WebSocket:
                 self.closed = ConnectionClosed(CLOSE_ABNORMAL, "send interrupted")
                 raise
         if scope.cancelled_caught:
-            self.closed = ConnectionClosed(CLOSE_ABNORMAL, "send timed out (peer not reading)")
+            self.closed = SendTimedOut(CLOSE_ABNORMAL, "send timed out (peer not reading)")
             raise self.closed
 
     async def send_text(self, text: str) -> None:

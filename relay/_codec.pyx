@@ -1,0 +1,1381 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""relay's audio hot path: G.711, streaming resampler, fused Twilio paths, jitter buffers.
+
+relay.codec_ref is the executable specification: every name here has a pure-Python twin
+there with bit-identical output (tests/test_codec_*.py check it differentially), and its
+docstrings describe the behaviour in detail.  This module is the fast version:
+
+* every per-sample loop is a C loop over lookup tables or float32 SIMD lanes;
+* bytes / bytearray / memoryview inputs are read in place through the buffer protocol;
+* one Python-level call per frame for the fused paths (base64 is decoded here, in C).
+
+Float32 arithmetic must round exactly like the reference: setup.py compiles with
+-ffp-contract=off (no fused multiply-add) and every output is a sum over taps in the same
+order (tap 0 first, from 0.0), whether computed in a SIMD lane or in the scalar tail.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.math cimport INFINITY
+from libc.stdint cimport int16_t, uint8_t, uint16_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
+
+from collections import deque
+
+cdef extern from "Python.h":
+    bint PyBytes_CheckExact(object)
+    bint PyUnicode_Check(object)
+    bint PyUnicode_IS_COMPACT_ASCII(object)
+    void* PyUnicode_DATA(object)
+    Py_ssize_t PyUnicode_GET_LENGTH(object)
+
+cdef extern from *:
+    """
+    /* out[q] = sum_{m<K} g[m] * sp[m][q] for q < nq, accumulated in float32 from tap 0.
+       SIMD lanes run across outputs (never across taps), so every output sees exactly the
+       scalar operation sequence whatever the vector width: the reference reproduces it bit
+       for bit.  8 independent accumulators hide the add latency. */
+    #define RELAY_FIR_KERNEL(NAME, VS, ATTR)                                             \
+    ATTR static void NAME(const float *g, int K, const float **sp, float *out,           \
+                          Py_ssize_t nq)                                                 \
+    {                                                                                    \
+        typedef float vv __attribute__((vector_size(VS)));                               \
+        typedef float vu __attribute__((vector_size(VS), aligned(4)));                   \
+        enum { W = VS / 4 };                                                             \
+        Py_ssize_t q = 0;                                                                \
+        int m;                                                                           \
+        for (; q + 8 * W <= nq; q += 8 * W) {                                            \
+            vv a0 = {0}, a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;  \
+            for (m = 0; m < K; m++) {                                                    \
+                const vv gv = g[m] - (vv){0};                                            \
+                const float *s = sp[m] + q;                                              \
+                a0 += gv * *(const vu *)(s);                                             \
+                a1 += gv * *(const vu *)(s + W);                                         \
+                a2 += gv * *(const vu *)(s + 2 * W);                                     \
+                a3 += gv * *(const vu *)(s + 3 * W);                                     \
+                a4 += gv * *(const vu *)(s + 4 * W);                                     \
+                a5 += gv * *(const vu *)(s + 5 * W);                                     \
+                a6 += gv * *(const vu *)(s + 6 * W);                                     \
+                a7 += gv * *(const vu *)(s + 7 * W);                                     \
+            }                                                                            \
+            *(vu *)(out + q) = a0;                                                       \
+            *(vu *)(out + q + W) = a1;                                                   \
+            *(vu *)(out + q + 2 * W) = a2;                                               \
+            *(vu *)(out + q + 3 * W) = a3;                                               \
+            *(vu *)(out + q + 4 * W) = a4;                                               \
+            *(vu *)(out + q + 5 * W) = a5;                                               \
+            *(vu *)(out + q + 6 * W) = a6;                                               \
+            *(vu *)(out + q + 7 * W) = a7;                                               \
+        }                                                                                \
+        for (; q + 2 * W <= nq; q += 2 * W) {                                            \
+            vv a0 = {0}, a1 = a0;                                                        \
+            for (m = 0; m < K; m++) {                                                    \
+                const vv gv = g[m] - (vv){0};                                            \
+                a0 += gv * *(const vu *)(sp[m] + q);                                     \
+                a1 += gv * *(const vu *)(sp[m] + q + W);                                 \
+            }                                                                            \
+            *(vu *)(out + q) = a0;                                                       \
+            *(vu *)(out + q + W) = a1;                                                   \
+        }                                                                                \
+        for (; q + W <= nq; q += W) {                                                    \
+            vv a0 = {0};                                                                 \
+            for (m = 0; m < K; m++)                                                      \
+                a0 += (g[m] - (vv){0}) * *(const vu *)(sp[m] + q);                       \
+            *(vu *)(out + q) = a0;                                                       \
+        }                                                                                \
+        for (; q < nq; q++) {                                                            \
+            float a = 0.0f;                                                              \
+            for (m = 0; m < K; m++)                                                      \
+                a += g[m] * sp[m][q];                                                    \
+            out[q] = a;                                                                  \
+        }                                                                                \
+    }
+
+    static void relay_fir_scalar(const float *g, int K, const float **sp, float *out,
+                                 Py_ssize_t nq)
+    {
+        Py_ssize_t q;
+        int m;
+        for (q = 0; q < nq; q++) {
+            float a = 0.0f;
+            for (m = 0; m < K; m++)
+                a += g[m] * sp[m][q];
+            out[q] = a;
+        }
+    }
+
+    #if defined(__GNUC__) || defined(__clang__)
+    RELAY_FIR_KERNEL(relay_fir_v128, 16, )
+    #if defined(__x86_64__) || defined(__i386__)
+    /* AVX2 has 8 float lanes; chosen at import when the CPU has it (no FMA: AVX2 does not
+       imply it, and -ffp-contract=off forbids contraction anyway). */
+    RELAY_FIR_KERNEL(relay_fir_v256, 32, __attribute__((target("avx2"))))
+    static int relay_cpu_avx2(void)
+    {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2");
+    }
+    #else
+    #define relay_fir_v256 relay_fir_v128
+    static int relay_cpu_avx2(void) { return 0; }
+    #endif
+    #else
+    #define relay_fir_v128 relay_fir_scalar
+    #define relay_fir_v256 relay_fir_scalar
+    static int relay_cpu_avx2(void) { return 0; }
+    #endif
+
+    typedef void (*relay_fir_fn)(const float *, int, const float **, float *, Py_ssize_t);
+    static relay_fir_fn relay_fir = relay_fir_v128;
+
+    /* float32 -> int16 LE: saturate, then round half to even (codec_ref: round(clamp(v))).
+       SSE2: cvtps2dq rounds to nearest-even (default MXCSR) and packssdw saturates, which
+       equals clamp-then-round for every |v| < 2**31 (our outputs are far below).
+       Elsewhere: (v + 1.5*2**23) - 1.5*2**23 rounds |v| < 2**22 to nearest-even without a
+       libm call. */
+    #if (defined(__SSE2__) || defined(_M_X64)) && (PY_LITTLE_ENDIAN)
+    #include <emmintrin.h>
+    #define RELAY_SSE2 1
+    #endif
+    static inline int relay_round_i16(float v)
+    {
+        if (v > 32767.0f) v = 32767.0f;
+        else if (v < -32768.0f) v = -32768.0f;
+        return (int)((v + 12582912.0f) - 12582912.0f);
+    }
+    static void relay_f32_to_pcm16le(const float *y, Py_ssize_t n, unsigned char *out)
+    {
+        Py_ssize_t i = 0;
+    #ifdef RELAY_SSE2
+        for (; i + 8 <= n; i += 8) {
+            __m128i a = _mm_cvtps_epi32(_mm_loadu_ps(y + i));
+            __m128i b = _mm_cvtps_epi32(_mm_loadu_ps(y + i + 4));
+            _mm_storeu_si128((__m128i *)(out + 2 * i), _mm_packs_epi32(a, b));
+        }
+    #endif
+        for (; i < n; i++) {
+            int v = relay_round_i16(y[i]);
+            out[2 * i] = (unsigned char)(v & 0xFF);
+            out[2 * i + 1] = (unsigned char)((v >> 8) & 0xFF);
+        }
+    }
+    /* int16 LE -> float32 (exact) */
+    static void relay_pcm16le_to_f32(const unsigned char *src, Py_ssize_t n, float *x)
+    {
+        Py_ssize_t i = 0;
+    #ifdef RELAY_SSE2
+        for (; i + 8 <= n; i += 8) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(src + 2 * i));
+            __m128i lo = _mm_srai_epi32(_mm_unpacklo_epi16(v, v), 16);
+            __m128i hi = _mm_srai_epi32(_mm_unpackhi_epi16(v, v), 16);
+            _mm_storeu_ps(x + i, _mm_cvtepi32_ps(lo));
+            _mm_storeu_ps(x + i + 4, _mm_cvtepi32_ps(hi));
+        }
+    #endif
+        for (; i < n; i++)
+            x[i] = (float)(int16_t)(src[2 * i] | (src[2 * i + 1] << 8));
+    }
+
+    /* table lookup 8-bit code -> 16-bit little-endian pair, unrolled by 4 (the -O2 build
+       does not unroll, and this loop is all loads and stores) */
+    static void relay_expand(const unsigned char *src, Py_ssize_t n, const uint16_t *table,
+                             unsigned char *dst)
+    {
+        Py_ssize_t i = 0;
+        for (; i + 4 <= n; i += 4) {
+            uint16_t v[4];
+            v[0] = table[src[i]];
+            v[1] = table[src[i + 1]];
+            v[2] = table[src[i + 2]];
+            v[3] = table[src[i + 3]];
+            memcpy(dst + 2 * i, v, 8);
+        }
+        for (; i < n; i++)
+            memcpy(dst + 2 * i, &table[src[i]], 2);
+    }
+    """
+    void relay_expand(const uint8_t* src, Py_ssize_t n, const uint16_t* table, uint8_t* dst)
+    void relay_f32_to_pcm16le(const float* y, Py_ssize_t n, uint8_t* out)
+    void relay_pcm16le_to_f32(const uint8_t* src, Py_ssize_t n, float* x)
+    int relay_round_i16(float v)
+    ctypedef void (*relay_fir_fn)(const float*, int, const float**, float*, Py_ssize_t)
+    relay_fir_fn relay_fir
+    void relay_fir_scalar(const float* g, int K, const float** sp, float* out, Py_ssize_t nq)
+    void relay_fir_v128(const float* g, int K, const float** sp, float* out, Py_ssize_t nq)
+    void relay_fir_v256(const float* g, int K, const float** sp, float* out, Py_ssize_t nq)
+    int relay_cpu_avx2()
+
+
+# Which FIR kernel runs (all three give bit-identical results; tests compare them).
+_KERNELS = {"scalar": 0, "sse": 1, "avx2": 2}
+
+
+def _set_kernel(name: str) -> None:
+    """Select the FIR kernel ('scalar', 'sse', 'avx2'): for tests and benchmarks."""
+    global relay_fir
+    if name == "avx2" and not relay_cpu_avx2():
+        raise ValueError("this CPU has no AVX2")
+    if name == "scalar":
+        relay_fir = relay_fir_scalar
+    elif name == "sse":
+        relay_fir = relay_fir_v128
+    elif name == "avx2":
+        relay_fir = relay_fir_v256
+    else:
+        raise ValueError(f"unknown kernel {name!r}")
+    global _kernel
+    _kernel = name
+
+
+def _get_kernel() -> str:
+    return _kernel
+
+
+_kernel = "sse"
+if relay_cpu_avx2():
+    _set_kernel("avx2")
+
+
+# ======================================================================================
+# G.711 (ITU-T G.711; bit-exact with audioop, see codec_ref for the μ-law sign note)
+# ======================================================================================
+
+cdef uint8_t _ULAW_ENC[16384]   # index (x >> 2) + 8192
+cdef uint8_t _ALAW_ENC[8192]    # index (x >> 3) + 4096
+cdef int16_t _ULAW_DEC[256]
+cdef int16_t _ALAW_DEC[256]
+cdef uint16_t _ULAW_LE[256]     # decoded values as little-endian byte pairs
+cdef uint16_t _ALAW_LE[256]
+cdef float _ULAW_F[256]         # μ-law code -> float, for the fused uplink
+cdef signed char _B64[256]      # base64 character -> 6-bit value, -1 if invalid
+
+cdef int _SEG_UEND[8]
+cdef int _SEG_AEND[8]
+_SEG_UEND[:] = [0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF]
+_SEG_AEND[:] = [0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF]
+
+
+cdef inline int _segment(int v, const int* ends) noexcept nogil:
+    cdef int i
+    for i in range(8):
+        if v <= ends[i]:
+            return i
+    return 8
+
+
+cdef int _ulaw_encode_sample(int sample) noexcept nogil:
+    cdef int v = sample >> 2, mask, seg
+    if v < 0:
+        v = -v
+        mask = 0x7F
+    else:
+        mask = 0xFF
+    if v > 8159:  # G.711 μ-law clip level on the 14-bit scale
+        v = 8159
+    v += 33  # bias 0x84 >> 2
+    seg = _segment(v, _SEG_UEND)
+    if seg >= 8:
+        return 0x7F ^ mask
+    return ((seg << 4) | ((v >> (seg + 1)) & 0xF)) ^ mask
+
+
+cdef int _ulaw_decode_sample(int code) noexcept nogil:
+    cdef int u = ~code & 0xFF, t
+    t = ((u & 0x0F) << 3) + 0x84
+    t <<= (u & 0x70) >> 4
+    return 0x84 - t if u & 0x80 else t - 0x84
+
+
+cdef int _alaw_encode_sample(int sample) noexcept nogil:
+    cdef int v = sample >> 3, mask, seg, aval
+    if v >= 0:
+        mask = 0xD5
+    else:
+        mask = 0x55
+        v = -v - 1
+    seg = _segment(v, _SEG_AEND)
+    if seg >= 8:
+        return 0x7F ^ mask
+    aval = seg << 4
+    if seg < 2:
+        aval |= (v >> 1) & 0xF
+    else:
+        aval |= (v >> seg) & 0xF
+    return aval ^ mask
+
+
+cdef int _alaw_decode_sample(int code) noexcept nogil:
+    cdef int a = code ^ 0x55, t, seg
+    t = (a & 0xF) << 4
+    seg = (a & 0x70) >> 4
+    if seg == 0:
+        t += 8
+    elif seg == 1:
+        t += 0x108
+    else:
+        t = (t + 0x108) << (seg - 1)
+    return t if a & 0x80 else -t
+
+
+cdef void _init_tables() noexcept:
+    cdef int i
+    for i in range(16384):
+        _ULAW_ENC[i] = <uint8_t>_ulaw_encode_sample((i - 8192) << 2)
+    for i in range(8192):
+        _ALAW_ENC[i] = <uint8_t>_alaw_encode_sample((i - 4096) << 3)
+    for i in range(256):
+        _ULAW_DEC[i] = <int16_t>_ulaw_decode_sample(i)
+        _ALAW_DEC[i] = <int16_t>_alaw_decode_sample(i)
+        _ULAW_F[i] = <float>_ULAW_DEC[i]
+        _wr16(<uint8_t*>&_ULAW_LE[i], _ULAW_DEC[i])
+        _wr16(<uint8_t*>&_ALAW_LE[i], _ALAW_DEC[i])
+        _B64[i] = -1
+    cdef const char* alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    for i in range(64):
+        _B64[<uint8_t>alphabet[i]] = <signed char>i
+
+
+_init_tables()
+
+
+cdef inline int16_t _rd16(const uint8_t* p) noexcept nogil:
+    # PCM16 little-endian, independent of the host's byte order
+    return <int16_t>(p[0] | (p[1] << 8))
+
+
+cdef inline void _wr16(uint8_t* p, int v) noexcept nogil:
+    p[0] = <uint8_t>(v & 0xFF)
+    p[1] = <uint8_t>((v >> 8) & 0xFF)
+
+
+# -- zero-copy input ---------------------------------------------------------------------
+
+cdef struct _In:
+    const uint8_t* p
+    Py_ssize_t n
+    bint owned
+    Py_buffer view
+
+
+cdef inline int _in_get(object o, _In* s) except -1:
+    if PyBytes_CheckExact(o):  # fast path: no buffer export needed for immutable bytes
+        s.p = <const uint8_t*>PyBytes_AS_STRING(o)
+        s.n = PyBytes_GET_SIZE(o)
+        s.owned = False
+    else:
+        PyObject_GetBuffer(o, &s.view, PyBUF_SIMPLE)
+        s.p = <const uint8_t*>s.view.buf
+        s.n = s.view.len
+        s.owned = True
+    return 0
+
+
+cdef inline void _in_release(_In* s) noexcept:
+    if s.owned:
+        PyBuffer_Release(&s.view)
+        s.owned = False
+
+
+cdef inline bytes _new_bytes(Py_ssize_t n):
+    return PyBytes_FromStringAndSize(NULL, n)
+
+
+def ulaw_encode(pcm) -> bytes:
+    """PCM16 LE (bytes-like, even length) -> G.711 μ-law, one byte per sample."""
+    cdef _In s
+    cdef Py_ssize_t i, n
+    cdef bytes out
+    cdef uint8_t* o
+    _in_get(pcm, &s)
+    try:
+        if s.n & 1:
+            raise ValueError("PCM16 data must have an even number of bytes")
+        n = s.n >> 1
+        out = _new_bytes(n)
+        o = <uint8_t*>PyBytes_AS_STRING(out)
+        for i in range(n):
+            o[i] = _ULAW_ENC[(_rd16(s.p + 2 * i) >> 2) + 8192]
+    finally:
+        _in_release(&s)
+    return out
+
+
+def alaw_encode(pcm) -> bytes:
+    """PCM16 LE (bytes-like, even length) -> G.711 A-law, one byte per sample."""
+    cdef _In s
+    cdef Py_ssize_t i, n
+    cdef bytes out
+    cdef uint8_t* o
+    _in_get(pcm, &s)
+    try:
+        if s.n & 1:
+            raise ValueError("PCM16 data must have an even number of bytes")
+        n = s.n >> 1
+        out = _new_bytes(n)
+        o = <uint8_t*>PyBytes_AS_STRING(out)
+        for i in range(n):
+            o[i] = _ALAW_ENC[(_rd16(s.p + 2 * i) >> 3) + 4096]
+    finally:
+        _in_release(&s)
+    return out
+
+
+cdef bytes _decode_table(object data, const uint16_t* table):
+    cdef _In s
+    cdef Py_ssize_t i
+    cdef bytes out
+    cdef uint8_t* o
+    _in_get(data, &s)
+    try:
+        out = _new_bytes(2 * s.n)
+        o = <uint8_t*>PyBytes_AS_STRING(out)
+        relay_expand(s.p, s.n, table, o)
+    finally:
+        _in_release(&s)
+    return out
+
+
+def ulaw_decode(ulaw) -> bytes:
+    """G.711 μ-law (bytes-like) -> PCM16 LE."""
+    return _decode_table(ulaw, _ULAW_LE)
+
+
+def alaw_decode(alaw) -> bytes:
+    """G.711 A-law (bytes-like) -> PCM16 LE."""
+    return _decode_table(alaw, _ALAW_LE)
+
+
+# ======================================================================================
+# base64 (RFC 4648 §4; strict, see codec_ref.b64decode)
+# ======================================================================================
+
+cdef Py_ssize_t _b64_size(Py_ssize_t n) noexcept nogil:
+    return (n // 4) * 3 + 2
+
+
+cdef Py_ssize_t _b64_decode(const uint8_t* s, Py_ssize_t n, uint8_t* out) except -1:
+    """Decode into out (room for _b64_size(n) bytes); returns the decoded length."""
+    cdef Py_ssize_t pad = 0, i = 0, o = 0, full
+    cdef int a, b, c, d
+    while n > 0 and pad < 2 and s[n - 1] == 61:  # '='
+        n -= 1
+        pad += 1
+    if pad and (n + pad) & 3:
+        raise ValueError("invalid base64 padding")
+    if (n & 3) == 1:
+        raise ValueError("invalid base64 length")
+    full = n & ~(<Py_ssize_t>3)
+    while i < full:
+        a = _B64[s[i]]
+        b = _B64[s[i + 1]]
+        c = _B64[s[i + 2]]
+        d = _B64[s[i + 3]]
+        if (a | b | c | d) < 0:
+            raise ValueError("invalid base64 character")
+        out[o] = <uint8_t>((a << 2) | (b >> 4))
+        out[o + 1] = <uint8_t>(((b << 4) | (c >> 2)) & 0xFF)
+        out[o + 2] = <uint8_t>(((c << 6) | d) & 0xFF)
+        i += 4
+        o += 3
+    if n - full >= 2:
+        a = _B64[s[i]]
+        b = _B64[s[i + 1]]
+        c = _B64[s[i + 2]] if n - full == 3 else 0
+        if (a | b | c) < 0:
+            raise ValueError("invalid base64 character")
+        out[o] = <uint8_t>((a << 2) | (b >> 4))
+        o += 1
+        if n - full == 3:
+            out[o] = <uint8_t>(((b << 4) | (c >> 2)) & 0xFF)
+            o += 1
+    return o
+
+
+cdef object _b64_source(object payload, _In* s):
+    """Point s at the ASCII bytes of a str or bytes-like payload.  Returns the object that
+    owns those bytes (the caller keeps it alive while s is in use)."""
+    cdef object keep
+    if PyUnicode_Check(payload):
+        if PyUnicode_IS_COMPACT_ASCII(payload):
+            s.p = <const uint8_t*>PyUnicode_DATA(payload)
+            s.n = PyUnicode_GET_LENGTH(payload)
+            s.owned = False
+            return payload
+        if not (<str>payload).isascii():
+            raise ValueError("base64 payload must be ASCII")
+        keep = (<str>payload).encode("ascii")
+        _in_get(keep, s)
+        return keep
+    _in_get(payload, s)
+    return payload
+
+
+# Scratch for decoded base64 (and the PcmToUlaw odd-byte prefix).  Module-level buffers
+# (this one and the resampler's below) are safe because the GIL is held throughout and,
+# while one is live, the only Python API called is PyBytes allocation: bytes objects are
+# not GC-tracked, so no collection and no finalizer can run and re-enter this module.
+# (The module is not declared free-threading compatible, so 3.13t keeps the GIL on.)
+cdef enum:
+    _SCRATCH = 16384
+cdef uint8_t _scratch[_SCRATCH]
+
+
+def b64decode(data) -> bytes:
+    """Strict RFC 4648 base64 decode (str or bytes-like) -> bytes; ValueError if invalid."""
+    cdef _In s
+    cdef object keep = None
+    cdef bytes out
+    cdef Py_ssize_t n
+    keep = _b64_source(data, &s)
+    try:
+        out = _new_bytes(_b64_size(s.n))
+        n = _b64_decode(s.p, s.n, <uint8_t*>PyBytes_AS_STRING(out))
+    finally:
+        _in_release(&s)
+    return out[:n]
+
+
+# ======================================================================================
+# Resampler
+# ======================================================================================
+
+cdef enum:
+    _PIECE = 1024          # input samples per internal step (bounds the scratch below)
+    _KMAX = 160            # >= taps per branch of every filter
+    _DMAX = 96             # >= group delay of every filter
+    _BUFN = _KMAX + _PIECE + _DMAX + 16
+    _YN = 3 * _PIECE + _DMAX + 64
+
+cdef float _buf[_BUFN]     # history + new samples (+ flush silence)
+cdef float _deint[_BUFN + 8]  # the buffer split into M phases (decimation)
+cdef float _y[_YN]         # outputs of one step
+cdef float _tmp[_YN]       # outputs of one branch before interleaving
+cdef const float* _sp[_KMAX]  # per tap: where its inputs start
+
+cdef enum:
+    IN_PCM = 0
+    IN_ULAW = 1
+    OUT_PCM = 0
+    OUT_ULAW = 1
+
+# (in_rate, out_rate) -> (L, M, filter rate)
+_PAIRS = {
+    (8000, 16000): (2, 1, 16000),
+    (16000, 8000): (1, 2, 16000),
+    (8000, 24000): (3, 1, 24000),
+    (24000, 8000): (1, 3, 24000),
+    (16000, 24000): (3, 2, 48000),
+    (24000, 16000): (2, 3, 48000),
+}
+_RATES = (8000, 16000, 24000)
+
+# Linear-phase equiripple low-pass filters (bench/filter_design.py), float32, unity DC gain,
+# keyed by the rate they run at.  Identical text in relay/codec_ref.py (a test checks it).
+_FILTER_HEX = """
+@16000
+-0x1.df9c68p-12 -0x1.297ff8p-11 0x1.048028p-12 0x1.593a74p-10 0x1.098b68p-10 -0x1.0c56a6p-11
+-0x1.c422cep-11 0x1.b1becap-11 0x1.ca2342p-10 -0x1.ea2d4cp-13 -0x1.1c7a7cp-9 -0x1.42eed4p-12
+0x1.6a51d8p-9 0x1.68ac16p-10 -0x1.877564p-9 -0x1.5c74b2p-9 0x1.7be0f4p-9 0x1.160db6p-8
+-0x1.23fbdp-9 -0x1.835fd2p-8 0x1.d7bbbp-11 0x1.ec68e8p-8 0x1.3fcp-10 -0x1.1f691ep-7
+-0x1.106142p-8 0x1.33cb9ep-7 0x1.02b8fep-7 -0x1.27c88ap-7 -0x1.941b92p-7 0x1.ddaa62p-8
+0x1.1b3dep-6 -0x1.eab9ep-9 -0x1.70eae4p-6 -0x1.1ae82cp-9 0x1.c63128p-6 0x1.70d8b4p-7
+-0x1.0ae188p-5 -0x1.9ccff8p-6 0x1.2d2eeep-5 0x1.8b22d4p-5 -0x1.479c7cp-5 -0x1.8a4196p-4
+0x1.58473p-5 0x1.417b22p-2 0x1.d267e8p-2 0x1.417b22p-2 0x1.58473p-5 -0x1.8a4196p-4
+-0x1.479c7cp-5 0x1.8b22d4p-5 0x1.2d2eeep-5 -0x1.9ccff8p-6 -0x1.0ae188p-5 0x1.70d8b4p-7
+0x1.c63128p-6 -0x1.1ae82cp-9 -0x1.70eae4p-6 -0x1.eab9ep-9 0x1.1b3dep-6 0x1.ddaa62p-8
+-0x1.941b92p-7 -0x1.27c88ap-7 0x1.02b8fep-7 0x1.33cb9ep-7 -0x1.106142p-8 -0x1.1f691ep-7
+0x1.3fcp-10 0x1.ec68e8p-8 0x1.d7bbbp-11 -0x1.835fd2p-8 -0x1.23fbdp-9 0x1.160db6p-8
+0x1.7be0f4p-9 -0x1.5c74b2p-9 -0x1.877564p-9 0x1.68ac16p-10 0x1.6a51d8p-9 -0x1.42eed4p-12
+-0x1.1c7a7cp-9 -0x1.ea2d4cp-13 0x1.ca2342p-10 0x1.b1becap-11 -0x1.c422cep-11 -0x1.0c56a6p-11
+0x1.098b68p-10 0x1.593a74p-10 0x1.048028p-12 -0x1.297ff8p-11 -0x1.df9c68p-12
+@24000
+-0x1.c5aa1p-14 0x1.73a42cp-13 0x1.1a524p-11 0x1.d47412p-11 0x1.ebfe32p-11 0x1.0bd15p-11
+-0x1.ba1da6p-13 -0x1.89d7e4p-11 -0x1.5fcaa2p-11 0x1.3238cep-15 0x1.b7f9bcp-11 0x1.0cdc4ep-10
+0x1.444348p-12 -0x1.b1d51ep-11 -0x1.75654ap-10 -0x1.b4cd72p-11 0x1.48913ep-11 0x1.d2676ap-10
+0x1.8d6998p-10 -0x1.68879p-13 -0x1.04f3e6p-9 -0x1.2e1f34p-9 -0x1.2eb4b6p-11 0x1.fffaf4p-10
+0x1.980272p-9 0x1.ab80e2p-10 -0x1.98637p-10 -0x1.f48e9p-9 -0x1.83d2f2p-9 0x1.734dfap-11
+0x1.17ebd2p-8 0x1.25e052p-8 0x1.5ebfdp-11 -0x1.19882ap-8 -0x1.8e386ap-8 -0x1.55e2e2p-9
+0x1.e601b6p-9 0x1.eefcap-8 0x1.4e015p-8 -0x1.306a54p-9 -0x1.1c7bf8p-7 -0x1.0858dep-7
+-0x1.5adaep-15 0x1.2cd998p-7 0x1.759b54p-7 0x1.d37f3cp-9 -0x1.1d6cdep-7 -0x1.e94feep-7
+-0x1.158d2p-7 0x1.bfdbcap-8 0x1.2e67e2p-6 0x1.ee907cp-7 -0x1.7d1942p-9 -0x1.6468a6p-6
+-0x1.8bccbap-6 -0x1.17f874p-8 0x1.93086cp-6 0x1.34148cp-5 0x1.23328ap-6 -0x1.b6ff46p-6
+-0x1.ff8258p-5 -0x1.979af2p-5 0x1.cdb1d4p-6 0x1.31062p-3 0x1.091966p-2 0x1.367ab6p-2
+0x1.091966p-2 0x1.31062p-3 0x1.cdb1d4p-6 -0x1.979af2p-5 -0x1.ff8258p-5 -0x1.b6ff46p-6
+0x1.23328ap-6 0x1.34148cp-5 0x1.93086cp-6 -0x1.17f874p-8 -0x1.8bccbap-6 -0x1.6468a6p-6
+-0x1.7d1942p-9 0x1.ee907cp-7 0x1.2e67e2p-6 0x1.bfdbcap-8 -0x1.158d2p-7 -0x1.e94feep-7
+-0x1.1d6cdep-7 0x1.d37f3cp-9 0x1.759b54p-7 0x1.2cd998p-7 -0x1.5adaep-15 -0x1.0858dep-7
+-0x1.1c7bf8p-7 -0x1.306a54p-9 0x1.4e015p-8 0x1.eefcap-8 0x1.e601b6p-9 -0x1.55e2e2p-9
+-0x1.8e386ap-8 -0x1.19882ap-8 0x1.5ebfdp-11 0x1.25e052p-8 0x1.17ebd2p-8 0x1.734dfap-11
+-0x1.83d2f2p-9 -0x1.f48e9p-9 -0x1.98637p-10 0x1.ab80e2p-10 0x1.980272p-9 0x1.fffaf4p-10
+-0x1.2eb4b6p-11 -0x1.2e1f34p-9 -0x1.04f3e6p-9 -0x1.68879p-13 0x1.8d6998p-10 0x1.d2676ap-10
+0x1.48913ep-11 -0x1.b4cd72p-11 -0x1.75654ap-10 -0x1.b1d51ep-11 0x1.444348p-12 0x1.0cdc4ep-10
+0x1.b7f9bcp-11 0x1.3238cep-15 -0x1.5fcaa2p-11 -0x1.89d7e4p-11 -0x1.ba1da6p-13 0x1.0bd15p-11
+0x1.ebfe32p-11 0x1.d47412p-11 0x1.1a524p-11 0x1.73a42cp-13 -0x1.c5aa1p-14
+@48000
+-0x1.f8adcp-13 -0x1.bad01cp-13 -0x1.3d7dccp-17 0x1.b0f0dap-12 0x1.b68d34p-11 0x1.f1c9c8p-11
+0x1.381202p-11 -0x1.74a2cp-15 -0x1.126784p-11 -0x1.e457aap-12 0x1.cd3ae2p-14 0x1.757a3p-11
+0x1.970f2cp-11 0x1.36a60ap-13 -0x1.71d8d4p-11 -0x1.0e4a8ap-10 -0x1.d40da4p-12 0x1.52baacp-11
+0x1.570af8p-10 0x1.c30d12p-11 -0x1.d7475p-12 -0x1.91f47ep-10 -0x1.62f9e8p-10 0x1.abaf3ep-14
+0x1.b4b03p-10 0x1.f35d0cp-10 0x1.b6316ap-12 -0x1.b0fd02p-10 -0x1.43762cp-9 -0x1.23bc86p-10
+0x1.79c87cp-10 0x1.87b48p-9 0x1.02c568p-9 -0x1.01f6d2p-10 -0x1.bd370cp-9 -0x1.859b8cp-9
+0x1.f6ef82p-13 0x1.d9822ap-9 0x1.09dca4p-8 0x1.acc08cp-11 -0x1.d182a6p-9 -0x1.52068p-8
+-0x1.206e78p-9 0x1.997cp-9 0x1.954dep-8 0x1.ff26cep-9 -0x1.25cca2p-9 -0x1.cc6eb6p-8
+-0x1.81b84ap-8 0x1.ac4c7ap-11 0x1.eee2ecp-8 0x1.09ac84p-7 0x1.445316p-10 -0x1.f298b4p-8
+-0x1.57d6e2p-7 -0x1.06eb34p-8 0x1.cbc72ap-8 0x1.a8788ap-7 0x1.f398ccp-8 -0x1.6b7056p-8
+-0x1.f84648p-7 -0x1.9184dp-7 0x1.78509p-9 0x1.21dad4p-6 0x1.2af09cp-6 0x1.98295p-10
+-0x1.43a7dep-6 -0x1.b0035p-6 -0x1.22ef28p-7 0x1.5fe0b8p-6 0x1.3c8aep-5 0x1.6a9bbcp-6
+-0x1.7525e8p-6 -0x1.fd5012p-5 -0x1.b638f6p-5 0x1.8259c8p-6 0x1.2dd306p-3 0x1.0bfd9cp-2
+0x1.3b746cp-2 0x1.0bfd9cp-2 0x1.2dd306p-3 0x1.8259c8p-6 -0x1.b638f6p-5 -0x1.fd5012p-5
+-0x1.7525e8p-6 0x1.6a9bbcp-6 0x1.3c8aep-5 0x1.5fe0b8p-6 -0x1.22ef28p-7 -0x1.b0035p-6
+-0x1.43a7dep-6 0x1.98295p-10 0x1.2af09cp-6 0x1.21dad4p-6 0x1.78509p-9 -0x1.9184dp-7
+-0x1.f84648p-7 -0x1.6b7056p-8 0x1.f398ccp-8 0x1.a8788ap-7 0x1.cbc72ap-8 -0x1.06eb34p-8
+-0x1.57d6e2p-7 -0x1.f298b4p-8 0x1.445316p-10 0x1.09ac84p-7 0x1.eee2ecp-8 0x1.ac4c7ap-11
+-0x1.81b84ap-8 -0x1.cc6eb6p-8 -0x1.25cca2p-9 0x1.ff26cep-9 0x1.954dep-8 0x1.997cp-9
+-0x1.206e78p-9 -0x1.52068p-8 -0x1.d182a6p-9 0x1.acc08cp-11 0x1.09dca4p-8 0x1.d9822ap-9
+0x1.f6ef82p-13 -0x1.859b8cp-9 -0x1.bd370cp-9 -0x1.01f6d2p-10 0x1.02c568p-9 0x1.87b48p-9
+0x1.79c87cp-10 -0x1.23bc86p-10 -0x1.43762cp-9 -0x1.b0fd02p-10 0x1.b6316ap-12 0x1.f35d0cp-10
+0x1.b4b03p-10 0x1.abaf3ep-14 -0x1.62f9e8p-10 -0x1.91f47ep-10 -0x1.d7475p-12 0x1.c30d12p-11
+0x1.570af8p-10 0x1.52baacp-11 -0x1.d40da4p-12 -0x1.0e4a8ap-10 -0x1.71d8d4p-11 0x1.36a60ap-13
+0x1.970f2cp-11 0x1.757a3p-11 0x1.cd3ae2p-14 -0x1.e457aap-12 -0x1.126784p-11 -0x1.74a2cp-15
+0x1.381202p-11 0x1.f1c9c8p-11 0x1.b68d34p-11 0x1.b0f0dap-12 -0x1.3d7dccp-17 -0x1.bad01cp-13
+-0x1.f8adcp-13
+"""
+
+
+def _parse_filters():
+    taps = {}
+    current = None
+    for token in _FILTER_HEX.split():
+        if token.startswith("@"):
+            current = taps.setdefault(int(token[1:]), [])
+        else:
+            current.append(float.fromhex(token))
+    return {rate: tuple(v) for rate, v in taps.items()}
+
+
+_TAPS = _parse_filters()  # parsed once: a Resampler is created per call and direction
+
+
+def _filter_taps(int rate):
+    """The float32 taps of the filter running at `rate` (same text as codec_ref's)."""
+    return _TAPS[rate]
+
+
+cdef class Resampler:
+    """Resampler(in_rate, out_rate): streaming polyphase FIR, delay-compensated.
+
+    Supported: 8000<->16000, 8000<->24000, 16000<->24000 (rational 3/2), equal rates pass
+    through.  process(pcm) -> bytes, flush() -> bytes (then reset), reset(), delay_ms.
+    Output is identical however the input is chunked; see relay.codec_ref.Resampler.
+    """
+
+    def __cinit__(self, int in_rate, int out_rate):
+        cdef int p, m, n
+        self._g = NULL
+        self._hist = NULL
+        if in_rate == out_rate and in_rate > 0:
+            self._pass = True
+            self._up = self._down = self._k = 1
+            self._d = 0
+            self._high = in_rate
+        elif (in_rate, out_rate) in _PAIRS:
+            self._pass = False
+            self._up, self._down, self._high = _PAIRS[(in_rate, out_rate)]
+            taps = _filter_taps(self._high)
+            n = len(taps)
+            self._d = (n - 1) // 2
+            self._k = (n + self._up - 1) // self._up
+            self._g = <float*>malloc(self._up * self._k * sizeof(float))
+            self._hist = <float*>malloc(self._k * sizeof(float))
+            if self._g == NULL or self._hist == NULL:
+                raise MemoryError()
+            for p in range(self._up):
+                for m in range(self._k):
+                    if p + m * self._up < n:
+                        # (float)(double tap * L): the same rounding as codec_ref's _f32
+                        self._g[p * self._k + m] = <float>(<double>taps[p + m * self._up]
+                                                           * self._up)
+                    else:
+                        self._g[p * self._k + m] = 0.0
+        else:
+            raise ValueError(
+                f"unsupported resampling {in_rate} -> {out_rate} Hz; supported: 8000<->16000, "
+                "8000<->24000, 16000<->24000, or equal rates"
+            )
+        self.in_rate = in_rate
+        self.out_rate = out_rate
+        self.reset()
+
+    def __dealloc__(self):
+        free(self._g)
+        free(self._hist)
+
+    @property
+    def delay_ms(self) -> float:
+        """Algorithmic delay in ms: the FIR's constant group delay ((taps-1)/2 samples at
+        the filter rate), which is exactly the audio held back until flush()."""
+        return self._d * 1000.0 / self._high
+
+    def reset(self):
+        """Forget all history (barge-in / new stream)."""
+        if self._hist != NULL:
+            memset(self._hist, 0, self._k * sizeof(float))
+        self._n_in = 0
+        self._n_out = 0
+
+    cdef long long _available(self, long long n_in):
+        cdef long long num = self._up * n_in - self._d
+        return (num + self._down - 1) // self._down if num > 0 else 0
+
+    cdef long long _final_count(self, long long n_in):
+        return (2 * n_in * self._up + self._down) // (2 * self._down)
+
+    cdef Py_ssize_t _step(self, const uint8_t* src, Py_ssize_t n, int in_kind, bint final,
+                          float* y) except -1:
+        """Consume n (<= _PIECE) samples; write the outputs now complete to y."""
+        cdef int up = self._up, down = self._down, K = self._k, d = self._d
+        cdef int K1 = K - 1, j, m, r
+        cdef Py_ssize_t i, q, nq, lenbuf, slen, e, e0, nout
+        cdef long long n_old = self._n_in, n_in = n_old + n, base, k0, k1, kj, nj, last
+        cdef float* s
+        cdef const float* g
+        memcpy(_buf, self._hist, K1 * sizeof(float))
+        if in_kind == IN_PCM:
+            relay_pcm16le_to_f32(src, n, _buf + K1)
+        else:
+            for i in range(n):
+                _buf[K1 + i] = _ULAW_F[src[i]]
+        lenbuf = K1 + n
+        base = n_old - K1  # input sample number of _buf[0]
+        k0 = self._n_out
+        if final:
+            k1 = self._final_count(n_in)
+            if k1 > k0:
+                last = ((k1 - 1) * down + d) // up
+                while lenbuf < last - base + 1:
+                    _buf[lenbuf] = 0.0
+                    lenbuf += 1
+        else:
+            k1 = self._available(n_in)
+        nout = <Py_ssize_t>(k1 - k0) if k1 > k0 else 0
+        if nout > 0:
+            if down > 1:
+                # split into M phases so every tap reads a contiguous run
+                slen = lenbuf // down + 1
+                for r in range(down):
+                    s = _deint + r * slen
+                    i = r
+                    while i < lenbuf:
+                        s[0] = _buf[i]
+                        s += 1
+                        i += down
+            else:
+                slen = 0
+            for j in range(up if nout >= up else nout):
+                kj = k0 + j
+                nq = <Py_ssize_t>((k1 - kj + up - 1) // up)
+                nj = kj * down + d
+                g = self._g + (nj % up) * K
+                e0 = <Py_ssize_t>(nj // up - base)
+                for m in range(K):
+                    e = e0 - m
+                    if down > 1:
+                        _sp[m] = _deint + (e % down) * slen + e // down
+                    else:
+                        _sp[m] = _buf + e
+                if up == 1:
+                    relay_fir(g, K, _sp, y, nq)
+                else:
+                    relay_fir(g, K, _sp, _tmp, nq)
+                    for q in range(nq):
+                        y[j + up * q] = _tmp[q]
+        memcpy(self._hist, _buf + (K1 + n) - K1, K1 * sizeof(float))
+        self._n_in = n_in
+        self._n_out = k1 if k1 > k0 else k0
+        return nout
+
+    cdef object _convert(self, const uint8_t* src, Py_ssize_t nsamp, int in_kind, int out_kind):
+        """Resample nsamp input samples (PCM16 LE or μ-law) to PCM16 LE or μ-law bytes."""
+        cdef Py_ssize_t i, total, done = 0, chunk, nout
+        cdef int width = 2 if out_kind == OUT_PCM else 1
+        cdef int inw = 2 if in_kind == IN_PCM else 1
+        cdef bytes out
+        cdef uint8_t* o
+        cdef int v
+        if self._pass:
+            if in_kind == IN_PCM and out_kind == OUT_PCM:
+                return PyBytes_FromStringAndSize(<const char*>src, 2 * nsamp)
+            out = _new_bytes(width * nsamp)
+            o = <uint8_t*>PyBytes_AS_STRING(out)
+            if in_kind == IN_PCM:
+                for i in range(nsamp):
+                    o[i] = _ULAW_ENC[(_rd16(src + 2 * i) >> 2) + 8192]
+            elif out_kind == OUT_PCM:
+                relay_expand(src, nsamp, _ULAW_LE, o)
+            else:
+                memcpy(o, src, nsamp)
+            return out
+        total = <Py_ssize_t>(self._available(self._n_in + nsamp) - self._n_out)
+        if total < 0:
+            total = 0
+        out = _new_bytes(width * total)
+        o = <uint8_t*>PyBytes_AS_STRING(out)
+        while True:
+            chunk = nsamp if nsamp < _PIECE else _PIECE
+            nout = self._step(src, chunk, in_kind, False, _y)
+            if done + nout > total:  # cannot happen; guards the writes below
+                raise AssertionError("resampler output count mismatch")
+            if out_kind == OUT_PCM:
+                relay_f32_to_pcm16le(_y, nout, o + 2 * done)
+            else:
+                for i in range(nout):
+                    v = relay_round_i16(_y[i])
+                    o[done + i] = _ULAW_ENC[(v >> 2) + 8192]
+            done += nout
+            src += chunk * inw
+            nsamp -= chunk
+            if nsamp <= 0:
+                break
+        return out
+
+    cdef object _flush(self, int out_kind):
+        cdef Py_ssize_t i, nout
+        cdef bytes out
+        cdef uint8_t* o
+        cdef int v
+        if self._pass:
+            return b""
+        nout = self._step(NULL, 0, IN_PCM, True, _y)
+        self.reset()
+        if out_kind == OUT_PCM:
+            out = _new_bytes(2 * nout)
+            o = <uint8_t*>PyBytes_AS_STRING(out)
+            relay_f32_to_pcm16le(_y, nout, o)
+        else:
+            out = _new_bytes(nout)
+            o = <uint8_t*>PyBytes_AS_STRING(out)
+            for i in range(nout):
+                v = relay_round_i16(_y[i])
+                o[i] = _ULAW_ENC[(v >> 2) + 8192]
+        return out
+
+    def process(self, pcm) -> bytes:
+        """Feed PCM16 LE at in_rate (even byte count); return the output now complete."""
+        cdef _In s
+        _in_get(pcm, &s)
+        try:
+            if s.n & 1:
+                raise ValueError("PCM16 data must have an even number of bytes")
+            return self._convert(s.p, s.n >> 1, IN_PCM, OUT_PCM)
+        finally:
+            _in_release(&s)
+
+    def flush(self) -> bytes:
+        """Emit what the filter still holds (future input taken as silence) and reset:
+        total output == round_half_up(total_input * out_rate / in_rate)."""
+        return self._flush(OUT_PCM)
+
+    def __repr__(self):
+        return f"Resampler({self.in_rate}, {self.out_rate})"
+
+
+cdef int _check_rate(int rate) except -1:
+    if rate not in _RATES:
+        raise ValueError(f"unsupported rate {rate} Hz; supported: 8000, 16000, 24000")
+    return 0
+
+
+cdef class UlawToPcm:
+    """Twilio uplink in one call: base64 μ-law 8 kHz -> PCM16 LE at out_rate."""
+
+    def __cinit__(self, int out_rate):
+        _check_rate(out_rate)
+        self.out_rate = out_rate
+        self._rs = Resampler(8000, out_rate)
+
+    @property
+    def delay_ms(self) -> float:
+        return self._rs.delay_ms
+
+    def feed(self, ulaw) -> bytes:
+        """μ-law bytes-like -> PCM16 LE at out_rate."""
+        cdef _In s
+        _in_get(ulaw, &s)
+        try:
+            return self._rs._convert(s.p, s.n, IN_ULAW, OUT_PCM)
+        finally:
+            _in_release(&s)
+
+    def feed_b64(self, payload) -> bytes:
+        """Twilio media payload (base64 μ-law, str or bytes) -> PCM16 LE at out_rate."""
+        cdef _In s
+        cdef object keep = None
+        cdef uint8_t* dst = _scratch
+        cdef Py_ssize_t n
+        keep = _b64_source(payload, &s)
+        try:
+            if _b64_size(s.n) > _SCRATCH:
+                dst = <uint8_t*>malloc(_b64_size(s.n))
+                if dst == NULL:
+                    raise MemoryError()
+            n = _b64_decode(s.p, s.n, dst)
+            return self._rs._convert(dst, n, IN_ULAW, OUT_PCM)
+        finally:
+            _in_release(&s)
+            if dst != _scratch:
+                free(dst)
+
+    def flush(self) -> bytes:
+        return self._rs._flush(OUT_PCM)
+
+    def reset(self):
+        self._rs.reset()
+
+
+cdef class PcmToUlaw:
+    """Twilio downlink in one call: PCM16 LE at in_rate -> μ-law 8 kHz.
+
+    An odd trailing byte is kept for the next call; flush() drops a pending odd byte."""
+
+    def __cinit__(self, int in_rate):
+        _check_rate(in_rate)
+        self.in_rate = in_rate
+        self._rs = Resampler(in_rate, 8000)
+        self._carry = -1
+
+    @property
+    def delay_ms(self) -> float:
+        return self._rs.delay_ms
+
+    cdef object _feed_ptr(self, const uint8_t* p, Py_ssize_t n):
+        # p must not point into _scratch[1:] unless it starts at _scratch + 1
+        cdef uint8_t* tmp = NULL
+        cdef object out
+        if self._carry >= 0:
+            if p != _scratch + 1:
+                if n + 1 > _SCRATCH:
+                    tmp = <uint8_t*>malloc(n + 1)
+                    if tmp == NULL:
+                        raise MemoryError()
+                    memcpy(tmp + 1, p, n)
+                    p = tmp
+                else:
+                    memcpy(_scratch + 1, p, n)
+                    p = _scratch
+            else:
+                p = _scratch
+            (<uint8_t*>p)[0] = <uint8_t>self._carry
+            n += 1
+        try:
+            self._carry = p[n - 1] if n & 1 else -1
+            out = self._rs._convert(p, n >> 1, IN_PCM, OUT_ULAW)
+        finally:
+            free(tmp)
+        return out
+
+    def feed(self, pcm) -> bytes:
+        """PCM16 LE bytes-like at in_rate (any byte count) -> μ-law 8 kHz."""
+        cdef _In s
+        _in_get(pcm, &s)
+        try:
+            return self._feed_ptr(s.p, s.n)
+        finally:
+            _in_release(&s)
+
+    def feed_b64(self, b64) -> bytes:
+        """base64 PCM16 LE at in_rate (str or bytes) -> μ-law 8 kHz."""
+        cdef _In s
+        cdef object keep = None
+        cdef uint8_t* dst = _scratch + 1  # room for the odd byte in front
+        cdef uint8_t* block = NULL
+        cdef Py_ssize_t n
+        keep = _b64_source(b64, &s)
+        try:
+            if _b64_size(s.n) + 1 > _SCRATCH:
+                block = <uint8_t*>malloc(_b64_size(s.n) + 1)
+                if block == NULL:
+                    raise MemoryError()
+                dst = block + 1
+            n = _b64_decode(s.p, s.n, dst)
+            if block != NULL and self._carry >= 0:
+                block[0] = <uint8_t>self._carry
+                self._carry = -1
+                return self._feed_ptr(block, n + 1)
+            return self._feed_ptr(dst, n)
+        finally:
+            _in_release(&s)
+            free(block)
+
+    def flush(self) -> bytes:
+        self._carry = -1
+        return self._rs._flush(OUT_ULAW)
+
+    def reset(self):
+        self._carry = -1
+        self._rs.reset()
+
+
+# ======================================================================================
+# Uplink jitter buffer (semantics: relay.codec_ref.UplinkJitterBuffer)
+# ======================================================================================
+
+cdef long long _MOD32 = 4294967296
+cdef long long _HALF32 = 2147483648
+cdef int _RECENT = 64
+
+
+cdef class UplinkJitterBuffer:
+    """Orders Twilio media frames by timestamp (RFC 1982 serial arithmetic, mod 2**32) and
+    fills gaps with silence items (payload None).  See relay.codec_ref for the rules."""
+
+    def __init__(self, int frame_ms=20, int reorder_ms=0, int max_fill_ms=2000,
+                 int max_held=50):
+        if frame_ms <= 0 or reorder_ms < 0 or max_fill_ms < 0 or max_held < 1:
+            raise ValueError("frame_ms > 0, reorder_ms >= 0, max_fill_ms >= 0, max_held >= 1")
+        self.frame_ms = frame_ms
+        self.reorder_ms = reorder_ms
+        self.max_fill_ms = max_fill_ms
+        self.max_held = max_held
+        self.gaps_filled = 0
+        self.silence_ms = 0
+        self.skipped_ms = 0
+        self.duplicates = 0
+        self.late_drops = 0
+        self.overflow_drops = 0
+        self.frames_out = 0
+        self.reset()
+
+    def reset(self):
+        """Forget the stream (the next push sets a new base); counters are kept."""
+        self._started = False
+        self._next = 0
+        self._held = {}
+        self._order = []
+        self._held_ms = 0
+        self._recent = deque(maxlen=_RECENT)
+
+    @property
+    def held(self) -> int:
+        return len(self._order)
+
+    @property
+    def held_ms(self) -> int:
+        return self._held_ms
+
+    def push(self, timestamp_ms, payload, duration_ms=None) -> list:
+        cdef long long ts = int(timestamp_ms) % _MOD32
+        cdef long long dur = self.frame_ms if duration_ms is None else int(duration_ms)
+        cdef long long ext
+        cdef list out = []
+        if dur <= 0:
+            raise ValueError("duration_ms must be > 0")
+        if not self._started:
+            self._started = True
+            self._next = ts
+        # RFC 1982 serial distance, in [-2**31, 2**31); C % is not floor-mod, hence & mask
+        ext = self._next + ((ts - self._next + _HALF32) & (_MOD32 - 1)) - _HALF32
+        if ext < self._next:
+            if ext in self._recent:
+                self.duplicates += 1
+            else:
+                self.late_drops += 1
+            return out
+        if ext in self._held:
+            self.duplicates += 1
+            return out
+        if ext == self._next:
+            self._release(out, ext, ts, payload, dur)
+            self._drain(out)
+            return out
+        if self.reorder_ms == 0:
+            self._fill(out, ext)
+            self._release(out, ext, ts, payload, dur)
+            return out
+        self._held[ext] = (ts, payload, dur)
+        self._insort(ext)
+        self._held_ms += dur
+        while self._order and (self._held_ms > self.reorder_ms
+                               or len(self._order) > self.max_held):
+            if self._held_ms <= self.reorder_ms:
+                self.overflow_drops += 1
+            self._fill(out, self._order[0])
+            self._drain(out)
+        return out
+
+    def flush(self) -> list:
+        """Release everything held, filling the gaps between held frames."""
+        cdef list out = []
+        while self._order:
+            self._fill(out, self._order[0])
+            self._drain(out)
+        return out
+
+    cdef void _insort(self, long long ext):
+        cdef Py_ssize_t i = len(self._order)
+        while i and <long long>self._order[i - 1] > ext:
+            i -= 1
+        self._order.insert(i, ext)
+
+    cdef void _release(self, list out, long long ext, long long ts, object payload,
+                       long long dur):
+        out.append((ts, payload, dur))
+        self.frames_out += 1
+        self._recent.append(ext)
+        self._next = ext + dur
+
+    cdef void _fill(self, list out, long long ext):
+        cdef long long gap = ext - self._next, fill
+        if gap <= 0:
+            return
+        fill = gap if gap < self.max_fill_ms else self.max_fill_ms
+        if fill:
+            out.append((self._next & (_MOD32 - 1), None, fill))
+            self.gaps_filled += 1
+            self.silence_ms += fill
+        self.skipped_ms += gap - fill
+        self._next = ext
+
+    cdef void _drain(self, list out):
+        cdef long long ext
+        while self._order and <long long>self._order[0] <= self._next:
+            ext = self._order.pop(0)
+            ts, payload, dur = self._held.pop(ext)
+            self._held_ms -= dur
+            if ext == self._next:
+                self._release(out, ext, ts, payload, dur)
+            else:
+                self.late_drops += 1
+
+
+# ======================================================================================
+# Downlink buffer (semantics: relay.codec_ref.DownlinkBuffer)
+# ======================================================================================
+
+cdef enum:
+    _BYTES_PER_MS = 8
+    _MAX_RESPONSES = 256
+
+
+cdef class _Resp:
+    pass
+
+
+cdef class DownlinkBuffer:
+    """Paces agent μ-law 8 kHz audio to Twilio under a bounded lead, tags frames with marks
+    and tracks what the caller heard.  See relay.codec_ref.DownlinkBuffer for the rules."""
+
+    def __init__(self, int frame_ms=100, int max_lead_ms=200, long long max_buffer_ms=600_000):
+        if frame_ms <= 0 or max_lead_ms < 0 or max_buffer_ms <= 0:
+            raise ValueError("frame_ms > 0, max_lead_ms >= 0, max_buffer_ms > 0")
+        self.frame_ms = frame_ms
+        self.max_lead_ms = max_lead_ms
+        self.max_buffer_ms = max_buffer_ms
+        self._frame_bytes = frame_ms * _BYTES_PER_MS
+        self._max_bytes = max_buffer_ms * _BYTES_PER_MS
+        self._queue = deque()
+        self._queued = 0
+        self._partial = bytearray()
+        self._partial_rid = None
+        self._resp = {}
+        self._dropped = {}
+        self._marks = {}
+        self._play_end = -INFINITY
+        self._last_echo = -INFINITY
+        self._counter = 0
+        self.frames_out = 0
+        self.overflow_bytes = 0
+        self.ignored_marks = 0
+
+    @property
+    def pending_marks(self) -> int:
+        return len(self._marks)
+
+    @property
+    def buffered_ms(self) -> int:
+        return (self._queued + len(self._partial)) // _BYTES_PER_MS
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and not self._partial and not self._marks
+
+    @property
+    def overflow_ms(self) -> int:
+        return self.overflow_bytes // _BYTES_PER_MS
+
+    cdef _Resp _state(self, object rid):
+        cdef _Resp r = self._resp.get(rid)
+        if r is None:
+            r = _Resp()
+            r.offset = 0
+            r.heard_base = 0.0
+            self._resp[rid] = r
+            if len(self._resp) > _MAX_RESPONSES:
+                del self._resp[next(iter(self._resp))]
+        return r
+
+    def push(self, ulaw, response_id) -> None:
+        cdef _In s
+        cdef _Resp r
+        cdef long long room, take, fb = self._frame_bytes
+        cdef bytes frame
+        if response_id in self._dropped:
+            return
+        _in_get(ulaw, &s)
+        try:
+            if s.n == 0:
+                return
+            if self._partial and self._partial_rid != response_id:
+                self._close_partial()
+            r = self._state(response_id)
+            room = self._max_bytes - self._queued - len(self._partial)
+            take = s.n if s.n < room else (room if room > 0 else 0)
+            self.overflow_bytes += s.n - take
+            if not take:
+                return
+            self._partial_rid = response_id
+            self._partial.extend((<const char*>s.p)[:take])
+        finally:
+            _in_release(&s)
+        while len(self._partial) >= fb:
+            frame = bytes(self._partial[:fb])
+            del self._partial[:fb]
+            r.offset += fb
+            self._queue.append((frame, response_id, r.offset))
+            self._queued += fb
+        if not self._partial:
+            self._partial_rid = None
+
+    cdef void _close_partial(self):
+        cdef _Resp r
+        if self._partial and self._partial_rid is not None:
+            r = self._state(self._partial_rid)
+            r.offset += len(self._partial)
+            self._queue.append((bytes(self._partial), self._partial_rid, r.offset))
+            self._queued += len(self._partial)
+        self._partial = bytearray()
+        self._partial_rid = None
+
+    def end_response(self, response_id) -> None:
+        if self._partial_rid == response_id:
+            self._close_partial()
+
+    def drop_response(self, response_id) -> None:
+        cdef _Resp r
+        self._dropped[response_id] = None
+        if len(self._dropped) > _MAX_RESPONSES:
+            del self._dropped[next(iter(self._dropped))]
+        if self._partial_rid == response_id:
+            r = self._state(response_id)
+            r.offset += len(self._partial)
+            self._partial = bytearray()
+            self._partial_rid = None
+        if any(item[1] == response_id for item in self._queue):
+            keep = [item for item in self._queue if item[1] != response_id]
+            self._queue = deque(keep)
+            self._queued = sum(len(item[0]) for item in keep)
+
+    def pull(self, double now_ms) -> list:
+        cdef list out = []
+        cdef bytes frame
+        cdef long long n, end
+        cdef double start
+        while self._queue and self._play_end - now_ms <= self.max_lead_ms:
+            frame, rid, end = self._queue.popleft()
+            n = len(frame)
+            self._queued -= n
+            start = self._play_end if self._play_end > now_ms else now_ms
+            self._play_end = start + n / <double>_BYTES_PER_MS
+            self._counter += 1
+            name = str(self._counter)
+            self._marks[name] = (rid, end - n, end, now_ms)
+            self.frames_out += 1
+            out.append((frame, name, rid))
+        return out
+
+    def next_due(self, double now_ms):
+        cdef double due
+        if not self._queue:
+            return None
+        due = self._play_end - self.max_lead_ms
+        return due if due > now_ms else now_ms
+
+    cdef tuple _head_heard(self, double now_ms):
+        cdef long long start, end
+        cdef double sent, anchor, elapsed, pos, end_ms
+        if not self._marks:
+            return None
+        rid, start, end, sent = next(iter(self._marks.values()))
+        anchor = sent if sent > self._last_echo else self._last_echo
+        elapsed = now_ms - anchor
+        if elapsed < 0:
+            elapsed = 0.0
+        pos = start / <double>_BYTES_PER_MS + elapsed
+        end_ms = end / <double>_BYTES_PER_MS
+        return rid, (pos if pos < end_ms else end_ms)
+
+    cdef double _heard(self, object rid, double now_ms):
+        cdef _Resp r = self._resp.get(rid)
+        cdef double heard = r.heard_base if r is not None else 0.0
+        cdef tuple head = self._head_heard(now_ms)
+        if head is not None and head[0] == rid and <double>head[1] > heard:
+            heard = head[1]
+        return heard
+
+    def heard_ms(self, response_id, double now_ms) -> int:
+        return <long long>self._heard(response_id, now_ms)
+
+    def on_mark(self, name, double now_ms):
+        cdef _Resp r
+        cdef long long end
+        if name not in self._marks:
+            self.ignored_marks += 1
+            return None
+        while True:
+            key = next(iter(self._marks))
+            rid, _start, end, _sent = self._marks.pop(key)
+            r = self._state(rid)
+            if end / <double>_BYTES_PER_MS > r.heard_base:
+                r.heard_base = end / <double>_BYTES_PER_MS
+            if key == name:
+                break
+        self._last_echo = now_ms
+        return rid, <long long>self._heard(rid, now_ms)
+
+    def clear(self, double now_ms):
+        cdef double heard = 0.0, dropped
+        cdef long long start, end
+        cdef tuple head
+        rid = None
+        if self._marks:
+            rid = next(iter(self._marks.values()))[0]
+        elif self._queue:
+            rid = self._queue[0][1]
+        elif self._partial_rid is not None:
+            rid = self._partial_rid
+        if rid is not None:
+            heard = self._heard(rid, now_ms)
+        dropped = (self._queued + len(self._partial)) / <double>_BYTES_PER_MS
+        if self._marks:
+            for item in self._marks.values():
+                start = item[1]
+                end = item[2]
+                dropped += (end - start) / <double>_BYTES_PER_MS
+            head = self._head_heard(now_ms)
+            if head is not None:
+                start = next(iter(self._marks.values()))[1]
+                dropped -= <double>head[1] - start / <double>_BYTES_PER_MS
+        cdef _Resp r
+        if rid is not None:
+            r = self._state(rid)
+            r.heard_base = heard
+        if self._partial_rid is not None:
+            r = self._state(self._partial_rid)
+            r.offset += len(self._partial)
+        self._queue.clear()
+        self._queued = 0
+        self._partial = bytearray()
+        self._partial_rid = None
+        self._marks.clear()
+        self._play_end = -INFINITY
+        return rid, <long long>heard, <long long>dropped

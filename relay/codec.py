@@ -1,0 +1,39 @@
+"""The relay's audio codec API: the compiled relay._codec, re-exported.
+
+relay._codec is not optional (the per-frame budget depends on it); relay.codec_ref is its
+pure-Python specification with the same names, used by the tests.
+"""
+
+from __future__ import annotations
+
+try:
+    from relay._codec import (
+        DownlinkBuffer,
+        PcmToUlaw,
+        Resampler,
+        UlawToPcm,
+        UplinkJitterBuffer,
+        alaw_decode,
+        alaw_encode,
+        b64decode,
+        ulaw_decode,
+        ulaw_encode,
+    )
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "The compiled extension relay._codec is missing: run `pip install -e .` with a C "
+        "compiler available."
+    ) from exc
+
+__all__ = [
+    "DownlinkBuffer",
+    "PcmToUlaw",
+    "Resampler",
+    "UlawToPcm",
+    "UplinkJitterBuffer",
+    "alaw_decode",
+    "alaw_encode",
+    "b64decode",
+    "ulaw_decode",
+    "ulaw_encode",
+]

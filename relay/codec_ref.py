@@ -1,0 +1,904 @@
+"""Pure-Python reference of relay._codec: same names, same behaviour, bit-identical output.
+
+This module is the executable specification of the Cython hot path.  It is slow on purpose
+(clarity first, stdlib only) and is used by the differential tests: every function and
+class here must produce exactly what relay._codec produces for the same calls.
+
+Contents
+--------
+* G.711 μ-law / A-law (ITU-T G.711), bit-exact with CPython's ``audioop`` for all 65,536
+  PCM inputs and all 256 codes.  μ-law note: for *negative* 16-bit inputs ITU-T G.191's
+  reference code reads the magnitude as one's complement (``~x >> 2``) while ``audioop``
+  (Sun's g711.c) uses two's complement (``-(x >> 2)``); the two differ by one code step for
+  some negative inputs.  We follow ``audioop`` (what Python relays have always produced);
+  A-law is identical under both readings.  Decoding is identical under both.
+* ``Resampler``: stateful polyphase FIR, delay-compensated, chunk-size invariant.
+* ``UlawToPcm`` / ``PcmToUlaw``: fused Twilio paths (base64 -> μ-law -> PCM16 -> resample).
+* ``UplinkJitterBuffer`` / ``DownlinkBuffer``: Twilio-side reordering and pacing logic.
+
+Resampler arithmetic (the part the C code must match bit for bit)
+-----------------------------------------------------------------
+All filtering is IEEE float32 with round-to-nearest after every multiply and every add, in
+a fixed order (tap 0 first, accumulator starting at 0.0).  Python floats are doubles, but a
+float32 product or sum computed in double and then rounded to float32 is correctly rounded
+(double has more than 2*24+2 bits), so ``array('f', ...)`` rounding reproduces C float32
+arithmetic exactly.  The C side is compiled with ``-ffp-contract=off`` so no fused
+multiply-add changes the rounding.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import math
+import sys
+from array import array
+from collections import deque
+from operator import add
+from typing import Any
+
+__all__ = [
+    "DownlinkBuffer",
+    "PcmToUlaw",
+    "Resampler",
+    "UlawToPcm",
+    "UplinkJitterBuffer",
+    "alaw_decode",
+    "alaw_encode",
+    "b64decode",
+    "ulaw_decode",
+    "ulaw_encode",
+]
+
+_BIG_ENDIAN = sys.byteorder == "big"
+
+# --------------------------------------------------------------------------------------
+# G.711
+# --------------------------------------------------------------------------------------
+
+# Segment end points of the μ-law (14-bit) and A-law (13-bit) compressors, ITU-T G.711
+# tables 1a/2a expressed on the biased magnitude (as in Sun's g711.c / audioop).
+_SEG_UEND = (0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF)
+_SEG_AEND = (0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF)
+_ULAW_CLIP = 8159  # largest μ-law magnitude on the 14-bit scale (G.711 table 2a)
+_ULAW_BIAS = 0x84 >> 2  # 33: the μ-law bias on the 14-bit scale
+
+
+def _segment(value: int, ends: tuple[int, ...]) -> int:
+    for seg, end in enumerate(ends):
+        if value <= end:
+            return seg
+    return len(ends)
+
+
+def ulaw_encode_sample(sample: int) -> int:
+    """G.711 μ-law code of one int16 sample (audioop's lin2ulaw convention)."""
+    v = sample >> 2  # 16-bit -> 14-bit two's complement (arithmetic shift floors)
+    if v < 0:
+        v = -v
+        mask = 0x7F  # sign bit 0 for negative, then all bits inverted (G.711 §2)
+    else:
+        mask = 0xFF
+    if v > _ULAW_CLIP:
+        v = _ULAW_CLIP
+    v += _ULAW_BIAS
+    seg = _segment(v, _SEG_UEND)
+    if seg >= 8:  # only v == 8192 (the clipped maximum): the largest code
+        return 0x7F ^ mask
+    return ((seg << 4) | ((v >> (seg + 1)) & 0xF)) ^ mask
+
+
+def ulaw_decode_sample(code: int) -> int:
+    """int16 value of a G.711 μ-law code (the standard expansion table)."""
+    u = ~code & 0xFF
+    t = ((u & 0x0F) << 3) + 0x84
+    t <<= (u & 0x70) >> 4
+    return 0x84 - t if u & 0x80 else t - 0x84
+
+
+def alaw_encode_sample(sample: int) -> int:
+    """G.711 A-law code of one int16 sample (audioop's lin2alaw == ITU-T G.191)."""
+    v = sample >> 3  # 16-bit -> 13-bit
+    if v >= 0:
+        mask = 0xD5  # sign bit 1, even bits inverted (G.711 §3: "even bit inversion")
+    else:
+        mask = 0x55
+        v = -v - 1  # one's complement magnitude, as G.191
+    seg = _segment(v, _SEG_AEND)
+    if seg >= 8:
+        return 0x7F ^ mask
+    aval = seg << 4
+    aval |= (v >> 1) & 0xF if seg < 2 else (v >> seg) & 0xF
+    return aval ^ mask
+
+
+def alaw_decode_sample(code: int) -> int:
+    """int16 value of a G.711 A-law code."""
+    a = code ^ 0x55
+    t = (a & 0xF) << 4
+    seg = (a & 0x70) >> 4
+    if seg == 0:
+        t += 8
+    elif seg == 1:
+        t += 0x108
+    else:
+        t = (t + 0x108) << (seg - 1)
+    return t if a & 0x80 else -t
+
+
+# The compiled module uses the same tables: 16,384 entries for μ-law (index x >> 2) and
+# 8,192 for A-law (index x >> 3) cover all 65,536 inputs.
+_ULAW_ENC = bytes(ulaw_encode_sample(v << 2) for v in range(-8192, 8192))
+_ALAW_ENC = bytes(alaw_encode_sample(v << 3) for v in range(-4096, 4096))
+_ULAW_DEC = tuple(ulaw_decode_sample(c) for c in range(256))
+_ALAW_DEC = tuple(alaw_decode_sample(c) for c in range(256))
+
+
+def _samples(pcm: Any) -> array:
+    """int16 LE bytes-like -> array('h') in native order (an odd trailing byte is an error)."""
+    data = bytes(memoryview(pcm).cast("B"))
+    if len(data) % 2:
+        raise ValueError("PCM16 data must have an even number of bytes")
+    a = array("h", data)
+    if _BIG_ENDIAN:
+        a.byteswap()
+    return a
+
+
+def _pcm_bytes(values: list[int] | array) -> bytes:
+    a = array("h", values)
+    if _BIG_ENDIAN:
+        a.byteswap()
+    return a.tobytes()
+
+
+def ulaw_encode(pcm: Any) -> bytes:
+    """PCM16 LE -> G.711 μ-law, one byte per sample."""
+    return bytes(_ULAW_ENC[(s >> 2) + 8192] for s in _samples(pcm))
+
+
+def ulaw_decode(ulaw: Any) -> bytes:
+    """G.711 μ-law -> PCM16 LE."""
+    return _pcm_bytes([_ULAW_DEC[c] for c in bytes(memoryview(ulaw).cast("B"))])
+
+
+def alaw_encode(pcm: Any) -> bytes:
+    """PCM16 LE -> G.711 A-law, one byte per sample."""
+    return bytes(_ALAW_ENC[(s >> 3) + 4096] for s in _samples(pcm))
+
+
+def alaw_decode(alaw: Any) -> bytes:
+    """G.711 A-law -> PCM16 LE."""
+    return _pcm_bytes([_ALAW_DEC[c] for c in bytes(memoryview(alaw).cast("B"))])
+
+
+# --------------------------------------------------------------------------------------
+# base64 (RFC 4648 §4, standard alphabet)
+# --------------------------------------------------------------------------------------
+
+_B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+
+
+def b64decode(data: str | bytes | bytearray | memoryview) -> bytes:
+    """Strict RFC 4648 base64 decode, as the fused paths do it.
+
+    Standard alphabet only, no whitespace.  Padding is optional, but if present it must
+    complete the last 4-character group (at most two '=').  A final group of a single
+    character is invalid.  Non-zero pad bits are ignored (RFC 4648 §3.5 allows either).
+    Errors raise ValueError.
+    """
+    if isinstance(data, str):
+        if not data.isascii():
+            raise ValueError("base64 payload must be ASCII")
+        raw = data.encode("ascii")
+    else:
+        raw = bytes(memoryview(data).cast("B"))
+    n = len(raw)
+    pad = 0
+    while n and pad < 2 and raw[n - 1] == 0x3D:  # '='
+        n -= 1
+        pad += 1
+    if pad and (n + pad) % 4:
+        raise ValueError("invalid base64 padding")
+    if n % 4 == 1:
+        raise ValueError("invalid base64 length")
+    body = raw[:n]
+    if not _B64_ALPHABET.issuperset(body):
+        raise ValueError("invalid base64 character")
+    return base64.b64decode(body + b"=" * (-n % 4), validate=True)
+
+
+# --------------------------------------------------------------------------------------
+# Resampler
+# --------------------------------------------------------------------------------------
+
+# Linear-phase equiripple (Parks-McClellan) low-pass filters, designed by
+# bench/filter_design.py and rounded to float32; keyed by the rate the filter runs at.
+#   16000: 89 taps,  pass 0-3400 Hz (ripple 0.064 dB), stop >= 4000 Hz (-73.1 dB)
+#   24000: 131 taps, pass 0-3400 Hz (ripple 0.078 dB), stop >= 4000 Hz (-72.0 dB)
+#   48000: 157 taps, pass 0-7000 Hz (ripple 0.075 dB), stop >= 8000 Hz (-72.4 dB)
+# Unity DC gain; an interpolator by L multiplies them by L.
+_FILTER_HEX = """
+@16000
+-0x1.df9c68p-12 -0x1.297ff8p-11 0x1.048028p-12 0x1.593a74p-10 0x1.098b68p-10 -0x1.0c56a6p-11
+-0x1.c422cep-11 0x1.b1becap-11 0x1.ca2342p-10 -0x1.ea2d4cp-13 -0x1.1c7a7cp-9 -0x1.42eed4p-12
+0x1.6a51d8p-9 0x1.68ac16p-10 -0x1.877564p-9 -0x1.5c74b2p-9 0x1.7be0f4p-9 0x1.160db6p-8
+-0x1.23fbdp-9 -0x1.835fd2p-8 0x1.d7bbbp-11 0x1.ec68e8p-8 0x1.3fcp-10 -0x1.1f691ep-7
+-0x1.106142p-8 0x1.33cb9ep-7 0x1.02b8fep-7 -0x1.27c88ap-7 -0x1.941b92p-7 0x1.ddaa62p-8
+0x1.1b3dep-6 -0x1.eab9ep-9 -0x1.70eae4p-6 -0x1.1ae82cp-9 0x1.c63128p-6 0x1.70d8b4p-7
+-0x1.0ae188p-5 -0x1.9ccff8p-6 0x1.2d2eeep-5 0x1.8b22d4p-5 -0x1.479c7cp-5 -0x1.8a4196p-4
+0x1.58473p-5 0x1.417b22p-2 0x1.d267e8p-2 0x1.417b22p-2 0x1.58473p-5 -0x1.8a4196p-4
+-0x1.479c7cp-5 0x1.8b22d4p-5 0x1.2d2eeep-5 -0x1.9ccff8p-6 -0x1.0ae188p-5 0x1.70d8b4p-7
+0x1.c63128p-6 -0x1.1ae82cp-9 -0x1.70eae4p-6 -0x1.eab9ep-9 0x1.1b3dep-6 0x1.ddaa62p-8
+-0x1.941b92p-7 -0x1.27c88ap-7 0x1.02b8fep-7 0x1.33cb9ep-7 -0x1.106142p-8 -0x1.1f691ep-7
+0x1.3fcp-10 0x1.ec68e8p-8 0x1.d7bbbp-11 -0x1.835fd2p-8 -0x1.23fbdp-9 0x1.160db6p-8
+0x1.7be0f4p-9 -0x1.5c74b2p-9 -0x1.877564p-9 0x1.68ac16p-10 0x1.6a51d8p-9 -0x1.42eed4p-12
+-0x1.1c7a7cp-9 -0x1.ea2d4cp-13 0x1.ca2342p-10 0x1.b1becap-11 -0x1.c422cep-11 -0x1.0c56a6p-11
+0x1.098b68p-10 0x1.593a74p-10 0x1.048028p-12 -0x1.297ff8p-11 -0x1.df9c68p-12
+@24000
+-0x1.c5aa1p-14 0x1.73a42cp-13 0x1.1a524p-11 0x1.d47412p-11 0x1.ebfe32p-11 0x1.0bd15p-11
+-0x1.ba1da6p-13 -0x1.89d7e4p-11 -0x1.5fcaa2p-11 0x1.3238cep-15 0x1.b7f9bcp-11 0x1.0cdc4ep-10
+0x1.444348p-12 -0x1.b1d51ep-11 -0x1.75654ap-10 -0x1.b4cd72p-11 0x1.48913ep-11 0x1.d2676ap-10
+0x1.8d6998p-10 -0x1.68879p-13 -0x1.04f3e6p-9 -0x1.2e1f34p-9 -0x1.2eb4b6p-11 0x1.fffaf4p-10
+0x1.980272p-9 0x1.ab80e2p-10 -0x1.98637p-10 -0x1.f48e9p-9 -0x1.83d2f2p-9 0x1.734dfap-11
+0x1.17ebd2p-8 0x1.25e052p-8 0x1.5ebfdp-11 -0x1.19882ap-8 -0x1.8e386ap-8 -0x1.55e2e2p-9
+0x1.e601b6p-9 0x1.eefcap-8 0x1.4e015p-8 -0x1.306a54p-9 -0x1.1c7bf8p-7 -0x1.0858dep-7
+-0x1.5adaep-15 0x1.2cd998p-7 0x1.759b54p-7 0x1.d37f3cp-9 -0x1.1d6cdep-7 -0x1.e94feep-7
+-0x1.158d2p-7 0x1.bfdbcap-8 0x1.2e67e2p-6 0x1.ee907cp-7 -0x1.7d1942p-9 -0x1.6468a6p-6
+-0x1.8bccbap-6 -0x1.17f874p-8 0x1.93086cp-6 0x1.34148cp-5 0x1.23328ap-6 -0x1.b6ff46p-6
+-0x1.ff8258p-5 -0x1.979af2p-5 0x1.cdb1d4p-6 0x1.31062p-3 0x1.091966p-2 0x1.367ab6p-2
+0x1.091966p-2 0x1.31062p-3 0x1.cdb1d4p-6 -0x1.979af2p-5 -0x1.ff8258p-5 -0x1.b6ff46p-6
+0x1.23328ap-6 0x1.34148cp-5 0x1.93086cp-6 -0x1.17f874p-8 -0x1.8bccbap-6 -0x1.6468a6p-6
+-0x1.7d1942p-9 0x1.ee907cp-7 0x1.2e67e2p-6 0x1.bfdbcap-8 -0x1.158d2p-7 -0x1.e94feep-7
+-0x1.1d6cdep-7 0x1.d37f3cp-9 0x1.759b54p-7 0x1.2cd998p-7 -0x1.5adaep-15 -0x1.0858dep-7
+-0x1.1c7bf8p-7 -0x1.306a54p-9 0x1.4e015p-8 0x1.eefcap-8 0x1.e601b6p-9 -0x1.55e2e2p-9
+-0x1.8e386ap-8 -0x1.19882ap-8 0x1.5ebfdp-11 0x1.25e052p-8 0x1.17ebd2p-8 0x1.734dfap-11
+-0x1.83d2f2p-9 -0x1.f48e9p-9 -0x1.98637p-10 0x1.ab80e2p-10 0x1.980272p-9 0x1.fffaf4p-10
+-0x1.2eb4b6p-11 -0x1.2e1f34p-9 -0x1.04f3e6p-9 -0x1.68879p-13 0x1.8d6998p-10 0x1.d2676ap-10
+0x1.48913ep-11 -0x1.b4cd72p-11 -0x1.75654ap-10 -0x1.b1d51ep-11 0x1.444348p-12 0x1.0cdc4ep-10
+0x1.b7f9bcp-11 0x1.3238cep-15 -0x1.5fcaa2p-11 -0x1.89d7e4p-11 -0x1.ba1da6p-13 0x1.0bd15p-11
+0x1.ebfe32p-11 0x1.d47412p-11 0x1.1a524p-11 0x1.73a42cp-13 -0x1.c5aa1p-14
+@48000
+-0x1.f8adcp-13 -0x1.bad01cp-13 -0x1.3d7dccp-17 0x1.b0f0dap-12 0x1.b68d34p-11 0x1.f1c9c8p-11
+0x1.381202p-11 -0x1.74a2cp-15 -0x1.126784p-11 -0x1.e457aap-12 0x1.cd3ae2p-14 0x1.757a3p-11
+0x1.970f2cp-11 0x1.36a60ap-13 -0x1.71d8d4p-11 -0x1.0e4a8ap-10 -0x1.d40da4p-12 0x1.52baacp-11
+0x1.570af8p-10 0x1.c30d12p-11 -0x1.d7475p-12 -0x1.91f47ep-10 -0x1.62f9e8p-10 0x1.abaf3ep-14
+0x1.b4b03p-10 0x1.f35d0cp-10 0x1.b6316ap-12 -0x1.b0fd02p-10 -0x1.43762cp-9 -0x1.23bc86p-10
+0x1.79c87cp-10 0x1.87b48p-9 0x1.02c568p-9 -0x1.01f6d2p-10 -0x1.bd370cp-9 -0x1.859b8cp-9
+0x1.f6ef82p-13 0x1.d9822ap-9 0x1.09dca4p-8 0x1.acc08cp-11 -0x1.d182a6p-9 -0x1.52068p-8
+-0x1.206e78p-9 0x1.997cp-9 0x1.954dep-8 0x1.ff26cep-9 -0x1.25cca2p-9 -0x1.cc6eb6p-8
+-0x1.81b84ap-8 0x1.ac4c7ap-11 0x1.eee2ecp-8 0x1.09ac84p-7 0x1.445316p-10 -0x1.f298b4p-8
+-0x1.57d6e2p-7 -0x1.06eb34p-8 0x1.cbc72ap-8 0x1.a8788ap-7 0x1.f398ccp-8 -0x1.6b7056p-8
+-0x1.f84648p-7 -0x1.9184dp-7 0x1.78509p-9 0x1.21dad4p-6 0x1.2af09cp-6 0x1.98295p-10
+-0x1.43a7dep-6 -0x1.b0035p-6 -0x1.22ef28p-7 0x1.5fe0b8p-6 0x1.3c8aep-5 0x1.6a9bbcp-6
+-0x1.7525e8p-6 -0x1.fd5012p-5 -0x1.b638f6p-5 0x1.8259c8p-6 0x1.2dd306p-3 0x1.0bfd9cp-2
+0x1.3b746cp-2 0x1.0bfd9cp-2 0x1.2dd306p-3 0x1.8259c8p-6 -0x1.b638f6p-5 -0x1.fd5012p-5
+-0x1.7525e8p-6 0x1.6a9bbcp-6 0x1.3c8aep-5 0x1.5fe0b8p-6 -0x1.22ef28p-7 -0x1.b0035p-6
+-0x1.43a7dep-6 0x1.98295p-10 0x1.2af09cp-6 0x1.21dad4p-6 0x1.78509p-9 -0x1.9184dp-7
+-0x1.f84648p-7 -0x1.6b7056p-8 0x1.f398ccp-8 0x1.a8788ap-7 0x1.cbc72ap-8 -0x1.06eb34p-8
+-0x1.57d6e2p-7 -0x1.f298b4p-8 0x1.445316p-10 0x1.09ac84p-7 0x1.eee2ecp-8 0x1.ac4c7ap-11
+-0x1.81b84ap-8 -0x1.cc6eb6p-8 -0x1.25cca2p-9 0x1.ff26cep-9 0x1.954dep-8 0x1.997cp-9
+-0x1.206e78p-9 -0x1.52068p-8 -0x1.d182a6p-9 0x1.acc08cp-11 0x1.09dca4p-8 0x1.d9822ap-9
+0x1.f6ef82p-13 -0x1.859b8cp-9 -0x1.bd370cp-9 -0x1.01f6d2p-10 0x1.02c568p-9 0x1.87b48p-9
+0x1.79c87cp-10 -0x1.23bc86p-10 -0x1.43762cp-9 -0x1.b0fd02p-10 0x1.b6316ap-12 0x1.f35d0cp-10
+0x1.b4b03p-10 0x1.abaf3ep-14 -0x1.62f9e8p-10 -0x1.91f47ep-10 -0x1.d7475p-12 0x1.c30d12p-11
+0x1.570af8p-10 0x1.52baacp-11 -0x1.d40da4p-12 -0x1.0e4a8ap-10 -0x1.71d8d4p-11 0x1.36a60ap-13
+0x1.970f2cp-11 0x1.757a3p-11 0x1.cd3ae2p-14 -0x1.e457aap-12 -0x1.126784p-11 -0x1.74a2cp-15
+0x1.381202p-11 0x1.f1c9c8p-11 0x1.b68d34p-11 0x1.b0f0dap-12 -0x1.3d7dccp-17 -0x1.bad01cp-13
+-0x1.f8adcp-13
+"""
+
+
+@functools.cache
+def _filter_taps(rate: int) -> tuple[float, ...]:
+    """The float32 taps of the filter that runs at ``rate`` (parsed from _FILTER_HEX)."""
+    taps: dict[int, list[float]] = {}
+    current: list[float] = []
+    for token in _FILTER_HEX.split():
+        if token.startswith("@"):
+            current = taps.setdefault(int(token[1:]), [])
+        else:
+            current.append(float.fromhex(token))
+    return tuple(taps[rate])
+
+
+# (in_rate, out_rate) -> (L up, M down, rate the filter runs at)
+_PAIRS = {
+    (8000, 16000): (2, 1, 16000),
+    (16000, 8000): (1, 2, 16000),
+    (8000, 24000): (3, 1, 24000),
+    (24000, 8000): (1, 3, 24000),
+    (16000, 24000): (3, 2, 48000),
+    (24000, 16000): (2, 3, 48000),
+}
+_RATES = (8000, 16000, 24000)
+
+
+def _f32(values: Any) -> array:
+    """Round every value to IEEE float32 (nearest-even), as a C float store does."""
+    return array("f", values)
+
+
+def _check_pair(in_rate: int, out_rate: int) -> None:
+    if in_rate == out_rate and in_rate > 0:
+        return
+    if (in_rate, out_rate) not in _PAIRS:
+        raise ValueError(
+            f"unsupported resampling {in_rate} -> {out_rate} Hz; supported: 8000<->16000, "
+            "8000<->24000, 16000<->24000, or equal rates"
+        )
+
+
+class Resampler:
+    """Streaming polyphase FIR resampler (see the module docstring for the arithmetic).
+
+    Output sample k sits at time k / out_rate.  It is the filter output at position
+    ``n_k = k*M + D`` of the zero-stuffed (by L) input stream, where D = (taps - 1) / 2 is
+    the filter's group delay: i.e. the delay is compensated and the output is time-aligned
+    with the input.  The price is that output k can only be produced once the input up to
+    n_k // L has arrived: that hold-back is ``delay_ms``.  ``process`` emits every output
+    whose inputs are complete, so the result depends only on the total input so far, never
+    on how it was chunked.  ``flush`` treats the future input as silence and emits the rest
+    so that the total output is round_half_up(n_in * out_rate / in_rate); it then resets.
+    """
+
+    def __init__(self, in_rate: int, out_rate: int) -> None:
+        _check_pair(in_rate, out_rate)
+        self.in_rate = in_rate
+        self.out_rate = out_rate
+        self._pass = in_rate == out_rate
+        if self._pass:
+            self._up, self._down, self._k, self._d, self._high = 1, 1, 1, 0, in_rate
+            self._phases: list[array] = []
+        else:
+            up, down, high = _PAIRS[(in_rate, out_rate)]
+            taps = _filter_taps(high)
+            n = len(taps)
+            self._up, self._down, self._high = up, down, high
+            self._d = (n - 1) // 2  # linear phase: group delay in samples at `high`
+            self._k = -(-n // up)  # taps per polyphase branch
+            # branch p holds taps p, p+L, p+2L, ... scaled by L (interpolation gain),
+            # rounded to float32 and zero-padded to K taps
+            self._phases = [
+                _f32(taps[p + m * up] * up if p + m * up < n else 0.0 for m in range(self._k))
+                for p in range(up)
+            ]
+        self.reset()
+
+    @property
+    def delay_ms(self) -> float:
+        """Algorithmic delay: the filter's constant group delay, (taps-1)/2 samples at the
+        filter rate; the stream is delay-compensated, so this is exactly the audio the
+        resampler holds back (emitted by flush())."""
+        return self._d * 1000.0 / self._high
+
+    def reset(self) -> None:
+        """Forget all history (barge-in / new stream)."""
+        self._hist = [0.0] * (self._k - 1)  # the last K-1 inputs (zeros before the start)
+        self._n_in = 0
+        self._n_out = 0
+
+    def process(self, pcm: Any) -> bytes:
+        """Feed PCM16 LE at in_rate; return all PCM16 LE output that is now complete."""
+        x = _samples(pcm)
+        if self._pass:
+            return _pcm_bytes(x)
+        return _pcm_bytes(self._run([float(v) for v in x], final=False))
+
+    def flush(self) -> bytes:
+        """Emit what the filter still holds (future input = silence), then reset."""
+        if self._pass:
+            return b""
+        out = _pcm_bytes(self._run([], final=True))
+        self.reset()
+        return out
+
+    # -- the algorithm ----------------------------------------------------------------
+    def _available(self, n_in: int) -> int:
+        """Outputs k whose last input n_k // L is < n_in: k*M + D < L*n_in."""
+        num = self._up * n_in - self._d
+        return -(-num // self._down) if num > 0 else 0
+
+    def _final_count(self, n_in: int) -> int:
+        """round_half_up(n_in * L / M)."""
+        return (2 * n_in * self._up + self._down) // (2 * self._down)
+
+    def _run(self, new: list[float], final: bool) -> list[int]:
+        up, down, k_taps, d = self._up, self._down, self._k, self._d
+        n_old = self._n_in
+        n_in = n_old + len(new)
+        buf = self._hist + new  # buf[0] is input sample number n_old - (K-1)
+        base = n_old - (k_taps - 1)
+        k0 = self._n_out
+        if final:
+            k1 = self._final_count(n_in)
+            if k1 > k0:  # pad with the silence the last outputs reach into
+                last = ((k1 - 1) * down + d) // up
+                buf += [0.0] * max(0, last - base + 1 - len(buf))
+        else:
+            k1 = self._available(n_in)
+        y = [0.0] * max(0, k1 - k0)
+        # Outputs k, k+L, k+2L... share a branch and step M inputs apart: compute them as
+        # a group, tap by tap (the C code's SIMD lanes run across this group).
+        for j in range(min(up, k1 - k0)):
+            kj = k0 + j
+            nq = -(-(k1 - kj) // up)
+            nj = kj * down + d
+            branch = self._phases[nj % up]
+            e0 = nj // up - base  # buffer index of the newest input of output kj
+            acc = _f32([0.0] * nq)
+            for m in range(k_taps):
+                g = branch[m]
+                e = e0 - m
+                prods = _f32([g * buf[i] for i in range(e, e + down * nq, down)])
+                acc = _f32(map(add, acc, prods))
+            y[j::up] = acc
+        self._n_in = n_in
+        self._n_out = k1
+        self._hist = buf[len(buf) - (k_taps - 1) :] if k_taps > 1 else []
+        # round half to even (C lrintf) after saturating to int16
+        return [round(min(max(v, -32768.0), 32767.0)) for v in y]
+
+
+# --------------------------------------------------------------------------------------
+# Fused Twilio paths
+# --------------------------------------------------------------------------------------
+
+
+def _check_rate(rate: int) -> None:
+    if rate not in _RATES:
+        raise ValueError(f"unsupported rate {rate} Hz; supported: 8000, 16000, 24000")
+
+
+class UlawToPcm:
+    """Twilio uplink: base64 μ-law 8 kHz -> PCM16 LE at out_rate, with its own Resampler."""
+
+    def __init__(self, out_rate: int) -> None:
+        _check_rate(out_rate)
+        self.out_rate = out_rate
+        self._rs = Resampler(8000, out_rate)
+
+    @property
+    def delay_ms(self) -> float:
+        return self._rs.delay_ms
+
+    def feed(self, ulaw: Any) -> bytes:
+        return self._rs.process(ulaw_decode(ulaw))
+
+    def feed_b64(self, payload: str | bytes) -> bytes:
+        return self.feed(b64decode(payload))
+
+    def flush(self) -> bytes:
+        return self._rs.flush()
+
+    def reset(self) -> None:
+        self._rs.reset()
+
+
+class PcmToUlaw:
+    """Twilio downlink: PCM16 LE at in_rate -> μ-law 8 kHz.
+
+    PCM may arrive split at any byte: an odd trailing byte is kept for the next call.
+    ``flush`` drops a still-pending odd byte (half a sample cannot be played)."""
+
+    def __init__(self, in_rate: int) -> None:
+        _check_rate(in_rate)
+        self.in_rate = in_rate
+        self._rs = Resampler(in_rate, 8000)
+        self._carry = b""
+
+    @property
+    def delay_ms(self) -> float:
+        return self._rs.delay_ms
+
+    def feed(self, pcm: Any) -> bytes:
+        data = self._carry + bytes(memoryview(pcm).cast("B"))
+        cut = len(data) & ~1
+        self._carry = data[cut:]
+        return ulaw_encode(self._rs.process(data[:cut]))
+
+    def feed_b64(self, b64: str | bytes) -> bytes:
+        return self.feed(b64decode(b64))
+
+    def flush(self) -> bytes:
+        self._carry = b""
+        return ulaw_encode(self._rs.flush())
+
+    def reset(self) -> None:
+        self._carry = b""
+        self._rs.reset()
+
+
+# --------------------------------------------------------------------------------------
+# Uplink jitter buffer (Twilio -> agent)
+# --------------------------------------------------------------------------------------
+
+_MOD32 = 1 << 32
+_HALF32 = 1 << 31
+_RECENT = 64  # released frames remembered to tell duplicates from late frames
+
+
+class UplinkJitterBuffer:
+    """Orders Twilio media frames by timestamp and fills gaps with silence.
+
+    ``push(timestamp_ms, payload, duration_ms)`` returns the items now ready to forward,
+    in order, as ``(timestamp_ms, payload, duration_ms)``; ``payload is None`` means
+    "forward ``duration_ms`` of silence" (one item per gap).  Payloads are opaque.
+
+    Timestamps are 32-bit serial numbers (RFC 1982 arithmetic, as RTP timestamps in
+    RFC 3550): a frame is "ahead" of the release point if it is less than 2**31 ms ahead
+    modulo 2**32, so the stream survives wraparound.  The first push sets the base.
+
+    * reorder_ms == 0 (default, lowest latency): an in-order frame is released at once; a
+      frame ahead of the release point releases the gap as silence, then itself.
+    * reorder_ms > 0: frames ahead of a gap are held until the missing frame arrives or
+      the held audio (sum of held durations) exceeds reorder_ms; then the gap is filled.
+    * A frame behind the release point is a late drop, unless its timestamp equals one of
+      the last 64 released frames' (or a held frame's): then it is a duplicate.
+    * Silence per gap is capped at max_fill_ms: the rest of a longer gap is skipped (the
+      output timestamps jump) and counted in ``skipped_ms``.
+    * Memory is bounded by max_held: when more frames would be held, the oldest gap is
+      given up early (filled with silence, counted in ``overflow_drops``) instead of
+      waiting; received audio is never discarded for overflow.
+    """
+
+    def __init__(
+        self, frame_ms: int = 20, reorder_ms: int = 0, max_fill_ms: int = 2000, max_held: int = 50
+    ) -> None:
+        if frame_ms <= 0 or reorder_ms < 0 or max_fill_ms < 0 or max_held < 1:
+            raise ValueError("frame_ms > 0, reorder_ms >= 0, max_fill_ms >= 0, max_held >= 1")
+        self.frame_ms = frame_ms
+        self.reorder_ms = reorder_ms
+        self.max_fill_ms = max_fill_ms
+        self.max_held = max_held
+        self.gaps_filled = 0
+        self.silence_ms = 0
+        self.skipped_ms = 0
+        self.duplicates = 0
+        self.late_drops = 0
+        self.overflow_drops = 0
+        self.frames_out = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the stream (the next push sets a new base); counters are kept."""
+        self._started = False
+        self._next = 0  # unwrapped timestamp of the release point
+        self._held: dict[int, tuple[int, object, int]] = {}  # unwrapped ts -> item
+        self._order: list[int] = []  # sorted keys of _held
+        self._held_ms = 0
+        self._recent: deque[int] = deque(maxlen=_RECENT)
+
+    @property
+    def held(self) -> int:
+        return len(self._order)
+
+    @property
+    def held_ms(self) -> int:
+        return self._held_ms
+
+    def push(
+        self, timestamp_ms: int, payload: object, duration_ms: int | None = None
+    ) -> list[tuple[int, object, int]]:
+        ts = int(timestamp_ms) % _MOD32
+        dur = self.frame_ms if duration_ms is None else int(duration_ms)
+        if dur <= 0:
+            raise ValueError("duration_ms must be > 0")
+        out: list[tuple[int, object, int]] = []
+        if not self._started:
+            self._started = True
+            self._next = ts
+        # RFC 1982 serial distance to the release point, in [-2**31, 2**31)
+        ext = self._next + ((ts - self._next + _HALF32) % _MOD32) - _HALF32
+        if ext < self._next:
+            if ext in self._recent:
+                self.duplicates += 1
+            else:
+                self.late_drops += 1
+            return out
+        if ext in self._held:
+            self.duplicates += 1
+            return out
+        if ext == self._next:
+            self._release(out, ext, ts, payload, dur)
+            self._drain(out)
+            return out
+        if self.reorder_ms == 0:
+            self._fill(out, ext)
+            self._release(out, ext, ts, payload, dur)
+            return out
+        self._held[ext] = (ts, payload, dur)
+        self._insort(ext)
+        self._held_ms += dur
+        while self._order and (self._held_ms > self.reorder_ms or len(self._order) > self.max_held):
+            if self._held_ms <= self.reorder_ms:
+                self.overflow_drops += 1
+            self._fill(out, self._order[0])
+            self._drain(out)
+        return out
+
+    def flush(self) -> list[tuple[int, object, int]]:
+        """Release everything held, filling the gaps between held frames."""
+        out: list[tuple[int, object, int]] = []
+        while self._order:
+            self._fill(out, self._order[0])
+            self._drain(out)
+        return out
+
+    # -- internals ----------------------------------------------------------------------
+    def _insort(self, ext: int) -> None:
+        order = self._order
+        i = len(order)
+        while i and order[i - 1] > ext:
+            i -= 1
+        order.insert(i, ext)
+
+    def _release(self, out: list, ext: int, ts: int, payload: object, dur: int) -> None:
+        out.append((ts, payload, dur))
+        self.frames_out += 1
+        self._recent.append(ext)
+        self._next = ext + dur
+
+    def _fill(self, out: list, ext: int) -> None:
+        gap = ext - self._next
+        if gap <= 0:
+            return
+        fill = min(gap, self.max_fill_ms)
+        if fill:
+            out.append((self._next % _MOD32, None, fill))
+            self.gaps_filled += 1
+            self.silence_ms += fill
+        self.skipped_ms += gap - fill
+        self._next = ext
+
+    def _drain(self, out: list) -> None:
+        """Release held frames that are now in order; ones overlapped from behind are late."""
+        while self._order and self._order[0] <= self._next:
+            ext = self._order.pop(0)
+            ts, payload, dur = self._held.pop(ext)
+            self._held_ms -= dur
+            if ext == self._next:
+                self._release(out, ext, ts, payload, dur)
+            else:
+                self.late_drops += 1
+
+
+# --------------------------------------------------------------------------------------
+# Downlink buffer (agent -> Twilio)
+# --------------------------------------------------------------------------------------
+
+_BYTES_PER_MS = 8  # μ-law 8 kHz: one byte per sample
+_MAX_RESPONSES = 256  # per-response bookkeeping kept (oldest evicted first)
+
+
+class _Resp:
+    __slots__ = ("heard_base", "offset")
+
+    def __init__(self) -> None:
+        self.offset = 0  # bytes of this response pushed so far (frames cut + discarded)
+        self.heard_base = 0.0  # ms known heard: end of the last echoed mark / at clear()
+
+
+class DownlinkBuffer:
+    """Paces agent μ-law audio to Twilio and tracks what the caller actually heard.
+
+    * ``push`` re-chunks bursts of any size into frames of frame_ms; a different
+      response_id first closes the previous response's partial frame; ``end_response``
+      closes the final partial frame.
+    * ``pull(now_ms)`` sends queued frames while the audio already scheduled ahead of now
+      is at most max_lead_ms: ``play_end - now_ms <= max_lead_ms`` with, per frame of d ms,
+      ``play_end = max(play_end, now_ms) + d``.  So a response's first frames go out at once
+      and at most max_lead_ms + one frame is ever outstanding at Twilio.  ``next_due(now)``
+      returns exactly the instant that condition becomes true (so a pull at that instant
+      sends), or None when nothing is queued.
+    * Every frame carries a mark (name: a decimal counter).  ``on_mark`` -> (response_id,
+      heard_ms); Twilio plays in order, so an echo also confirms earlier pending marks.
+      Echoes of unknown or cleared marks return None (Twilio echoes pending marks after a
+      clear: that audio was discarded, not played) and are counted in ``ignored_marks``.
+    * ``heard_ms(rid, now)``: end of the last echoed frame of rid, plus the time elapsed
+      since the frame now playing (the oldest pending mark, if it is rid's) started, but
+      never beyond that frame's end: accurate to one frame.  The frame now playing started
+      at max(its send time, the previous echo).
+    * ``clear(now)`` drops the local queue and all pending marks, resets play_end, freezes
+      the heard position of the response being played and returns (response_id or None,
+      heard_ms, dropped_ms) where dropped_ms = local audio + sent-but-unplayed audio.
+    * ``drop_response(rid)``: later pushes of rid are ignored, and its queued audio is
+      discarded (its already-sent frames stay: use clear() for those).
+    * max_buffer_ms bounds local audio: a push that does not fit is truncated (the excess
+      is refused and counted in ``overflow_ms``); what was queued earlier is kept.
+    All times are caller-supplied ms (clock-free); offsets count bytes of each response.
+    """
+
+    def __init__(
+        self, frame_ms: int = 100, max_lead_ms: int = 200, max_buffer_ms: int = 600_000
+    ) -> None:
+        if frame_ms <= 0 or max_lead_ms < 0 or max_buffer_ms <= 0:
+            raise ValueError("frame_ms > 0, max_lead_ms >= 0, max_buffer_ms > 0")
+        self.frame_ms = frame_ms
+        self.max_lead_ms = max_lead_ms
+        self.max_buffer_ms = max_buffer_ms
+        self._frame_bytes = frame_ms * _BYTES_PER_MS
+        self._max_bytes = max_buffer_ms * _BYTES_PER_MS
+        self._queue: deque[tuple[bytes, str, int]] = deque()  # (frame, rid, end offset)
+        self._queued = 0  # bytes in _queue
+        self._partial = bytearray()
+        self._partial_rid: str | None = None
+        self._resp: dict[str, _Resp] = {}
+        self._dropped: dict[str, None] = {}  # ordered set
+        # pending marks in send order: name -> (rid, start offset, end offset, sent at)
+        self._marks: dict[str, tuple[str, int, int, float]] = {}
+        self._play_end = -math.inf
+        self._last_echo = -math.inf
+        self._counter = 0
+        self.frames_out = 0
+        self.overflow_bytes = 0
+        self.ignored_marks = 0
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def pending_marks(self) -> int:
+        return len(self._marks)
+
+    @property
+    def buffered_ms(self) -> int:
+        return (self._queued + len(self._partial)) // _BYTES_PER_MS
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and not self._partial and not self._marks
+
+    @property
+    def overflow_ms(self) -> int:
+        return self.overflow_bytes // _BYTES_PER_MS
+
+    # -- input --------------------------------------------------------------------------
+    def _state(self, rid: str) -> _Resp:
+        r = self._resp.get(rid)
+        if r is None:
+            r = self._resp[rid] = _Resp()
+            if len(self._resp) > _MAX_RESPONSES:
+                del self._resp[next(iter(self._resp))]
+        return r
+
+    def push(self, ulaw: Any, response_id: str) -> None:
+        if response_id in self._dropped:
+            return
+        data = bytes(memoryview(ulaw).cast("B"))
+        if not data:
+            return
+        if self._partial and self._partial_rid != response_id:
+            self._close_partial()
+        r = self._state(response_id)
+        room = self._max_bytes - self._queued - len(self._partial)
+        take = min(len(data), max(room, 0))
+        self.overflow_bytes += len(data) - take
+        if not take:
+            return
+        self._partial_rid = response_id
+        self._partial += data[:take]
+        fb = self._frame_bytes
+        while len(self._partial) >= fb:
+            frame = bytes(self._partial[:fb])
+            del self._partial[:fb]
+            r.offset += fb
+            self._queue.append((frame, response_id, r.offset))
+            self._queued += fb
+        if not self._partial:
+            self._partial_rid = None
+
+    def _close_partial(self) -> None:
+        if self._partial and self._partial_rid is not None:
+            r = self._state(self._partial_rid)
+            r.offset += len(self._partial)
+            self._queue.append((bytes(self._partial), self._partial_rid, r.offset))
+            self._queued += len(self._partial)
+        self._partial = bytearray()
+        self._partial_rid = None
+
+    def end_response(self, response_id: str) -> None:
+        if self._partial_rid == response_id:
+            self._close_partial()
+
+    def drop_response(self, response_id: str) -> None:
+        self._dropped[response_id] = None
+        if len(self._dropped) > _MAX_RESPONSES:
+            del self._dropped[next(iter(self._dropped))]
+        if self._partial_rid == response_id:
+            self._state(response_id).offset += len(self._partial)
+            self._partial = bytearray()
+            self._partial_rid = None
+        if any(item[1] == response_id for item in self._queue):
+            keep = [item for item in self._queue if item[1] != response_id]
+            self._queue = deque(keep)
+            self._queued = sum(len(item[0]) for item in keep)
+
+    # -- output -------------------------------------------------------------------------
+    def pull(self, now_ms: float) -> list[tuple[bytes, str, str]]:
+        out: list[tuple[bytes, str, str]] = []
+        while self._queue and self._play_end - now_ms <= self.max_lead_ms:
+            frame, rid, end = self._queue.popleft()
+            n = len(frame)
+            self._queued -= n
+            start = self._play_end if self._play_end > now_ms else now_ms
+            self._play_end = start + n / _BYTES_PER_MS
+            self._counter += 1
+            name = str(self._counter)
+            self._marks[name] = (rid, end - n, end, now_ms)
+            self.frames_out += 1
+            out.append((frame, name, rid))
+        return out
+
+    def next_due(self, now_ms: float) -> float | None:
+        if not self._queue:
+            return None
+        due = self._play_end - self.max_lead_ms
+        return due if due > now_ms else now_ms
+
+    # -- marks and heard position -------------------------------------------------------
+    def _head_heard(self, now_ms: float) -> tuple[str, float] | None:
+        """(rid, interpolated heard ms) for the frame now playing (oldest pending mark)."""
+        if not self._marks:
+            return None
+        rid, start, end, sent = next(iter(self._marks.values()))
+        anchor = sent if sent > self._last_echo else self._last_echo
+        elapsed = now_ms - anchor
+        if elapsed < 0:
+            elapsed = 0.0
+        pos = start / _BYTES_PER_MS + elapsed
+        end_ms = end / _BYTES_PER_MS
+        return rid, pos if pos < end_ms else end_ms
+
+    def _heard(self, response_id: str, now_ms: float) -> float:
+        r = self._resp.get(response_id)
+        heard = r.heard_base if r is not None else 0.0
+        head = self._head_heard(now_ms)
+        if head is not None and head[0] == response_id and head[1] > heard:
+            heard = head[1]
+        return heard
+
+    def heard_ms(self, response_id: str, now_ms: float) -> int:
+        return int(self._heard(response_id, now_ms))
+
+    def on_mark(self, name: str, now_ms: float) -> tuple[str, int] | None:
+        if name not in self._marks:
+            self.ignored_marks += 1
+            return None
+        # Twilio plays (and echoes) in order: earlier pending marks were played too.
+        while True:
+            key = next(iter(self._marks))
+            rid, _start, end, _sent = self._marks.pop(key)
+            r = self._state(rid)
+            if end / _BYTES_PER_MS > r.heard_base:
+                r.heard_base = end / _BYTES_PER_MS
+            if key == name:
+                break
+        self._last_echo = now_ms
+        return rid, int(self._heard(rid, now_ms))
+
+    def clear(self, now_ms: float) -> tuple[str | None, int, int]:
+        rid: str | None = None
+        if self._marks:
+            rid = next(iter(self._marks.values()))[0]
+        elif self._queue:
+            rid = self._queue[0][1]
+        elif self._partial_rid is not None:
+            rid = self._partial_rid
+        heard = self._heard(rid, now_ms) if rid is not None else 0.0
+        dropped = (self._queued + len(self._partial)) / _BYTES_PER_MS
+        if self._marks:
+            for _rid, start, end, _sent in self._marks.values():
+                dropped += (end - start) / _BYTES_PER_MS
+            head = self._head_heard(now_ms)
+            if head is not None:
+                dropped -= head[1] - next(iter(self._marks.values()))[1] / _BYTES_PER_MS
+        if rid is not None:
+            self._state(rid).heard_base = heard
+        if self._partial_rid is not None:
+            self._state(self._partial_rid).offset += len(self._partial)
+        self._queue.clear()
+        self._queued = 0
+        self._partial = bytearray()
+        self._partial_rid = None
+        self._marks.clear()
+        self._play_end = -math.inf
+        return rid, int(heard), int(dropped)
