@@ -12,7 +12,6 @@ def _set_kernel(name: str) -> None: ...
 def _get_kernel() -> str: ...
 
 _FILTER_HEX: str
-_KERNELS: dict[str, int]
 
 class Resampler:
     in_rate: int

@@ -207,13 +207,10 @@ cdef extern from *:
     int relay_cpu_avx2()
 
 
-# Which FIR kernel runs (all three give bit-identical results; tests compare them).
-_KERNELS = {"scalar": 0, "sse": 1, "avx2": 2}
-
-
+# Which FIR kernel runs: all give bit-identical results (a test compares them).
 def _set_kernel(name: str) -> None:
     """Select the FIR kernel ('scalar', 'sse', 'avx2'): for tests and benchmarks."""
-    global relay_fir
+    global relay_fir, _kernel
     if name == "avx2" and not relay_cpu_avx2():
         raise ValueError("this CPU has no AVX2")
     if name == "scalar":
@@ -224,7 +221,6 @@ def _set_kernel(name: str) -> None:
         relay_fir = relay_fir_v256
     else:
         raise ValueError(f"unknown kernel {name!r}")
-    global _kernel
     _kernel = name
 
 
