@@ -7,24 +7,34 @@
       └─ nursery
            ├─ twilio_reader   Twilio -> agent: media (jitter buffer, passthrough or
            │                  transcode), marks (what was played), DTMF, stop
+           ├─ twilio_flusher  drains bytes the kernel did not take at once (bounded)
            ├─ agent_reader    agent -> Twilio: audio into the downlink buffer, barge-in,
            │                  transcripts, tools, hang-up
+           ├─ agent_runner    the adapter's background work (its socket's flusher, ...)
            ├─ playout         sends queued audio as the lead over real time allows;
            │                  hangs up once the last mark is echoed after the agent ended
-           └─ watchdog        maximum call duration
+           ├─ watchdog        maximum call duration
+           └─ tool calls      one short-lived task each
 
 Either side ending cancels the nursery; ``finally`` closes the agent session and the Twilio
 socket under a shield with a short bound, so nothing outlives its call. Every send is bounded
 (``relay.websocket.WebSocket`` and the adapters time out), because half-dead sockets exist.
 The tasks hand nothing to each other through channels: the reader that receives a message
 does the forwarding send itself, which is what keeps per-frame latency in microseconds.
+Message handling (``_on_twilio``, ``_on_agent``) is synchronous and sends are non-blocking
+writes, so a barge-in (clear, flush, drop, truncate) happens atomically. With the
+process-wide reactor (``relay/reactor.py``) the readers register their sockets there and the
+handlers run straight from its wake-up; without it (TLS agents, in-process agents) the
+readers await ``receive()`` and call the same handlers.
 """
 
 from __future__ import annotations
 
 import binascii
 import logging
+import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -34,6 +44,7 @@ from .agents.base import (
     Agent,
     AgentAudio,
     AgentErrorEvent,
+    AgentEvent,
     AgentHangup,
     AgentResponseDone,
     AgentSpeechStarted,
@@ -85,6 +96,10 @@ class Call:
         self._wake = trio.Event()
         self._ending = False
         self._twilio_gone = False
+        self._agent_dead = False
+        self._finished = False
+        self._registrations: list[tuple[socket.socket, Callable[[], None]]] = []
+        self._agent_registration: tuple[socket.socket, Callable[[], None]] | None = None
         self._ending_since = 0.0
         self._current_rid: str | None = None
         self._started_at = 0.0
@@ -157,11 +172,14 @@ class Call:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await nursery.start(self._twilio_flusher)
+                await nursery.start(self._agent_runner)
                 await nursery.start(self._twilio_reader)
                 await nursery.start(self._agent_reader)
                 await nursery.start(self._playout)
                 await nursery.start(self._watchdog)
         finally:
+            self._unregister_all()
             await self._close_all(CLOSE_NORMAL, self.end_reason or "call ended")
 
     async def _close_all(self, code: int, reason: str) -> None:
@@ -179,6 +197,8 @@ class Call:
     def _end(self, reason: str) -> None:
         if not self.end_reason:
             self.end_reason = reason
+        self._finished = True
+        self._unregister_all()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -203,7 +223,9 @@ class Call:
                         agent = event.custom_parameters.get("agent", "")
                         if not tokens.verify(f"{event.call_sid}|{agent}", token):
                             self.call_sid = event.call_sid
-                            raise _Reject("stream_token", "missing or invalid stream token", CLOSE_POLICY)
+                            raise _Reject(
+                                "stream_token", "missing or invalid stream token", CLOSE_POLICY
+                            )
                         self._pending = batch[i + 1 :]
                         return event
         raise _Reject("start_timeout", "no start event within the start timeout", CLOSE_POLICY)
@@ -216,63 +238,100 @@ class Call:
         if not agent.output_format.is_twilio_native:
             self._to_ulaw = codec.PcmToUlaw(agent.output_format.rate)
 
+    # -- reactor registrations ------------------------------------------------------------
+    def _register(self, sock: socket.socket, handler: Callable[[], None]) -> None:
+        reactor = self.state.reactor
+        assert reactor is not None
+        reactor.register(sock, handler)
+        self._registrations.append((sock, handler))
+
+    def _unregister_all(self) -> None:
+        reactor = self.state.reactor
+        if reactor is None:
+            return
+        while self._registrations:
+            sock, handler = self._registrations.pop()
+            reactor.unregister(sock, handler)
+
     # -- Twilio -> agent ----------------------------------------------------------------
-    async def _twilio_reader(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _twilio_reader(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         task_status.started()
-        agent = self.agent
-        assert agent is not None
+        batch, self._pending = self._pending, []
+        if batch:
+            self._on_twilio(batch)
+        raw = self.ws.raw_socket
+        if self.state.reactor is not None and raw is not None:
+            if not self._finished:
+                self._register(raw, self._twilio_readable)
+                self._twilio_readable()  # bytes that arrived with the upgrade
+            await trio.sleep_forever()  # the call ending cancels us
+        while not self._finished:
+            try:
+                batch = await self.ws.receive()
+            except ConnectionClosed as exc:
+                self._twilio_closed(exc)
+                return
+            self._on_twilio(batch)
+
+    def _twilio_readable(self) -> None:
+        if self._finished:
+            return
+        try:
+            batch = self.ws.read_nowait()
+        except ConnectionClosed as exc:
+            self._twilio_closed(exc)
+            return
+        if batch:
+            self._on_twilio(batch)
+
+    def _on_twilio(self, batch: list[str | bytes]) -> None:
+        t0 = _perf()
         parse = self.proto.parse
         uplink = self.uplink
         metrics = self.metrics
-        batch, self._pending = self._pending, []
-        while True:
-            if not batch:
-                try:
-                    batch = await self.ws.receive()
-                except ConnectionClosed as exc:
-                    self._twilio_closed(exc)
-                    return
-            t0 = _perf()
-            payloads: list[str] = []
-            for msg in batch:
-                if type(msg) is not str:
-                    return await self._fail_twilio("twilio_binary", "binary frame from Twilio")
-                try:
-                    event = parse(msg)
-                except TwilioProtocolError as exc:
-                    return await self._fail_twilio(exc.kind, str(exc))
-                if type(event) is Media:
-                    metrics.frames_in += 1
-                    for _ts, payload, dur in uplink.push(event.timestamp_ms, event.payload, 20):
-                        payloads.append(payload if payload is not None else self._silence(dur))
-                elif type(event) is MarkEcho:
-                    self.downlink.on_mark(event.name, trio.current_time() * 1000.0)
-                    if self._ending:
-                        self._wake.set()
-                elif type(event) is Dtmf:
-                    await self._dtmf(event.digit)
-                elif type(event) is Stop:
-                    self._end("caller hung up")
-                    return
-            batch = []
-            if payloads:
-                try:
-                    await self._forward_uplink(agent, payloads)
-                except (ConnectionClosed, AgentError) as exc:
-                    self._agent_gone(f"agent send failed: {exc}")
-                    return
-                metrics.latency_up.observe(_perf() - t0)
+        payloads: list[str] = []
+        for msg in batch:
+            if type(msg) is not str:
+                return self._fail_twilio("twilio_binary", "binary frame from Twilio")
+            try:
+                event = parse(msg)
+            except TwilioProtocolError as exc:
+                return self._fail_twilio(exc.kind, str(exc))
+            if type(event) is Media:
+                metrics.frames_in += 1
+                for _ts, payload, dur in uplink.push(event.timestamp_ms, event.payload, 20):
+                    payloads.append(payload if payload is not None else self._silence(dur))
+            elif type(event) is MarkEcho:
+                self.downlink.on_mark(event.name, trio.current_time() * 1000.0)
+                if self._ending:
+                    self._wake.set()
+            elif type(event) is Dtmf:
+                self._dtmf(event.digit)
+            elif type(event) is Stop:
+                self._end("caller hung up")
+                return None
+        if payloads and not self._agent_dead:
+            try:
+                self._forward_uplink(payloads)
+            except (ConnectionClosed, AgentError) as exc:
+                self._agent_gone(f"agent send failed: {exc}")
+                return None
+            metrics.latency_up.observe(_perf() - t0)
+        return None
 
-    async def _forward_uplink(self, agent: Agent, payloads: list[str]) -> None:
+    def _forward_uplink(self, payloads: list[str]) -> None:
+        agent = self.agent
+        assert agent is not None
         if self._to_pcm is None:
             if len(payloads) == 1:
-                await agent.send_audio_b64(payloads[0])
+                agent.send_audio_b64(payloads[0])
             else:
-                await agent.send_audio_b64_many(payloads)
+                agent.send_audio_b64_many(payloads)
         else:
             feed = self._to_pcm.feed_b64
-            pcm = b"".join([feed(p) for p in payloads])
-            await agent.send_audio(pcm)
+            agent.send_audio(b"".join([feed(p) for p in payloads]))
 
     def _silence(self, duration_ms: int) -> str:
         # μ-law silence is 0xFF (G.711 table: code 0xFF decodes to 0). Cached per length.
@@ -282,18 +341,20 @@ class Call:
             self._silence_b64[duration_ms] = b64
         return b64
 
-    async def _dtmf(self, digit: str) -> None:
+    def _dtmf(self, digit: str) -> None:
         self.record.dtmf.append(digit)
         log.info("call %s: DTMF %s", self.call_sid, digit)
+        if self._agent_dead:
+            return
         try:
             assert self.agent is not None
-            await self.agent.send_dtmf(digit)
+            self.agent.send_dtmf(digit)
         except (ConnectionClosed, AgentError) as exc:
             self._agent_gone(f"agent send failed: {exc}")
 
     def _twilio_closed(self, exc: ConnectionClosed) -> None:
-        # Several tasks may see the same closed socket (a reader and a sender): the first
-        # one decides the end reason and counts the error, once.
+        # Several paths may see the same closed socket (reader, flusher, a send): the
+        # first one decides the end reason and counts the error, once.
         if self._twilio_gone:
             return
         self._twilio_gone = True
@@ -309,66 +370,115 @@ class Call:
             self._count_error("twilio_closed", f"Twilio closed the stream: {exc}")
             self._end(f"twilio closed ({exc.code})")
 
-    async def _fail_twilio(self, kind: str, message: str) -> None:
+    def _fail_twilio(self, kind: str, message: str) -> None:
         self._count_error(kind, message)
         self.end_reason = f"bad message from Twilio ({kind})"
-        await self.ws.aclose(CLOSE_POLICY, kind)
+        self.ws.close_nowait(CLOSE_POLICY, kind)
         self._end(self.end_reason)
 
+    async def _twilio_flusher(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        try:
+            await self.ws.run_flusher()
+        except ConnectionClosed as exc:
+            self._twilio_closed(exc)
+
     # -- agent -> Twilio ----------------------------------------------------------------
-    async def _agent_reader(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _agent_runner(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        assert self.agent is not None
+        try:
+            await self.agent.run()
+        except (ConnectionClosed, AgentError) as exc:
+            self._agent_gone(f"agent send failed: {exc}")
+
+    async def _agent_reader(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         task_status.started()
         agent = self.agent
         assert agent is not None
-        downlink = self.downlink
-        while True:
+        sock = agent.reactor_socket() if self.state.reactor is not None else None
+        if sock is not None:
+            if not self._finished:
+                self._agent_registration = (sock, self._agent_readable)
+                self._register(sock, self._agent_readable)
+                self._agent_readable()  # events that arrived while connecting
+            await trio.sleep_forever()
+        while not self._agent_dead and not self._finished:
             try:
                 events = await agent.receive()
             except (ConnectionClosed, AgentError) as exc:
                 self._agent_gone(f"agent closed: {exc}")
                 return
-            t_event = _perf()
-            pushed = False
-            for ev in events:
-                kind = type(ev)
-                if kind is AgentAudio:
-                    rid = ev.response_id  # type: ignore[union-attr]
-                    self._current_rid = rid
-                    audio = ev.audio  # type: ignore[union-attr]
-                    if self._to_ulaw is not None:
-                        audio = self._to_ulaw.feed(audio)
-                    downlink.push(audio, rid)
-                    pushed = True
-                elif kind is AgentResponseDone:
-                    downlink.end_response(ev.response_id)  # type: ignore[union-attr]
-                    pushed = True
-                elif kind is AgentSpeechStarted:
-                    await self._barge_in(t_event)
-                elif kind is AgentTranscript:
-                    if ev.final:  # type: ignore[union-attr]
-                        self.record.transcript.append(
-                            {"role": ev.role, "text": ev.text, "t": self._elapsed()}  # type: ignore[union-attr]
-                        )
-                elif kind is AgentToolCall:
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._run_tool, ev)
-                elif kind is AgentHangup:
-                    self._begin_ending(ev.reason)  # type: ignore[union-attr]
-                elif kind is AgentErrorEvent:
-                    self._count_error("agent_error", f"{ev.code}: {ev.message}")  # type: ignore[union-attr]
-                    if ev.fatal:  # type: ignore[union-attr]
-                        self._agent_gone(f"agent error {ev.code}")  # type: ignore[union-attr]
-                        return
-            if pushed:
-                sent = await self._send_due()
-                if sent:
-                    self.metrics.latency_down.observe(_perf() - t_event)
-                self._wake.set()
+            self._on_agent(events)
 
-    async def _send_due(self) -> int:
+    def _agent_readable(self) -> None:
+        if self._finished or self._agent_dead:
+            return
+        assert self.agent is not None
+        try:
+            events = self.agent.read_events_nowait()
+        except (ConnectionClosed, AgentError) as exc:
+            self._agent_gone(f"agent closed: {exc}")
+            return
+        if events:
+            self._on_agent(events)
+
+    def _on_agent(self, events: list[AgentEvent]) -> None:
+        t_event = _perf()
+        downlink = self.downlink
+        pushed = False
+        for ev in events:
+            kind = type(ev)
+            if kind is AgentAudio:
+                rid = ev.response_id  # type: ignore[union-attr]
+                self._current_rid = rid
+                audio = ev.audio  # type: ignore[union-attr]
+                if self._to_ulaw is not None:
+                    audio = self._to_ulaw.feed(audio)
+                downlink.push(audio, rid)
+                pushed = True
+            elif kind is AgentResponseDone:
+                rid = ev.response_id  # type: ignore[union-attr]
+                if self._to_ulaw is not None:
+                    # The resampler holds its last few ms back; they belong to this answer.
+                    tail = self._to_ulaw.flush()
+                    if tail:
+                        downlink.push(tail, rid)
+                downlink.end_response(rid)
+                pushed = True
+            elif kind is AgentSpeechStarted:
+                self._barge_in(t_event)
+            elif kind is AgentTranscript:
+                if ev.final:  # type: ignore[union-attr]
+                    self.record.transcript.append(
+                        {"role": ev.role, "text": ev.text, "t": self._elapsed()}  # type: ignore[union-attr]
+                    )
+            elif kind is AgentToolCall:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._run_tool, ev)
+            elif kind is AgentHangup:
+                self._begin_ending(ev.reason)  # type: ignore[union-attr]
+            elif kind is AgentErrorEvent:
+                self._count_error("agent_error", f"{ev.code}: {ev.message}")  # type: ignore[union-attr]
+                if ev.fatal:  # type: ignore[union-attr]
+                    self._agent_gone(f"agent error {ev.code}")  # type: ignore[union-attr]
+                    return
+        if pushed:
+            if self._send_due():
+                self.metrics.latency_down.observe(_perf() - t_event)
+            self._wake.set()
+
+    def _send_due(self) -> int:
         """Send every frame the lead bound allows now; returns how many were sent."""
-        now_ms = trio.current_time() * 1000.0
-        frames = self.downlink.pull(now_ms)
+        if self._twilio_gone:
+            return 0
+        frames = self.downlink.pull(trio.current_time() * 1000.0)
         if not frames:
             return 0
         media = self.proto.media_message
@@ -381,17 +491,16 @@ class Call:
             self._first_audio_seen = True
             self.record.first_agent_audio_ms = (trio.current_time() - self._started_at) * 1000.0
         try:
-            await self.ws.send_frames(out, len(out))
+            self.ws.send_frames_nowait(out)
         except ConnectionClosed as exc:
             self._twilio_closed(exc)
             return 0
         self.metrics.frames_out += len(frames)
         return len(frames)
 
-    async def _barge_in(self, t_event: float) -> None:
-        # Empty the local buffer *before* the clear write can yield: if the socket is
-        # backed up, the playout task would otherwise pull frames of the interrupted
-        # response while we wait and send them right after the clear (heard as stale audio).
+    def _barge_in(self, t_event: float) -> None:
+        # Synchronous from the agent's event to the clear on the wire: no other task can
+        # send a frame of the interrupted answer in between.
         now_ms = trio.current_time() * 1000.0
         rid, heard_ms, dropped_ms = self.downlink.clear(now_ms)
         # Audio of the interrupted response may still be in flight from the agent.
@@ -402,14 +511,19 @@ class Call:
         # Clear always, even with nothing queued locally: Twilio may still hold audio we
         # sent earlier (a common bug in sample relays is skipping this).
         try:
-            await self.ws.send_frames([build_frame(OP_TEXT, self.proto.clear_message())])
+            self.ws.send_frames_nowait([build_frame(OP_TEXT, self.proto.clear_message())])
         except ConnectionClosed as exc:
             self._twilio_closed(exc)
             return
         self.metrics.barge_in_to_clear.observe(_perf() - t_event)
         self.metrics.barge_ins += 1
         self.record.barge_ins.append(
-            {"t": self._elapsed(), "response_id": rid, "heard_ms": heard_ms, "dropped_ms": dropped_ms}
+            {
+                "t": self._elapsed(),
+                "response_id": rid,
+                "heard_ms": heard_ms,
+                "dropped_ms": dropped_ms,
+            }
         )
         log.info(
             "call %s: barge-in, caller heard %d ms of %s, dropped %d ms",
@@ -421,7 +535,7 @@ class Call:
         agent = self.agent
         if rid is not None and agent is not None and agent.supports_truncate:
             try:
-                await agent.truncate(rid, heard_ms)
+                agent.truncate(rid, heard_ms)
             except (ConnectionClosed, AgentError) as exc:
                 self._agent_gone(f"agent send failed: {exc}")
 
@@ -431,9 +545,11 @@ class Call:
         self.record.tool_calls.append(
             {"name": ev.name, "call_id": ev.call_id, "ms": round((_perf() - started) * 1000, 1)}
         )
+        if self._agent_dead:
+            return
         try:
             assert self.agent is not None
-            await self.agent.send_tool_result(ev.call_id, output)
+            self.agent.send_tool_result(ev.call_id, output)
         except (ConnectionClosed, AgentError) as exc:
             self._agent_gone(f"agent send failed: {exc}")
 
@@ -448,6 +564,13 @@ class Call:
         self._wake.set()
 
     def _agent_gone(self, reason: str) -> None:
+        if self._agent_dead:
+            return
+        self._agent_dead = True
+        if self._agent_registration is not None and self.state.reactor is not None:
+            # Its socket is at EOF (always readable): stop watching it right away.
+            sock, handler = self._agent_registration
+            self.state.reactor.unregister(sock, handler)
         if self._ending:
             return
         self._count_error("agent_closed", reason)
@@ -458,7 +581,7 @@ class Call:
         downlink = self.downlink
         final_timeout = self.cfg.media.final_mark_timeout_s
         while True:
-            await self._send_due()
+            self._send_due()
             now_ms = trio.current_time() * 1000.0
             due = downlink.next_due(now_ms)
             if self._ending and due is None:
@@ -466,7 +589,7 @@ class Call:
                 if downlink.idle or waited > final_timeout + downlink.buffered_ms / 1000.0:
                     # Closing the WebSocket ends <Connect>; with no verb after it Twilio
                     # hangs up: a clean hang-up after the last mark.
-                    await self.ws.aclose(CLOSE_NORMAL, "agent ended")
+                    self.ws.close_nowait(CLOSE_NORMAL, "agent ended")
                     self._end(self.end_reason or "agent ended")
                     return
                 due = now_ms + 50.0  # poll for the final mark echo, bounded above
@@ -477,7 +600,9 @@ class Call:
                 with trio.move_on_at(due / 1000.0):
                     await self._wake.wait()
 
-    async def _watchdog(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _watchdog(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         task_status.started()
         await trio.sleep(self.cfg.calls.max_duration_s)
         log.info("call %s: maximum duration reached", self.call_sid)

@@ -64,6 +64,9 @@ class MediaConfig:
     #: how long to wait for the last mark echo after the agent ends before hanging up anyway
     final_mark_timeout_s: float = 5.0
     uplink_reorder_ms: int = 0
+    #: multiplex media sockets on one epoll set (see relay/reactor.py); off = one parked
+    #: Trio task per socket (slower, same behaviour)
+    reactor: bool = True
 
 
 @dataclass
@@ -217,6 +220,8 @@ def _apply_env(cfg: Config, env: Mapping[str, str]) -> None:
                 key = rest[len(agent) + 1 :]
                 current = cfg.agents[agent].get(key)
                 cfg.agents[agent][key] = (
-                    _coerce(value, current) if current is not None and not isinstance(current, str) else value
+                    _coerce(value, current)
+                    if current is not None and not isinstance(current, str)
+                    else value
                 )
                 break

@@ -62,8 +62,12 @@ def format_timelines(results: list[Any], server: RelayServer) -> str:
                 echoes += 1
                 continue
             lines.append(f"  {t:7.2f} s  {kind:<20} {detail}")
-        lines.append(f"  mark echoes: {echoes} (each one = a frame the caller heard or, after a clear, discarded)")
-        lines.append(f"  time to first agent audio (caller side): {_ms(result.first_agent_audio_s)}")
+        lines.append(
+            f"  mark echoes: {echoes} (each one = a frame the caller heard or, after a clear, discarded)"
+        )
+        lines.append(
+            f"  time to first agent audio (caller side): {_ms(result.first_agent_audio_s)}"
+        )
         if record is not None:
             for b in record.barge_ins:
                 lines.append(
@@ -79,8 +83,10 @@ def format_timelines(results: list[Any], server: RelayServer) -> str:
             f"  {name}: p50 {hist.percentile(50) * 1e6:7.1f} µs   p99 "
             f"{hist.percentile(99) * 1e6:7.1f} µs   ({hist.count} batches)"
         )
-    lines.append(f"  barge-ins: {m.barge_ins}, clear sent within p99 "
-                 f"{m.barge_in_to_clear.percentile(99) * 1e6:.0f} µs of the agent's event")
+    lines.append(
+        f"  barge-ins: {m.barge_ins}, clear sent within p99 "
+        f"{m.barge_in_to_clear.percentile(99) * 1e6:.0f} µs of the agent's event"
+    )
     return "\n".join(lines)
 
 

@@ -110,34 +110,85 @@ class Metrics:
             out.append(f"# TYPE {name} {kind}")
             out.extend(samples)
 
-        metric("relay_active_calls", "gauge", "Calls with an open media stream.",
-               [f"relay_active_calls {self.active_calls}"])
-        metric("relay_calls_total", "counter", "Media streams accepted.",
-               [f"relay_calls_total {self.calls_total}"])
-        metric("relay_calls_rejected_total", "counter", "Calls refused, by reason.",
-               [f'relay_calls_rejected_total{{reason="{k}"}} {v}'
-                for k, v in sorted(self.calls_rejected.items())])
-        metric("relay_frames_total", "counter", "Media messages relayed, by direction.",
-               [f'relay_frames_total{{direction="twilio_to_agent"}} {self.frames_in}',
-                f'relay_frames_total{{direction="agent_to_twilio"}} {self.frames_out}'])
-        metric("relay_barge_ins_total", "counter", "Caller interruptions (clear sent).",
-               [f"relay_barge_ins_total {self.barge_ins}"])
-        metric("relay_uplink_gaps_filled_total", "counter", "Timestamp gaps filled with silence.",
-               [f"relay_uplink_gaps_filled_total {self.gaps_filled}"])
-        metric("relay_uplink_dropped_total", "counter", "Uplink frames dropped, by reason.",
-               [f'relay_uplink_dropped_total{{reason="late"}} {self.late_drops}',
-                f'relay_uplink_dropped_total{{reason="duplicate"}} {self.duplicates}'])
-        metric("relay_errors_total", "counter", "Errors by kind (one call or request each).",
-               [f'relay_errors_total{{kind="{k}"}} {v}' for k, v in sorted(self.errors.items())])
-        metric("relay_webhooks_total", "counter", "Webhook requests by route and outcome.",
-               [f'relay_webhooks_total{{outcome="{k}"}} {v}'
-                for k, v in sorted(self.webhooks.items())])
-        metric("relay_frame_latency_seconds", "histogram",
-               "Time from receiving a media batch to finishing its forward send.",
-               self.latency_up.render("relay_frame_latency_seconds", 'direction="twilio_to_agent"')
-               + self.latency_down.render("relay_frame_latency_seconds",
-                                          'direction="agent_to_twilio"'))
-        metric("relay_barge_in_clear_seconds", "histogram",
-               "Time from the agent's speech-started event to Twilio clear sent.",
-               self.barge_in_to_clear.render("relay_barge_in_clear_seconds"))
+        metric(
+            "relay_active_calls",
+            "gauge",
+            "Calls with an open media stream.",
+            [f"relay_active_calls {self.active_calls}"],
+        )
+        metric(
+            "relay_calls_total",
+            "counter",
+            "Media streams accepted.",
+            [f"relay_calls_total {self.calls_total}"],
+        )
+        metric(
+            "relay_calls_rejected_total",
+            "counter",
+            "Calls refused, by reason.",
+            [
+                f'relay_calls_rejected_total{{reason="{k}"}} {v}'
+                for k, v in sorted(self.calls_rejected.items())
+            ],
+        )
+        metric(
+            "relay_frames_total",
+            "counter",
+            "Media messages relayed, by direction.",
+            [
+                f'relay_frames_total{{direction="twilio_to_agent"}} {self.frames_in}',
+                f'relay_frames_total{{direction="agent_to_twilio"}} {self.frames_out}',
+            ],
+        )
+        metric(
+            "relay_barge_ins_total",
+            "counter",
+            "Caller interruptions (clear sent).",
+            [f"relay_barge_ins_total {self.barge_ins}"],
+        )
+        metric(
+            "relay_uplink_gaps_filled_total",
+            "counter",
+            "Timestamp gaps filled with silence.",
+            [f"relay_uplink_gaps_filled_total {self.gaps_filled}"],
+        )
+        metric(
+            "relay_uplink_dropped_total",
+            "counter",
+            "Uplink frames dropped, by reason.",
+            [
+                f'relay_uplink_dropped_total{{reason="late"}} {self.late_drops}',
+                f'relay_uplink_dropped_total{{reason="duplicate"}} {self.duplicates}',
+            ],
+        )
+        metric(
+            "relay_errors_total",
+            "counter",
+            "Errors by kind (one call or request each).",
+            [f'relay_errors_total{{kind="{k}"}} {v}' for k, v in sorted(self.errors.items())],
+        )
+        metric(
+            "relay_webhooks_total",
+            "counter",
+            "Webhook requests by route and outcome.",
+            [
+                f'relay_webhooks_total{{outcome="{k}"}} {v}'
+                for k, v in sorted(self.webhooks.items())
+            ],
+        )
+        metric(
+            "relay_frame_latency_seconds",
+            "histogram",
+            "Time from receiving a media batch to finishing its forward send.",
+            self.latency_up.render("relay_frame_latency_seconds", 'direction="twilio_to_agent"')
+            + self.latency_down.render(
+                "relay_frame_latency_seconds", 'direction="agent_to_twilio"'
+            ),
+        )
+        metric(
+            "relay_barge_in_clear_seconds",
+            "histogram",
+            "Time from the agent's speech-started event to Twilio clear sent.",
+            self.barge_in_to_clear.render("relay_barge_in_clear_seconds"),
+        )
         return "\n".join(out) + "\n"

@@ -28,6 +28,7 @@ from .config import Config
 from .errors import RemoteProtocolError
 from .metrics import Metrics
 from .protocol.signature import StreamTokens, validate_signature
+from .reactor import Reactor
 from .records import CallRegistry
 from .tools import ToolRegistry, default_registry
 from .webapp import create_app
@@ -46,6 +47,9 @@ class RelayState:
     tools: ToolRegistry = field(default_factory=default_registry)
     tokens: StreamTokens = field(init=False)
     calls: set[Call] = field(default_factory=set)
+    #: process-wide media socket multiplexer; None where epoll is missing (then each
+    #: call's readers await their sockets directly)
+    reactor: Reactor | None = None
 
     def __post_init__(self) -> None:
         self.tokens = StreamTokens(self.cfg.token_secret_bytes(), self.cfg.security.token_ttl_s)
@@ -101,12 +105,19 @@ class RelayServer:
         self._lifespan_state: dict[str, Any] = {}
         self.ports: list[int] = []
 
-    async def serve(self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         lifespan = Lifespan(self._app_wrapper, self._hconfig, self._lifespan_state)
         async with trio.open_nursery() as lifespan_nursery:
+            if self.cfg.media.reactor and Reactor.available():
+                self.state.reactor = Reactor()
+                await lifespan_nursery.start(self.state.reactor.run)
             await lifespan_nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
-            listeners = await trio.open_tcp_listeners(self.cfg.server.port, host=self.cfg.server.host)
+            listeners = await trio.open_tcp_listeners(
+                self.cfg.server.port, host=self.cfg.server.host
+            )
             self.ports = [ln.socket.getsockname()[1] for ln in listeners]
             if not self.cfg.server.public_url:
                 # port 0 (tests, demo): the public URL is what we actually bound
@@ -151,7 +162,9 @@ class RelayServer:
         )
         await server.run()
 
-    async def _refuse(self, stream: trio.SocketStream, status: str, kind: str, message: str) -> None:
+    async def _refuse(
+        self, stream: trio.SocketStream, status: str, kind: str, message: str
+    ) -> None:
         self.state.metrics.error(kind)
         log.warning("media stream upgrade refused (%s): %s", status, message)
         with trio.move_on_after(1):
@@ -172,7 +185,9 @@ class RelayServer:
             or headers.get("sec-websocket-version") != "13"
             or not headers.get("sec-websocket-key")
         ):
-            await self._refuse(stream, "400 Bad Request", "ws_bad_upgrade", "not a WebSocket upgrade")
+            await self._refuse(
+                stream, "400 Bad Request", "ws_bad_upgrade", "not a WebSocket upgrade"
+            )
             return
         # Twilio signs the wss:// URL with no query string; an unsigned stream endpoint
         # would let anyone run agent sessions on the deployer's API keys (toll fraud).
@@ -210,7 +225,9 @@ class RelayServer:
             self.state.calls.discard(call)
 
 
-async def run_server(cfg: Config, *, task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_server(
+    cfg: Config, *, task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Run a relay until cancelled; ``task_status.started`` receives the RelayServer."""
     server = RelayServer(cfg)
 

@@ -116,7 +116,9 @@ def create_app(state: RelayState) -> QuartTrio:
         connect.append(stream)
         response.append(connect)
         metrics.webhooks["voice_ok"] += 1
-        log.info("call %s from %s to %s -> agent %s", call_sid, record.from_number, to_number, agent)
+        log.info(
+            "call %s from %s to %s -> agent %s", call_sid, record.from_number, to_number, agent
+        )
         return _xml(str(response))
 
     @app.post("/twilio/status")

@@ -230,11 +230,18 @@ def parse_close(payload: bytes) -> tuple[int, str]:
 
 
 class WebSocket:
-    """A WebSocket over a Trio stream, for one task to read and any task to write.
+    """A WebSocket over a Trio stream: non-blocking writes, batched reads.
 
-    ``receive()`` returns a batch of messages (all complete frames from one read) so the
-    caller pays one await per TCP read, not per message. Every write is bounded by
-    ``send_timeout``: a half-dead peer whose TCP window never opens cannot hang a call.
+    Writes (``send_*``) never block: bytes go to the kernel at once with one ``send(2)``
+    when it takes them (the common case), otherwise into a bounded per-socket buffer that
+    :meth:`run_flusher` (or the next async write) drains under ``send_timeout``. A peer that
+    stops reading (a half-dead socket) therefore turns into :class:`SendTimedOut`, never a
+    hung task, and handlers can send from synchronous code (see ``relay/reactor.py``)
+    without yielding in the middle of a state change. Order is always kept: nothing
+    bypasses bytes already waiting in the buffer.
+
+    Reads: ``receive()`` awaits the next batch of messages (all complete frames from one
+    TCP read); ``read_nowait()`` is its synchronous twin for the reactor.
     """
 
     def __init__(
@@ -245,34 +252,45 @@ class WebSocket:
         max_message: int = 65536,
         send_timeout: float = 2.0,
         leftover: bytes = b"",
+        max_pending: int = 1 << 20,
     ) -> None:
         self.stream = stream
         self.client_side = client_side
         self.send_timeout = send_timeout
+        self.max_pending = max_pending
         self.parser = FrameParser(expect_masked=not client_side, max_message=max_message)
         self._leftover = leftover
         self._send_lock = trio.Lock()
+        self._out = bytearray()
+        self._out_wake: trio.Event | None = None
         self.closed: ConnectionClosed | None = None
         self._close_sent = False
         self.messages_in = 0
         self.messages_out = 0
         self._raw = _raw_socket(stream)
 
+    @property
+    def raw_socket(self) -> socket.socket | None:
+        """The plain TCP socket, for readiness multiplexing (None for TLS/test streams)."""
+        return self._raw
+
     # -- sending ---------------------------------------------------------------------
     def _frame(self, opcode: int, payload: bytes) -> bytes:
         return build_frame(opcode, payload, self.client_side)
 
-    async def _write(self, data: bytes) -> None:
+    def write_nowait(self, data: bytes) -> None:
+        """Queue ``data`` (whole frames) for sending without blocking.
+
+        Raises ConnectionClosed if the socket is closed or the buffer limit is exceeded.
+        """
         if self.closed is not None:
             raise self.closed
-        lock = self._send_lock
+        out = self._out
         raw = self._raw
-        if raw is not None and not lock.locked():
-            # Fast path: one non-blocking send(2) straight on the socket. Trio's send_all
-            # adds two scheduler round trips per call; on the relay's ~200 messages per
-            # call-second those dominate. Whatever the kernel does not take goes through
-            # the bounded slow path with the lock taken *before* any yield, so another
-            # task's frame can never land inside ours.
+        if not out and raw is not None and not self._send_lock.locked():
+            # Fast path: one non-blocking send(2) straight on the socket; Trio's send_all
+            # would add scheduler round trips per message, which dominate at ~200
+            # messages per call-second.
             try:
                 sent = raw.send(data)
             except BlockingIOError:
@@ -282,32 +300,87 @@ class WebSocket:
                 raise self.closed from None
             if sent == len(data):
                 return
-            lock.acquire_nowait()
-            try:
-                await self._send_bounded(data[sent:])
-            finally:
-                lock.release()
+            data = data[sent:]
+        out += data
+        if len(out) > self.max_pending:
+            self.closed = SendTimedOut(
+                CLOSE_ABNORMAL, f"peer not reading: {len(out)} bytes waiting to be sent"
+            )
+            raise self.closed
+        if self._out_wake is not None:
+            self._out_wake.set()
+
+    async def drain(self) -> None:
+        """Send everything buffered, bounded by ``send_timeout`` per chunk."""
+        if not self._out:
             return
-        async with lock:
-            await self._send_bounded(data)
+        async with self._send_lock:
+            while self._out:
+                chunk = bytes(self._out)
+                self._out.clear()
+                await self._send_bounded(chunk)
+
+    async def run_flusher(self) -> None:
+        """Drain the buffer whenever sync writers leave bytes in it; runs until closed.
+
+        One per socket inside the owning call's nursery. Raises ConnectionClosed
+        (``SendTimedOut`` for a peer that stopped reading)."""
+        while True:
+            if self.closed is not None and not self._out:
+                raise self.closed
+            if not self._out:
+                self._out_wake = trio.Event()
+                await self._out_wake.wait()
+                self._out_wake = None
+            await self.drain()
+
+    def _lost(self, error: ConnectionClosed) -> ConnectionClosed:
+        # The first reason a socket ended wins (a peer's close code beats the failed send
+        # of our close reply that follows it).
+        if self.closed is None:
+            self.closed = error
+        return error
 
     async def _send_bounded(self, data: bytes) -> None:
-        if self.closed is not None:
+        if self.closed is not None and not self._close_sent:
             raise self.closed
         with trio.move_on_after(self.send_timeout) as scope:
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self.closed = ConnectionClosed(CLOSE_ABNORMAL, f"send failed: {exc!r}")
-                raise self.closed from None
+                raise self._lost(
+                    ConnectionClosed(CLOSE_ABNORMAL, f"send failed: {exc!r}")
+                ) from None
             except BaseException:
                 # Cancelled from outside mid-write: part of a frame may be on the wire, so
                 # nothing more may follow it on this socket.
-                self.closed = ConnectionClosed(CLOSE_ABNORMAL, "send interrupted")
+                self._lost(ConnectionClosed(CLOSE_ABNORMAL, "send interrupted"))
                 raise
         if scope.cancelled_caught:
-            self.closed = SendTimedOut(CLOSE_ABNORMAL, "send timed out (peer not reading)")
-            raise self.closed
+            raise self._lost(SendTimedOut(CLOSE_ABNORMAL, "send timed out (peer not reading)"))
+
+    async def _write(self, data: bytes) -> None:
+        self.write_nowait(data)
+        if self._out:
+            await self.drain()
+
+    def send_frames_nowait(self, frames: Sequence[bytes]) -> None:
+        """Pre-built frames (see :func:`text_frame`) in one write."""
+        self.messages_out += len(frames)
+        self.write_nowait(b"".join(frames))
+
+    def send_texts_nowait(self, texts: Sequence[str]) -> None:
+        self.messages_out += len(texts)
+        frame = self._frame
+        self.write_nowait(b"".join([frame(OP_TEXT, t.encode("utf-8")) for t in texts]))
+
+    def send_text_nowait(self, text: str) -> None:
+        self.messages_out += 1
+        self.write_nowait(self._frame(OP_TEXT, text.encode("utf-8")))
+
+    def send_bytes_nowait(self, data: bytes) -> None:
+        self.messages_out += 1
+        self.write_nowait(self._frame(OP_BINARY, data))
 
     async def send_text(self, text: str) -> None:
         self.messages_out += 1
@@ -329,6 +402,53 @@ class WebSocket:
         await self._write(b"".join(frames))
 
     # -- receiving -------------------------------------------------------------------
+    def _consume(self, data: bytes) -> list[str | bytes]:
+        """Parse ``data``; answer pings and closes; return the data messages.
+
+        After a close frame or a protocol violation ``self.closed`` is set; messages that
+        arrived before it are still returned (the caller gets ConnectionClosed next time).
+        """
+        if not data:
+            self.closed = ConnectionClosed(CLOSE_ABNORMAL, "peer closed TCP without close frame")
+            raise self.closed
+        try:
+            items = self.parser.feed(data)
+        except ProtocolViolation as exc:
+            self.close_nowait(exc.code, str(exc))
+            self.closed = ConnectionClosed(exc.code, str(exc))
+            raise self.closed from exc
+        messages: list[str | bytes] = []
+        for item in items:
+            if type(item) is Control:
+                self._control(item)
+                if self.closed is not None:
+                    break
+            else:
+                messages.append(item)  # type: ignore[arg-type]
+        self.messages_in += len(messages)
+        return messages
+
+    def read_nowait(self) -> list[str | bytes]:
+        """Whatever complete messages one non-blocking read yields ([] if none).
+
+        Raises ConnectionClosed when the peer closed (or broke the protocol)."""
+        if self.closed is not None:
+            raise self.closed
+        if self._leftover:
+            data, self._leftover = self._leftover, b""
+        else:
+            raw = self._raw
+            if raw is None:
+                raise RuntimeError("read_nowait needs a plain TCP socket")
+            try:
+                data = raw.recv(65536)
+            except BlockingIOError:
+                return []
+            except OSError as exc:
+                self.closed = ConnectionClosed(CLOSE_ABNORMAL, f"receive failed: {exc!r}")
+                raise self.closed from None
+        return self._consume(data)
+
     async def receive(self) -> list[str | bytes]:
         """Next batch of data messages. Raises ConnectionClosed when the socket is done."""
         while True:
@@ -342,29 +462,14 @@ class WebSocket:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self.closed = ConnectionClosed(CLOSE_ABNORMAL, f"receive failed: {exc!r}")
                     raise self.closed from None
-                if not data:
-                    self.closed = ConnectionClosed(CLOSE_ABNORMAL, "peer closed TCP without close frame")
-                    raise self.closed
-            try:
-                items = self.parser.feed(data)
-            except ProtocolViolation as exc:
-                await self._fail(exc.code, str(exc))
-                raise ConnectionClosed(exc.code, str(exc)) from exc
-            if not items:
-                continue
-            messages: list[str | bytes] = []
-            for item in items:
-                if type(item) is Control:
-                    await self._control(item)
-                    if self.closed is not None:
-                        break
-                else:
-                    messages.append(item)  # type: ignore[arg-type]
+            messages = self._consume(data)
+            if self._out:
+                try:
+                    await self.drain()  # a pong or close reply that did not fit at once
+                except ConnectionClosed:
+                    pass  # self.closed holds the reason; raised on the next call
             if messages:
-                self.messages_in += len(messages)
                 return messages
-            if self.closed is not None:
-                raise self.closed
 
     async def _receive_some(self) -> bytes:
         raw = self._raw
@@ -390,26 +495,26 @@ class WebSocket:
             except BlockingIOError:
                 continue
 
-    async def _control(self, frame: Control) -> None:
+    def _control(self, frame: Control) -> None:
         if frame.opcode == OP_PING:
             try:
-                await self._write(self._frame(OP_PONG, frame.payload))
+                self.write_nowait(self._frame(OP_PONG, frame.payload))
             except ConnectionClosed:
                 pass
         elif frame.opcode == OP_CLOSE:
             code, reason = parse_close(frame.payload)
-            if not self._close_sent:
-                self._close_sent = True
-                try:
-                    reply = close_payload(code if code != 1005 else CLOSE_NORMAL)
-                    await self._write(self._frame(OP_CLOSE, reply))
-                except ConnectionClosed:
-                    pass
+            self.close_nowait(code if code != 1005 else CLOSE_NORMAL)
             self.closed = ConnectionClosed(code, reason)
 
-    async def _fail(self, code: int, reason: str) -> None:
-        await self.aclose(code, reason)
-        self.closed = ConnectionClosed(code, reason)
+    def close_nowait(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        """Queue a close frame (once); TCP is closed later by :meth:`aclose`."""
+        if self._close_sent or self.closed is not None:
+            return
+        self._close_sent = True
+        try:
+            self.write_nowait(self._frame(OP_CLOSE, close_payload(code, reason)))
+        except ConnectionClosed:
+            pass
 
     async def aclose(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Send a close frame (bounded) and close TCP. Safe to call more than once.
@@ -418,15 +523,12 @@ class WebSocket:
         clients stall ~10 s on the closing handshake (a known complaint with Twilio relays).
         """
         try:
-            if not self._close_sent and self.closed is None:
-                self._close_sent = True
+            self.close_nowait(code, reason)
+            if self._out:
                 with trio.move_on_after(min(self.send_timeout, 1.0)):
                     try:
-                        async with self._send_lock:
-                            await self.stream.send_all(
-                                self._frame(OP_CLOSE, close_payload(code, reason))
-                            )
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        await self.drain()
+                    except ConnectionClosed:
                         pass
         finally:
             # Runs even when we are cancelled (a call's finally): the socket must not leak.

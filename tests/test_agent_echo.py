@@ -19,9 +19,9 @@ CALL = CallInfo(call_sid="CA" + "1" * 32, stream_sid="MZ" + "1" * 32)
 async def test_echoes_each_frame_in_one_batch() -> None:
     agent = EchoAgent.from_config({})
     await agent.connect(CALL)
-    await agent.send_audio(b"\x01" * 160)
-    await agent.send_audio_b64(base64.b64encode(b"\x02" * 160).decode())
-    await agent.send_audio(b"")  # nothing to echo
+    agent.send_audio(b"\x01" * 160)
+    agent.send_audio_b64(base64.b64encode(b"\x02" * 160).decode())
+    agent.send_audio(b"")  # nothing to echo
     with trio.fail_after(1):
         batch = await agent.receive()
     assert batch == [AgentAudio(b"\x01" * 160, "echo"), AgentAudio(b"\x02" * 160, "echo")]
@@ -42,7 +42,7 @@ async def test_receive_waits_then_raises_after_close() -> None:
 
             nursery.start_soon(reader)
             await trio.testing.wait_all_tasks_blocked()
-            await agent.send_audio(b"\x03" * 160)
+            agent.send_audio(b"\x03" * 160)
             await trio.testing.wait_all_tasks_blocked()
             await agent.aclose()
     assert got == [AgentAudio(b"\x03" * 160, "echo")]

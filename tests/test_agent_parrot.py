@@ -39,7 +39,7 @@ async def feed(agent: ParrotAgent, ulaw: bytes, chunk: int = 160) -> list[tuple[
     """Send caller audio like the engine does (20 ms frames); events tagged with audio time."""
     out: list[tuple[float, AgentEvent]] = []
     for i in range(0, len(ulaw), chunk):
-        await agent.send_audio(ulaw[i : i + chunk])
+        agent.send_audio(ulaw[i : i + chunk])
         out += [((i + chunk) / 8000, e) for e in await drain(agent)]
     return out
 
@@ -140,9 +140,9 @@ async def test_greeting_speaks_first_and_can_be_interrupted(autojump_clock: Any)
 async def test_hangup_digit_says_goodbye_then_hangs_up(autojump_clock: Any) -> None:
     agent = ParrotAgent()
     await agent.connect(CALL)
-    await agent.send_dtmf("1")
+    agent.send_dtmf("1")
     assert await drain(agent) == []
-    await agent.send_dtmf("#")
+    agent.send_dtmf("#")
     events = await drain(agent)
     assert agent.dtmf_digits == ["1", "#"]
     assert isinstance(events[0], AgentAudio) and events[0].response_id == "parrot-1-bye"
@@ -159,7 +159,7 @@ async def test_truncate_is_recorded_and_ends_reply(autojump_clock: Any) -> None:
     await agent.connect(CALL)
     await feed(agent, script(("speech", 1.0), ("silence", 0.7)))
     assert agent.replying
-    await agent.truncate("parrot-1", 420)
+    agent.truncate("parrot-1", 420)
     assert agent.truncations == {"parrot-1": 420}
     assert not agent.replying  # speech now is a new turn, not a barge-in
     events = await feed(agent, script(("speech", 0.5), ("silence", 1.0)))
@@ -199,7 +199,7 @@ async def test_receive_raises_after_aclose() -> None:
             await agent.aclose()
     with pytest.raises(ConnectionClosed):
         await agent.receive()
-    await agent.send_audio(b"\xff" * 160)  # harmless after close
+    agent.send_audio(b"\xff" * 160)  # harmless after close
     await agent.aclose()  # idempotent
 
 

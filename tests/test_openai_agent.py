@@ -27,6 +27,7 @@ from relay.agents.openai import OpenAIRealtimeAgent
 from relay.agents.openai_protocol import OpenAIOptions
 from relay.errors import AgentError, ConfigError, ConnectionClosed
 from relay.tools import default_registry
+from relay.websocket import SendTimedOut
 
 CALL = CallInfo(call_sid="CA123", stream_sid="MZ456", from_number="+15550001111")
 KEY = "sk-test-fake-key-0123456789abcd"
@@ -187,8 +188,8 @@ async def test_audio_both_ways(audio: str, bpms: int) -> None:
             assert session.input_format == audio
             caller = tone(100, audio, hz=300)
             payload = base64.b64encode(caller[: len(caller) // 2]).decode()
-            await agent.send_audio_b64(payload)  # passthrough of a base64 string
-            await agent.send_audio(caller[len(caller) // 2 :])
+            agent.send_audio_b64(payload)  # passthrough of a base64 string
+            agent.send_audio(caller[len(caller) // 2 :])
             await session.wait_for(lambda s: s.appends == 2)
             assert bytes(session.audio_in) == caller
             assert session.audio_in_ms == 100
@@ -217,10 +218,10 @@ async def test_truncate_clamped_and_accepted_by_server() -> None:
             session = server.sessions[0]
             item_id = await session.send_response(ms=500)
             await collect(agent, has(AgentResponseDone))
-            await agent.truncate(item_id, 10_000)  # more than generated: clamped to 500
-            await agent.truncate(item_id, 120)
-            await agent.truncate(item_id, 300)  # item is now 120 ms long: clamped again
-            await agent.truncate("item_never_seen", 50)  # skipped, nothing sent
+            agent.truncate(item_id, 10_000)  # more than generated: clamped to 500
+            agent.truncate(item_id, 120)
+            agent.truncate(item_id, 300)  # item is now 120 ms long: clamped again
+            agent.truncate("item_never_seen", 50)  # skipped, nothing sent
             await session.wait_for(lambda s: len(s.events_of("conversation.item.truncate")) == 3)
             assert [t["audio_end_ms"] for t in session.truncates] == [500, 120, 120]
             assert session.truncate_errors == []
@@ -256,7 +257,7 @@ async def test_auto_reply_mode() -> None:
             await agent.connect(CALL)
             frame = base64.b64encode(b"\xff" * 160).decode()  # 20 ms of μ-law silence
             for _ in range(10):
-                await agent.send_audio_b64(frame)
+                agent.send_audio_b64(frame)
             events = await collect(agent, has(AgentResponseDone))
             assert isinstance(events[0], AgentSpeechStarted)
             assert any(isinstance(e, AgentTranscript) and e.role == "caller" for e in events)
@@ -279,7 +280,7 @@ async def test_tool_call_round_trip(name_in_done: bool) -> None:
             [call] = [e for e in events if isinstance(e, AgentToolCall)]
             assert call.call_id == call_id and call.name == "get_time"
             output = await registry.call(call.name, call.arguments)
-            await agent.send_tool_result(call.call_id, output)
+            agent.send_tool_result(call.call_id, output)
             await session.wait_for(lambda s: bool(s.tool_outputs) and bool(s.response_creates))
             [out] = session.tool_outputs
             assert out["call_id"] == call_id
@@ -304,7 +305,7 @@ async def test_server_close_raises_connection_closed() -> None:
                         await agent.receive()
             assert info.value.code == 1011
             with pytest.raises(ConnectionClosed):
-                await agent.send_audio_b64("AAAA")
+                agent.send_audio_b64("AAAA")
             await agent.aclose()
 
 
@@ -345,7 +346,7 @@ async def test_send_before_connect_is_local_error() -> None:
 
     agent = make_agent("ws://127.0.0.1:9/v1/realtime")
     with pytest.raises(LocalProtocolError):
-        await agent.send_audio_b64("AAAA")
+        agent.send_audio_b64("AAAA")
     await agent.aclose()  # no-op before connect
 
 
@@ -437,17 +438,32 @@ async def test_greeting_without_waiting_for_session() -> None:
 
 
 async def test_stalled_agent_send_times_out() -> None:
+    """Sends never block; a peer that stops reading ends the session with SendTimedOut,
+    either from the bounded flusher (``run``) or from the bounded write buffer."""
     with trio.fail_after(5):
         async with fake_openai_server() as server:
             agent = make_agent(server.url, send_timeout_s=0.3)
             await agent.connect(CALL)
             server.sessions[0].stall()  # stops reading: TCP backpressure
             chunk = b"\xff" * 48_000
-            with pytest.raises(ConnectionClosed) as info:
-                while True:
-                    await agent.send_audio(chunk)
-                    await trio.sleep(0)
-            assert "timed out" in info.value.reason
+            errors: list[ConnectionClosed] = []
+
+            async def run() -> None:
+                try:
+                    await agent.run()
+                except ConnectionClosed as exc:
+                    errors.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                while not errors:
+                    try:
+                        agent.send_audio(chunk)
+                    except ConnectionClosed as exc:
+                        errors.append(exc)
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+            assert isinstance(errors[0], SendTimedOut)
             await agent.aclose()
 
 

@@ -588,9 +588,9 @@ async def parrot_bridge(peer: StreamPeer) -> None:
         async for message in peer.inbox:
             event = message["event"]
             if event == "media":
-                await agent.send_audio(base64.b64decode(message["media"]["payload"]))
+                agent.send_audio(base64.b64decode(message["media"]["payload"]))
             elif event == "dtmf":
-                await agent.send_dtmf(message["dtmf"]["digit"])
+                agent.send_dtmf(message["dtmf"]["digit"])
             elif event == "mark" and hangup.is_set() and [message["mark"]["name"]] == last_mark:
                 heard_all.set()
             if heard_all.is_set() or event in ("stop", "closed"):

@@ -8,9 +8,13 @@ an adapter never touches the engine.
 from __future__ import annotations
 
 import abc
+import binascii
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+import trio
 
 # --- audio formats -------------------------------------------------------------------
 MULAW_8K = ("mulaw", 8000)
@@ -114,54 +118,71 @@ class CallInfo:
 class Agent(abc.ABC):
     """One agent session per call.
 
-    Threading model: every coroutine here is awaited from the call's own nursery. The
-    engine calls ``send_*`` from the Twilio reader task and ``receive`` from the agent
-    reader task; adapters must tolerate that (one writer lock per socket).
-    Every send must be bounded by a timeout inside the adapter (``send_timeout``).
+    Sending is non-blocking, like a transport's ``write()``: ``send_*`` hand the message to
+    the adapter's socket at once (or to its bounded buffer) and raise
+    ``relay.errors.ConnectionClosed`` / ``AgentError`` when the session is gone. That lets
+    the engine react to a Twilio message without yielding mid-way (barge-in is atomic) and
+    keeps a half-dead agent socket from stalling the caller's side: the adapter's
+    :meth:`run` task drains what the kernel did not take, under a send timeout.
+
+    Receiving: :meth:`receive` awaits the next batch of events. Adapters on a plain TCP
+    socket may also offer :meth:`reactor_socket` + :meth:`read_events_nowait`, so the
+    process-wide reactor reads them without a task wake-up per message.
     """
 
     name: ClassVar[str] = "agent"
     input_format: AudioFormat = TWILIO_FORMAT
     output_format: AudioFormat = TWILIO_FORMAT
-    #: True when the adapter can use ``truncate`` (OpenAI); otherwise it is a no-op.
+    #: True when ``truncate`` tells the agent what was heard (OpenAI); else a no-op.
     supports_truncate: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def connect(self, call: CallInfo) -> None:
         """Open the session and configure it (greeting included when configured)."""
 
+    async def run(self) -> None:
+        """Background work for the session's lifetime (flushing, keepalives), run in the
+        call's nursery. Raise ConnectionClosed/AgentError when the session dies."""
+        await trio.sleep_forever()
+
     @abc.abstractmethod
-    async def send_audio(self, audio: bytes) -> None:
+    def send_audio(self, audio: bytes) -> None:
         """Caller audio in ``input_format`` (raw bytes)."""
 
-    async def send_audio_b64(self, payload: str) -> None:
+    def send_audio_b64(self, payload: str) -> None:
         """Caller audio already base64-encoded in ``input_format``.
 
         With μ-law passthrough the engine hands over Twilio's payload string untouched;
         JSON-based adapters override this to skip a decode/encode round trip.
         """
-        import binascii
+        self.send_audio(binascii.a2b_base64(payload))
 
-        await self.send_audio(binascii.a2b_base64(payload))
-
-    async def send_audio_b64_many(self, payloads: list[str]) -> None:
+    def send_audio_b64_many(self, payloads: list[str]) -> None:
         """Several base64 frames at once (one receive batch); adapters may send them in one
         write. Default: one ``send_audio_b64`` each."""
         for payload in payloads:
-            await self.send_audio_b64(payload)
+            self.send_audio_b64(payload)
 
     @abc.abstractmethod
     async def receive(self) -> list[AgentEvent]:
         """Wait for the next batch of events (never empty). Raises
         ``relay.errors.ConnectionClosed`` when the session ended, ``AgentError`` on failure."""
 
-    async def send_dtmf(self, digit: str) -> None:  # noqa: B027 - optional
+    def reactor_socket(self) -> socket.socket | None:
+        """The plain TCP socket to multiplex, or None to be read through :meth:`receive`."""
+        return None
+
+    def read_events_nowait(self) -> list[AgentEvent]:
+        """Events from one non-blocking read ([] if nothing complete arrived)."""
+        raise NotImplementedError
+
+    def send_dtmf(self, digit: str) -> None:  # noqa: B027 - optional
         """Forward a keypad digit where the protocol allows; default: nothing to do."""
 
-    async def truncate(self, response_id: str, audio_end_ms: int) -> None:  # noqa: B027
+    def truncate(self, response_id: str, audio_end_ms: int) -> None:  # noqa: B027
         """Tell the agent the caller heard only ``audio_end_ms`` of ``response_id``."""
 
-    async def send_tool_result(self, call_id: str, output: str) -> None:  # noqa: B027
+    def send_tool_result(self, call_id: str, output: str) -> None:  # noqa: B027
         """Answer an ``AgentToolCall``."""
 
     @abc.abstractmethod

@@ -86,7 +86,7 @@ class EchoAgent(Agent):
     async def connect(self, call: CallInfo) -> None:
         self.call = call
 
-    async def send_audio(self, audio: bytes) -> None:
+    def send_audio(self, audio: bytes) -> None:
         if audio:
             self.frames_echoed += 1
             self._events.put(AgentAudio(bytes(audio), self.RESPONSE_ID))

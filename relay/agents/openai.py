@@ -21,6 +21,7 @@ The API key is never logged; ``repr`` shows it masked (``sk-…abcd``).
 from __future__ import annotations
 
 import logging
+import socket
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -315,64 +316,76 @@ class OpenAIRealtimeAgent(Agent):
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(ws.stream)
 
-    # -- sending -------------------------------------------------------------------------
+    # -- sending (non-blocking; see Agent) -------------------------------------------------
     def _socket(self) -> websocket.WebSocket:
         ws = self._ws
         if ws is None:
             raise LocalProtocolError("OpenAIRealtimeAgent used before connect()")
         return ws
 
-    async def send_audio_b64(self, payload: str) -> None:
-        """Passthrough: Twilio's base64 string goes into the append message untouched."""
-        await self._socket().send_text(self.protocol.append_audio_b64(payload))
+    async def run(self) -> None:
+        """Drain what the kernel did not take at once, under the send timeout."""
+        await self._socket().run_flusher()
 
-    async def send_audio_b64_many(self, payloads: list[str]) -> None:
+    def send_audio_b64(self, payload: str) -> None:
+        """Passthrough: Twilio's base64 string goes into the append message untouched."""
+        self._socket().send_text_nowait(self.protocol.append_audio_b64(payload))
+
+    def send_audio_b64_many(self, payloads: list[str]) -> None:
         # Frames that arrived in one read leave in one write (one syscall).
         append = self.protocol.append_audio_b64
-        await self._socket().send_texts([append(p) for p in payloads])
+        self._socket().send_texts_nowait([append(p) for p in payloads])
 
-    async def send_audio(self, audio: bytes) -> None:
-        await self._socket().send_text(self.protocol.append_audio(audio))
+    def send_audio(self, audio: bytes) -> None:
+        self._socket().send_text_nowait(self.protocol.append_audio(audio))
 
-    async def truncate(self, response_id: str, audio_end_ms: int) -> None:
+    def truncate(self, response_id: str, audio_end_ms: int) -> None:
         """``conversation.item.truncate`` for the assistant item; ``audio_end_ms`` is clamped
         to the audio generated so far. Items this session never produced audio for are
         skipped (the server would answer with an error)."""
         if not self.protocol.knows_item(response_id):
             return
-        await self._socket().send_text(self.protocol.truncate(response_id, audio_end_ms))
+        self._socket().send_text_nowait(self.protocol.truncate(response_id, audio_end_ms))
 
-    async def send_tool_result(self, call_id: str, output: str) -> None:
-        await self._socket().send_texts(self.protocol.tool_result(call_id, output))
+    def send_tool_result(self, call_id: str, output: str) -> None:
+        self._socket().send_texts_nowait(self.protocol.tool_result(call_id, output))
 
-    async def cancel_response(self) -> None:
-        await self._socket().send_text(self.protocol.cancel_response())
+    def cancel_response(self) -> None:
+        self._socket().send_text_nowait(self.protocol.cancel_response())
 
     # -- receiving -----------------------------------------------------------------------
+    def _parse(self, batch: list[str | bytes]) -> list[AgentEvent]:
+        parse = self.protocol.parse_message
+        events: list[AgentEvent] = []
+        for message in batch:
+            try:
+                events += parse(message)
+            except RemoteProtocolError as exc:
+                events.append(self._protocol_error(exc))
+        return events
+
     async def receive(self) -> list[AgentEvent]:
         if self._pending:
             events, self._pending = self._pending, []
             return events
         ws = self._socket()
-        parse = self.protocol.parse_message
         while True:
-            batch = await ws.receive()  # raises ConnectionClosed when the session ended
-            events = []
-            for message in batch:
-                try:
-                    events += parse(message)
-                except RemoteProtocolError as exc:
-                    events.append(await self._protocol_error(ws, exc))
+            events = self._parse(await ws.receive())  # ConnectionClosed when it ended
             if events:
                 return events
 
-    async def _protocol_error(
-        self, ws: websocket.WebSocket, exc: RemoteProtocolError
-    ) -> AgentErrorEvent:
+    def reactor_socket(self) -> socket.socket | None:
+        return self._socket().raw_socket
+
+    def read_events_nowait(self) -> list[AgentEvent]:
+        events, self._pending = self._pending, []
+        return events + self._parse(self._socket().read_nowait())
+
+    def _protocol_error(self, exc: RemoteProtocolError) -> AgentErrorEvent:
         self.protocol_errors += 1
         log.warning("openai: protocol error %d: %s", self.protocol_errors, str(exc)[:200])
         if self.protocol_errors > self.max_protocol_errors:
-            await ws.aclose(websocket.CLOSE_PROTOCOL_ERROR, "protocol error")
+            self._socket().close_nowait(websocket.CLOSE_PROTOCOL_ERROR, "protocol error")
             raise AgentError(
                 f"OpenAI Realtime: {self.protocol_errors} malformed messages, giving up "
                 f"(last: {exc})",

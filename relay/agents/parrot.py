@@ -203,7 +203,7 @@ class ParrotAgent(Agent):
         if self.greeting:
             self._reply(speech.mulaw_encode(speech.greeting_chime()), "greeting", "[greeting]")
 
-    async def send_audio(self, audio: bytes) -> None:
+    def send_audio(self, audio: bytes) -> None:
         if self._hung_up or self._events.closed:
             return
         self._pending += audio
@@ -212,7 +212,7 @@ class ParrotAgent(Agent):
             self._on_frame(bytes(self._pending[start : start + FRAME]))
         del self._pending[:whole]
 
-    async def send_dtmf(self, digit: str) -> None:
+    def send_dtmf(self, digit: str) -> None:
         self.dtmf_digits.append(digit)
         if self._hung_up or not self.hangup_digit or digit != self.hangup_digit:
             return
@@ -221,7 +221,7 @@ class ParrotAgent(Agent):
         # the engine plays the goodbye to its last mark before closing (AgentHangup contract)
         self._events.put(AgentHangup(f"caller pressed {digit}"))
 
-    async def truncate(self, response_id: str, audio_end_ms: int) -> None:
+    def truncate(self, response_id: str, audio_end_ms: int) -> None:
         self.truncations[response_id] = audio_end_ms
         if response_id == self._reply_id:
             self._reply_id = None  # the caller stopped hearing it: no longer "playing"

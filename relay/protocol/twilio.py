@@ -150,9 +150,7 @@ class TwilioStream:
 
     def _check_sid(self, msg: dict[str, Any]) -> None:
         if not self.started:
-            raise TwilioProtocolError(
-                f"{msg.get('event')} before start", kind="twilio_order"
-            )
+            raise TwilioProtocolError(f"{msg.get('event')} before start", kind="twilio_order")
         if msg.get("streamSid") != self.stream_sid:
             raise TwilioProtocolError("message for another streamSid", kind="twilio_stream_sid")
 
@@ -171,7 +169,9 @@ class TwilioStream:
             raise TwilioProtocolError("start.mediaFormat is not an object", kind="twilio_message")
         params = start.get("customParameters") or {}
         if type(params) is not dict:
-            raise TwilioProtocolError("start.customParameters is not an object", kind="twilio_message")
+            raise TwilioProtocolError(
+                "start.customParameters is not an object", kind="twilio_message"
+            )
         tracks = start.get("tracks") or ["inbound"]
         event = Start(
             stream_sid=stream_sid,
