@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import binascii
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -94,6 +95,7 @@ class Call:
         self._to_ulaw: Any = None  # codec.PcmToUlaw when the agent speaks PCM
         self._silence_b64: dict[int, str] = {}
         self._wake = trio.Event()
+        self._playout_due = 0.0  # ms; when the playout task plans to wake (inf: not before woken)
         self._ending = False
         self._twilio_gone = False
         self._agent_dead = False
@@ -472,7 +474,11 @@ class Call:
         if pushed:
             if self._send_due():
                 self.metrics.latency_down.observe(_perf() - t_event)
-            self._wake.set()
+            # Wake the playout task only if it now has to send earlier than it planned:
+            # in steady state the agent's audio goes out right here and playout sleeps.
+            due = downlink.next_due(trio.current_time() * 1000.0)
+            if due is not None and due < self._playout_due:
+                self._wake.set()
 
     def _send_due(self) -> int:
         """Send every frame the lead bound allows now; returns how many were sent."""
@@ -595,8 +601,10 @@ class Call:
                 due = now_ms + 50.0  # poll for the final mark echo, bounded above
             self._wake = trio.Event()
             if due is None:
+                self._playout_due = math.inf
                 await self._wake.wait()
             else:
+                self._playout_due = due
                 with trio.move_on_at(due / 1000.0):
                     await self._wake.wait()
 

@@ -25,7 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
     import trio
 
     from . import config as config_mod
-    from .server import run_server
+    from .server import run_server, tune_gc
 
     cfg = config_mod.load(args.config)
     if args.host:
@@ -41,8 +41,20 @@ def _serve(args: argparse.Namespace) -> int:
     log.info("configuration (secrets masked): %s", cfg.describe())
     if not cfg.security.admin_key:
         log.warning("security.admin_key is not set: /metrics and /calls are disabled")
+    tune_gc()
+    profile_path = os.environ.get("RELAY_PROFILE")
     try:
-        trio.run(run_server, cfg)
+        if profile_path:
+            # For performance work: a cProfile of the whole process, written on Ctrl-C.
+            import cProfile
+
+            profiler = cProfile.Profile()
+            try:
+                profiler.runcall(trio.run, run_server, cfg)
+            finally:
+                profiler.dump_stats(profile_path)
+        else:
+            trio.run(run_server, cfg)
     except KeyboardInterrupt:
         log.info("stopped")
     return 0

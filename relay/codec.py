@@ -18,6 +18,7 @@ try:
         b64decode,
         ulaw_decode,
         ulaw_encode,
+        ws_mask,
     )
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
@@ -36,4 +37,5 @@ __all__ = [
     "b64decode",
     "ulaw_decode",
     "ulaw_encode",
+    "ws_mask",
 ]

@@ -48,6 +48,7 @@ __all__ = [
     "b64decode",
     "ulaw_decode",
     "ulaw_encode",
+    "ws_mask",
 ]
 
 _BIG_ENDIAN = sys.byteorder == "big"
@@ -902,3 +903,17 @@ class DownlinkBuffer:
         self._marks.clear()
         self._play_end = -math.inf
         return rid, int(heard), int(dropped)
+
+
+# --- WebSocket masking (RFC 6455 §5.3) ---------------------------------------------------
+def ws_mask(data: bytes | bytearray | memoryview, key: bytes | bytearray | memoryview) -> bytes:
+    """XOR ``data`` with the 4-byte masking ``key`` repeated (masking and unmasking alike)."""
+    key = bytes(key)
+    if len(key) != 4:
+        raise ValueError("WebSocket masking key must be 4 bytes")
+    data = bytes(data)
+    n = len(data)
+    if n == 0:
+        return b""
+    stream = (key * ((n >> 2) + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")).to_bytes(n, "little")

@@ -67,6 +67,9 @@ class MediaConfig:
     #: multiplex media sockets on one epoll set (see relay/reactor.py); off = one parked
     #: Trio task per socket (slower, same behaviour)
     reactor: bool = True
+    #: under load, let media messages gather this long between reactor passes (see
+    #: relay/reactor.py); 0 = wake up for every message
+    reactor_coalesce_ms: float = 1.0
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict, deque
+from collections.abc import Callable
 
 # Per-frame relay latency buckets in seconds: the relay's budget is far below one 20 ms frame.
 LATENCY_BUCKETS = (
@@ -98,6 +99,8 @@ class Metrics:
         self.gaps_filled = 0
         self.late_drops = 0
         self.duplicates = 0
+        #: set by the server: () -> (wake-ups, sockets served) of the media reactor
+        self.reactor_stats: Callable[[], tuple[int, int]] | None = None
 
     def error(self, kind: str) -> None:
         self.errors[kind] += 1
@@ -191,4 +194,18 @@ class Metrics:
             "Time from the agent's speech-started event to Twilio clear sent.",
             self.barge_in_to_clear.render("relay_barge_in_clear_seconds"),
         )
+        if self.reactor_stats is not None:
+            wakeups, served = self.reactor_stats()
+            metric(
+                "relay_reactor_wakeups_total",
+                "counter",
+                "Media reactor passes (one wake-up serves every ready socket).",
+                [f"relay_reactor_wakeups_total {wakeups}"],
+            )
+            metric(
+                "relay_reactor_reads_total",
+                "counter",
+                "Socket reads served by the media reactor.",
+                [f"relay_reactor_reads_total {served}"],
+            )
         return "\n".join(out) + "\n"

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from .codec import ws_mask
 from .errors import ConnectionClosed, RemoteProtocolError
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
@@ -46,7 +47,6 @@ CLOSE_INTERNAL = 1011
 
 _pack_len16 = struct.Struct("!BBH").pack
 _pack_len64 = struct.Struct("!BBQ").pack
-_from_le = int.from_bytes
 
 
 def accept_key(key: str | bytes) -> str:
@@ -81,14 +81,23 @@ class Control:
     payload: bytes
 
 
-def _unmask(payload: bytes, mask: bytes) -> bytes:
-    # XOR through one big integer: a single C-level operation instead of a Python loop per
-    # byte (about 1 µs for a 400-byte Twilio media frame).
-    n = len(payload)
-    if n == 0:
-        return payload
-    key = (mask * ((n >> 2) + 1))[:n]
-    return (_from_le(payload, "little") ^ _from_le(key, "little")).to_bytes(n, "little")
+_unmask = ws_mask  # XOR with the 4-byte key: the same operation masks and unmasks
+
+# Masking keys must be unpredictable (RFC 6455 §5.3: "derived from a strong source of
+# entropy"); reading them from os.urandom 4 KiB at a time keeps that property without a
+# getrandom(2) system call for every frame sent to the agent.
+_key_pool = b""
+_key_pos = 0
+
+
+def _mask_key() -> bytes:
+    global _key_pool, _key_pos
+    if _key_pos >= len(_key_pool):
+        _key_pool = os.urandom(4096)
+        _key_pos = 0
+    key = _key_pool[_key_pos : _key_pos + 4]
+    _key_pos += 4
+    return key
 
 
 def build_frame(opcode: int, payload: bytes, mask: bool = False) -> bytes:
@@ -104,8 +113,8 @@ def build_frame(opcode: int, payload: bytes, mask: bool = False) -> bytes:
         head = _pack_len64(b0, mbit | 127, n)
     if not mask:
         return head + payload
-    key = os.urandom(4)
-    return head + key + _unmask(payload, key)
+    key = _mask_key()
+    return head + key + ws_mask(payload, key)
 
 
 def text_frame(text: str) -> bytes:

@@ -39,7 +39,10 @@ START = {
 
 def started() -> TwilioStream:
     s = TwilioStream()
-    assert isinstance(s.parse(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})), Connected)
+    assert isinstance(
+        s.parse(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})),
+        Connected,
+    )
     ev = s.parse(json.dumps(START))
     assert isinstance(ev, Start)
     assert ev.custom_parameters == {"token": "t"}
@@ -48,8 +51,12 @@ def started() -> TwilioStream:
 
 def test_full_message_set() -> None:
     s = started()
-    media = {"event": "media", "sequenceNumber": "2", "streamSid": SID,
-             "media": {"track": "inbound", "chunk": "1", "timestamp": "20", "payload": "//8="}}
+    media = {
+        "event": "media",
+        "sequenceNumber": "2",
+        "streamSid": SID,
+        "media": {"track": "inbound", "chunk": "1", "timestamp": "20", "payload": "//8="},
+    }
     assert s.parse(json.dumps(media)) == Media(20, "//8=", 1, "inbound")
     dtmf = {"event": "dtmf", "streamSid": SID, "dtmf": {"track": "inbound_track", "digit": "5"}}
     assert s.parse(json.dumps(dtmf)) == Dtmf("5", "inbound_track")
@@ -63,7 +70,11 @@ def test_outbound_messages_are_valid_json_with_stream_sid() -> None:
     s = started()
     media = orjson.loads(s.media_message(b"\xff\x7f"))
     assert media == {"event": "media", "streamSid": SID, "media": {"payload": "/38="}}
-    assert orjson.loads(s.mark_message("12")) == {"event": "mark", "streamSid": SID, "mark": {"name": "12"}}
+    assert orjson.loads(s.mark_message("12")) == {
+        "event": "mark",
+        "streamSid": SID,
+        "mark": {"name": "12"},
+    }
     assert orjson.loads(s.clear_message()) == {"event": "clear", "streamSid": SID}
 
 
@@ -121,11 +132,16 @@ def test_wrong_stream_sid_second_start_and_bad_format() -> None:
     assert info.value.kind == "twilio_format"
 
 
-@given(st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
-    max_leaves=12,
-))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(st.text(max_size=10), children, max_size=4)
+        ),
+        max_leaves=12,
+    )
+)
 def test_parse_never_crashes_on_arbitrary_json(value: object) -> None:
     s = started()
     try:
