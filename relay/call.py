@@ -36,7 +36,7 @@ import math
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
@@ -304,7 +304,9 @@ class Call:
             if type(event) is Media:
                 metrics.frames_in += 1
                 for _ts, payload, dur in uplink.push(event.timestamp_ms, event.payload, 20):
-                    payloads.append(payload if payload is not None else self._silence(dur))
+                    payloads.append(
+                        cast(str, payload) if payload is not None else self._silence(dur)
+                    )
             elif type(event) is MarkEcho:
                 self.downlink.on_mark(event.name, trio.current_time() * 1000.0)
                 if self._ending:
@@ -463,7 +465,7 @@ class Call:
                     )
             elif kind is AgentToolCall:
                 assert self._nursery is not None
-                self._nursery.start_soon(self._run_tool, ev)
+                self._nursery.start_soon(self._run_tool, cast(AgentToolCall, ev))
             elif kind is AgentHangup:
                 self._begin_ending(ev.reason)  # type: ignore[union-attr]
             elif kind is AgentErrorEvent:

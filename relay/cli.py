@@ -50,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
 
             profiler = cProfile.Profile()
             try:
-                profiler.runcall(trio.run, run_server, cfg)
+                profiler.runcall(trio.run, run_server, cfg)  # type: ignore[arg-type]
             finally:
                 profiler.dump_stats(profile_path)
         else:

@@ -62,9 +62,7 @@ def format_timelines(results: list[Any], server: RelayServer) -> str:
                 echoes += 1
                 continue
             lines.append(f"  {t:7.2f} s  {kind:<20} {detail}")
-        lines.append(
-            f"  mark echoes: {echoes} (each one = a frame the caller heard or, after a clear, discarded)"
-        )
+        lines.append(f"  mark echoes: {echoes} (one per frame heard, or discarded after a clear)")
         lines.append(
             f"  time to first agent audio (caller side): {_ms(result.first_agent_audio_s)}"
         )

@@ -135,7 +135,7 @@ class FrameParser:
     Raises :class:`ProtocolViolation` on garbage; the connection turns that into a close.
     """
 
-    __slots__ = ("_buf", "_frag", "_frag_op", "_frag_len", "expect_masked", "max_message")
+    __slots__ = ("_buf", "_frag", "_frag_len", "_frag_op", "expect_masked", "max_message")
 
     def __init__(self, *, expect_masked: bool, max_message: int = 65536) -> None:
         self.expect_masked = expect_masked
@@ -483,8 +483,7 @@ class WebSocket:
     async def _receive_some(self) -> bytes:
         raw = self._raw
         if raw is None:
-            data: bytes = await self.stream.receive_some(65536)
-            return data
+            return bytes(await self.stream.receive_some(65536))
         # Fast path: recv(2) first; if nothing is there, park on readability (one
         # scheduler round trip instead of trio's three). When data was already waiting we
         # still yield once, shielded, so a busy connection cannot starve the other calls

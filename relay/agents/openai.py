@@ -21,8 +21,8 @@ The API key is never logged; ``repr`` shows it masked (``sk-…abcd``).
 from __future__ import annotations
 
 import logging
-import socket
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 

@@ -85,7 +85,7 @@ def _str(d: dict[str, Any], key: str, where: str) -> str:
 class TwilioStream:
     """State of one Media Stream: validates message order and the streamSid."""
 
-    __slots__ = ("_media_prefix", "_mark_prefix", "_clear", "started", "stream_sid", "call_sid")
+    __slots__ = ("_clear", "_mark_prefix", "_media_prefix", "call_sid", "started", "stream_sid")
 
     def __init__(self) -> None:
         self.stream_sid: str | None = None
