@@ -1157,6 +1157,9 @@ cdef class _Resp:
     pass
 
 
+DEF UNDERRUN_MARGIN_MS = 20.0
+
+
 cdef class DownlinkBuffer:
     """Paces agent μ-law 8 kHz audio to Twilio under a bounded lead, tags frames with marks
     and tracks what the caller heard.  See relay.codec_ref.DownlinkBuffer for the rules."""
@@ -1276,6 +1279,8 @@ cdef class DownlinkBuffer:
         cdef bytes frame
         cdef long long n, end
         cdef double start
+        if not self._queue and self._partial and self._play_end - now_ms <= UNDERRUN_MARGIN_MS:
+            self._close_partial()  # about to run dry: the partial frame goes now
         while self._queue and self._play_end - now_ms <= self.max_lead_ms:
             frame, rid, end = self._queue.popleft()
             n = len(frame)
@@ -1292,7 +1297,10 @@ cdef class DownlinkBuffer:
     def next_due(self, double now_ms):
         cdef double due
         if not self._queue:
-            return None
+            if not self._partial:
+                return None
+            due = self._play_end - UNDERRUN_MARGIN_MS
+            return due if due > now_ms else now_ms
         due = self._play_end - self.max_lead_ms
         return due if due > now_ms else now_ms
 

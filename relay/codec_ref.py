@@ -680,6 +680,10 @@ class _Resp:
         self.heard_base = 0.0  # ms known heard: end of the last echoed mark / at clear()
 
 
+#: A partial downlink frame is sent once Twilio has less than this much audio left.
+UNDERRUN_MARGIN_MS = 20.0
+
+
 class DownlinkBuffer:
     """Paces agent μ-law audio to Twilio and tracks what the caller actually heard.
 
@@ -688,7 +692,9 @@ class DownlinkBuffer:
       closes the final partial frame.
     * ``pull(now_ms)`` sends queued frames while the audio already scheduled ahead of now
       is at most max_lead_ms: ``play_end - now_ms <= max_lead_ms`` with, per frame of d ms,
-      ``play_end = max(play_end, now_ms) + d``.  So a response's first frames go out at once
+      ``play_end = max(play_end, now_ms) + d``.  When no full frame is queued and Twilio has
+      less than UNDERRUN_MARGIN_MS left, the partial frame goes too (frame_ms is the largest
+      frame, never a reason for dead air).  So a response's first frames go out at once
       and at most max_lead_ms + one frame is ever outstanding at Twilio.  ``next_due(now)``
       returns exactly the instant that condition becomes true (so a pull at that instant
       sends), or None when nothing is queued.
@@ -816,6 +822,11 @@ class DownlinkBuffer:
     # -- output -------------------------------------------------------------------------
     def pull(self, now_ms: float) -> list[tuple[bytes, str, str]]:
         out: list[tuple[bytes, str, str]] = []
+        if not self._queue and self._partial and self._play_end - now_ms <= UNDERRUN_MARGIN_MS:
+            # frame_ms is the largest frame, not a wait: when Twilio is about to run dry and
+            # no full frame is queued (a resampler holding back a few ms of each chunk, an
+            # agent streaming small deltas in real time), the partial frame goes now.
+            self._close_partial()
         while self._queue and self._play_end - now_ms <= self.max_lead_ms:
             frame, rid, end = self._queue.popleft()
             n = len(frame)
@@ -831,7 +842,10 @@ class DownlinkBuffer:
 
     def next_due(self, now_ms: float) -> float | None:
         if not self._queue:
-            return None
+            if not self._partial:
+                return None
+            due = self._play_end - UNDERRUN_MARGIN_MS
+            return due if due > now_ms else now_ms
         due = self._play_end - self.max_lead_ms
         return due if due > now_ms else now_ms
 

@@ -59,7 +59,7 @@ def test_injected_delay_is_measured_on_both_legs_passthrough():
     for leg in ("uplink", "downlink"):
         r = result[leg]
         assert r["count"] > (150 if leg == "uplink" else 30)  # 50 vs 10 frames per s
-        assert abs(r["p50_ms"] - 30) < 4, (leg, r)
+        assert abs(r["p50_ms"] - 30) < 5, (leg, r)
         assert r["lost"] == 0 and r["duplicated"] == 0 and r["reordered"] == 0
     assert result["twilio_side"]["misrouted_frames"] == 0
     assert agent.stats()["misrouted_frames"] == 0
@@ -67,7 +67,7 @@ def test_injected_delay_is_measured_on_both_legs_passthrough():
     assert 29 <= result["start_to_first_audio"]["p50_ms"] < 60
     # barge-in -> clear: just the injected delay
     assert result["bargein_to_clear"]["count"] == 4
-    assert abs(result["bargein_to_clear"]["p50_ms"] - 30) < 4
+    assert abs(result["bargein_to_clear"]["p50_ms"] - 30) < 5
     assert result["twilio_side"]["calls_still_open"] == 0
     assert agent.sessions_open == 0
     assert result["twilio_side"]["marks_echoed"] > 0
@@ -78,7 +78,7 @@ def test_injected_delay_is_measured_by_level_codes_when_transcoding():
     for leg in ("uplink", "downlink"):
         r = result[leg]
         assert r["count"] > (100 if leg == "uplink" else 20)
-        assert abs(r["p50_ms"] - 30) < 4, (leg, r)
+        assert abs(r["p50_ms"] - 30) < 5, (leg, r)
         assert r["lost"] == 0 and r["duplicated"] == 0 and r["reordered"] == 0
 
 
@@ -215,7 +215,7 @@ def _fake_run(capacity: int, gen_limit: int = 10**9):
         leg = {"count": 100, "lost": 0, "p99_ms": 3.0 if ok else 40.0}
         return {
             "n": n,
-            "loadgen": {"valid": n <= gen_limit},
+            "loadgen": {"valid": n <= gen_limit, "cpu_pct_of_core": 50 if n <= gen_limit else 95},
             "failed_calls": 0,
             "dropped_calls": 0,
             "uplink": leg,
@@ -235,7 +235,7 @@ def test_capacity_search_brackets_the_limit(capacity):
 
 def test_capacity_search_stops_at_generator_limit():
     found = capacity_search(_fake_run(10**6, gen_limit=450))
-    assert found["calls"] == 400 and found["bounded_by"] == "load generator"
+    assert found["calls"] == 400 and found["bounded_by"].startswith("load generator")
 
 
 def test_marker_tracker_delivers_when_all_but_the_allowance_arrived():

@@ -1,0 +1,121 @@
+"""``python -m bench ...``: benchmark entry point.
+
+    python -m bench load --quick      # ≤ ~2 min: relay + peers at N in {50, 200}
+    python -m bench load --full       # capacity search per target, 15 s steady state
+    python -m bench load --targets relay,fastapi --audio pcmu --n 100,300
+    python -m bench codec ...         # per-frame DSP benchmark (bench/codec.py)
+
+Results: a table on stdout, ``bench/results/load-<mode>.json`` and PNG plots next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in _csv(text))
+
+
+def _load_parser(sub) -> None:
+    p = sub.add_parser("load", help="load / latency / capacity against the relay and peers")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="short runs at a few N (default)")
+    mode.add_argument("--full", action="store_true", help="capacity search, 15 s windows")
+    p.add_argument(
+        "--targets",
+        type=_csv,
+        default=("relay", "fastapi", "pipecat"),
+        help="comma list of relay,fastapi,pipecat,null (default: first three)",
+    )
+    p.add_argument(
+        "--audio",
+        type=_csv,
+        default=("pcmu", "pcm24k"),
+        help="agent audio modes: pcmu (μ-law passthrough), pcm24k (resampled)",
+    )
+    p.add_argument("--n", type=_ints, help="call counts (quick) or capacity ladder (full)")
+    p.add_argument("--window", type=float, help="steady-state seconds per run")
+    p.add_argument("--limit-ms", type=float, default=20.0, help="p99 limit for capacity")
+    p.add_argument("--no-pin", action="store_true", help="do not pin to CPUs")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=None,
+        help="max seconds to wait for idle cores before each run",
+    )
+    p.add_argument(
+        "--retry",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="re-run runs disturbed by other processes (default: on in --full)",
+    )
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    p.add_argument("--no-plots", action="store_true")
+
+
+def _run_load(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from bench import report
+    from bench.harness import FULL, QUICK, Progress, SuiteOptions, run_suite
+
+    mode = "full" if args.full else "quick"
+    timings = FULL if mode == "full" else QUICK
+    if args.window:
+        timings = replace(timings, window_s=args.window)
+    opts = SuiteOptions(
+        mode=mode,
+        targets=args.targets,
+        audios=args.audio,
+        ns=args.n,
+        timings=timings,
+        pin=not args.no_pin,
+        quiet_wait_s=args.quiet_wait
+        if args.quiet_wait is not None
+        else (10.0 if mode == "full" else 2.0),
+        limit_ms=args.limit_ms,
+        retry_noisy=mode == "full" if args.retry is None else args.retry,
+    )
+    suite = run_suite(opts, Progress())
+    print(report.text_report(suite))
+    path = args.out / f"load-{mode}.json"
+    report.write_json(suite, path)
+    print(f"\nJSON: {path}")
+    if not args.no_plots:
+        for png in report.plot(suite, args.out, f"load-{mode}"):
+            print(f"plot: {png}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "codec":
+        # bench/codec.py belongs to the codec benchmark; hand it the rest of the line.
+        try:
+            codec = importlib.import_module("bench.codec")
+        except ImportError as exc:
+            print(f"bench codec: not available ({exc})", file=sys.stderr)
+            return 2
+        return int(codec.main(argv[1:]) or 0)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _load_parser(sub)
+    sub.add_parser("codec", help="per-frame DSP benchmark (bench/codec.py)")
+    args = parser.parse_args(argv)
+    if args.command == "load":
+        return _run_load(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
