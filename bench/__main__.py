@@ -4,6 +4,7 @@
     python -m bench load --full       # capacity search per target, 15 s steady state
     python -m bench load --targets relay,fastapi --audio pcmu --n 100,300
     python -m bench codec ...         # per-frame DSP benchmark (bench/codec.py)
+    python -m bench wsstack [--quick] # CPU per WebSocket message, stack by stack
 
 Results: a table on stdout, ``bench/results/load-<mode>.json`` and PNG plots next to it.
 """
@@ -107,10 +108,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench codec: not available ({exc})", file=sys.stderr)
             return 2
         return int(codec.main(argv[1:]) or 0)
+    if argv and argv[0] == "wsstack":
+        from bench import wsstack  # owns its options, like bench/codec.py
+
+        return wsstack.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _load_parser(sub)
     sub.add_parser("codec", help="per-frame DSP benchmark (bench/codec.py)")
+    sub.add_parser("wsstack", help="server CPU per WebSocket message pair (bench/wsstack.py)")
     args = parser.parse_args(argv)
     if args.command == "load":
         return _run_load(args)

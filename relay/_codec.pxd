@@ -80,6 +80,8 @@ cdef class DownlinkBuffer:
     cdef long long _queued
     cdef bytearray _partial
     cdef object _partial_rid
+    cdef bint _partial_timed
+    cdef double _partial_since
     cdef dict _resp
     cdef dict _dropped
     cdef dict _marks

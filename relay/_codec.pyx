@@ -1158,6 +1158,7 @@ cdef class _Resp:
 
 
 DEF UNDERRUN_MARGIN_MS = 20.0
+DEF PARTIAL_HOLD_MS = 10.0
 
 
 cdef class DownlinkBuffer:
@@ -1176,6 +1177,7 @@ cdef class DownlinkBuffer:
         self._queued = 0
         self._partial = bytearray()
         self._partial_rid = None
+        self._partial_timed = False
         self._resp = {}
         self._dropped = {}
         self._marks = {}
@@ -1244,6 +1246,7 @@ cdef class DownlinkBuffer:
             self._queued += fb
         if not self._partial:
             self._partial_rid = None
+            self._partial_timed = False
 
     cdef void _close_partial(self):
         cdef _Resp r
@@ -1254,6 +1257,7 @@ cdef class DownlinkBuffer:
             self._queued += len(self._partial)
         self._partial = bytearray()
         self._partial_rid = None
+        self._partial_timed = False
 
     def end_response(self, response_id) -> None:
         if self._partial_rid == response_id:
@@ -1269,6 +1273,7 @@ cdef class DownlinkBuffer:
             r.offset += len(self._partial)
             self._partial = bytearray()
             self._partial_rid = None
+            self._partial_timed = False
         if any(item[1] == response_id for item in self._queue):
             keep = [item for item in self._queue if item[1] != response_id]
             self._queue = deque(keep)
@@ -1279,8 +1284,14 @@ cdef class DownlinkBuffer:
         cdef bytes frame
         cdef long long n, end
         cdef double start
-        if not self._queue and self._partial and self._play_end - now_ms <= UNDERRUN_MARGIN_MS:
-            self._close_partial()  # about to run dry: the partial frame goes now
+        if not self._queue and self._partial:
+            # see relay.codec_ref.DownlinkBuffer.pull: partial frames wait briefly at most
+            if not self._partial_timed:
+                self._partial_timed = True
+                self._partial_since = now_ms
+            if (self._play_end - now_ms <= UNDERRUN_MARGIN_MS
+                    or now_ms - self._partial_since >= PARTIAL_HOLD_MS):
+                self._close_partial()
         while self._queue and self._play_end - now_ms <= self.max_lead_ms:
             frame, rid, end = self._queue.popleft()
             n = len(frame)
@@ -1292,6 +1303,9 @@ cdef class DownlinkBuffer:
             self._marks[name] = (rid, end - n, end, now_ms)
             self.frames_out += 1
             out.append((frame, name, rid))
+        if not self._queue and self._partial and not self._partial_timed:
+            self._partial_timed = True
+            self._partial_since = now_ms
         return out
 
     def next_due(self, double now_ms):
@@ -1300,6 +1314,9 @@ cdef class DownlinkBuffer:
             if not self._partial:
                 return None
             due = self._play_end - UNDERRUN_MARGIN_MS
+            since = self._partial_since if self._partial_timed else now_ms
+            if since + PARTIAL_HOLD_MS < due:
+                due = since + PARTIAL_HOLD_MS
             return due if due > now_ms else now_ms
         due = self._play_end - self.max_lead_ms
         return due if due > now_ms else now_ms
@@ -1380,6 +1397,7 @@ cdef class DownlinkBuffer:
         self._queued = 0
         self._partial = bytearray()
         self._partial_rid = None
+        self._partial_timed = False
         self._marks.clear()
         self._play_end = -INFINITY
         return rid, <long long>heard, <long long>dropped

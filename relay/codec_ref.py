@@ -682,6 +682,8 @@ class _Resp:
 
 #: A partial downlink frame is sent once Twilio has less than this much audio left.
 UNDERRUN_MARGIN_MS = 20.0
+#: ... and at the latest once it has waited this long for the rest of its frame.
+PARTIAL_HOLD_MS = 10.0
 
 
 class DownlinkBuffer:
@@ -692,9 +694,10 @@ class DownlinkBuffer:
       closes the final partial frame.
     * ``pull(now_ms)`` sends queued frames while the audio already scheduled ahead of now
       is at most max_lead_ms: ``play_end - now_ms <= max_lead_ms`` with, per frame of d ms,
-      ``play_end = max(play_end, now_ms) + d``.  When no full frame is queued and Twilio has
-      less than UNDERRUN_MARGIN_MS left, the partial frame goes too (frame_ms is the largest
-      frame, never a reason for dead air).  So a response's first frames go out at once
+      ``play_end = max(play_end, now_ms) + d``.  When no full frame is queued, the partial
+      frame goes too once it has waited PARTIAL_HOLD_MS (from the first pull that saw it)
+      or Twilio has less than UNDERRUN_MARGIN_MS left: frame_ms is the largest frame, not
+      a reason to hold audio back.  So a response's first frames go out at once
       and at most max_lead_ms + one frame is ever outstanding at Twilio.  ``next_due(now)``
       returns exactly the instant that condition becomes true (so a pull at that instant
       sends), or None when nothing is queued.
@@ -730,6 +733,7 @@ class DownlinkBuffer:
         self._queued = 0  # bytes in _queue
         self._partial = bytearray()
         self._partial_rid: str | None = None
+        self._partial_since: float | None = None  # first pull that saw the partial
         self._resp: dict[str, _Resp] = {}
         self._dropped: dict[str, None] = {}  # ordered set
         # pending marks in send order: name -> (rid, start offset, end offset, sent at)
@@ -792,6 +796,7 @@ class DownlinkBuffer:
             self._queued += fb
         if not self._partial:
             self._partial_rid = None
+            self._partial_since = None
 
     def _close_partial(self) -> None:
         if self._partial and self._partial_rid is not None:
@@ -801,6 +806,7 @@ class DownlinkBuffer:
             self._queued += len(self._partial)
         self._partial = bytearray()
         self._partial_rid = None
+        self._partial_since = None
 
     def end_response(self, response_id: str) -> None:
         if self._partial_rid == response_id:
@@ -814,6 +820,7 @@ class DownlinkBuffer:
             self._state(response_id).offset += len(self._partial)
             self._partial = bytearray()
             self._partial_rid = None
+            self._partial_since = None
         if any(item[1] == response_id for item in self._queue):
             keep = [item for item in self._queue if item[1] != response_id]
             self._queue = deque(keep)
@@ -822,11 +829,18 @@ class DownlinkBuffer:
     # -- output -------------------------------------------------------------------------
     def pull(self, now_ms: float) -> list[tuple[bytes, str, str]]:
         out: list[tuple[bytes, str, str]] = []
-        if not self._queue and self._partial and self._play_end - now_ms <= UNDERRUN_MARGIN_MS:
-            # frame_ms is the largest frame, not a wait: when Twilio is about to run dry and
-            # no full frame is queued (a resampler holding back a few ms of each chunk, an
-            # agent streaming small deltas in real time), the partial frame goes now.
-            self._close_partial()
+        if not self._queue and self._partial:
+            # frame_ms is the largest frame, not a wait: a partial frame goes once it has
+            # waited PARTIAL_HOLD_MS for more audio, or at once if Twilio is about to run
+            # dry (a resampler holding back a few ms of each chunk, an agent streaming
+            # small deltas in real time, the first audio of an answer).
+            if self._partial_since is None:
+                self._partial_since = now_ms
+            if (
+                self._play_end - now_ms <= UNDERRUN_MARGIN_MS
+                or now_ms - self._partial_since >= PARTIAL_HOLD_MS
+            ):
+                self._close_partial()
         while self._queue and self._play_end - now_ms <= self.max_lead_ms:
             frame, rid, end = self._queue.popleft()
             n = len(frame)
@@ -838,6 +852,8 @@ class DownlinkBuffer:
             self._marks[name] = (rid, end - n, end, now_ms)
             self.frames_out += 1
             out.append((frame, name, rid))
+        if not self._queue and self._partial and self._partial_since is None:
+            self._partial_since = now_ms  # the hold starts when the partial is all that is left
         return out
 
     def next_due(self, now_ms: float) -> float | None:
@@ -845,6 +861,9 @@ class DownlinkBuffer:
             if not self._partial:
                 return None
             due = self._play_end - UNDERRUN_MARGIN_MS
+            since = now_ms if self._partial_since is None else self._partial_since
+            if since + PARTIAL_HOLD_MS < due:
+                due = since + PARTIAL_HOLD_MS
             return due if due > now_ms else now_ms
         due = self._play_end - self.max_lead_ms
         return due if due > now_ms else now_ms
@@ -914,6 +933,7 @@ class DownlinkBuffer:
         self._queued = 0
         self._partial = bytearray()
         self._partial_rid = None
+        self._partial_since = None
         self._marks.clear()
         self._play_end = -math.inf
         return rid, int(heard), int(dropped)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,20 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
+    if os.environ.get("RELAY_GC_LOG"):
+        import time as _time
+
+        started: list[float] = []
+
+        def _log(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                started[:] = [_time.perf_counter()]
+            elif started:
+                pause = (_time.perf_counter() - started[0]) * 1000
+                with open(os.environ["RELAY_GC_LOG"], "a") as fh:
+                    fh.write(f"gen{info['generation']} {pause:.2f} ms {info['collected']}\n")
+
+        gc.callbacks.append(_log)
 
 
 class _PrefixedStream(trio.abc.HalfCloseableStream):

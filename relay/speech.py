@@ -6,9 +6,8 @@ an energy detector and sound like a voice to a person checking a WAV: voiced syl
 words into utterances. Everything is seeded, so a test gets the same samples every run, and
 vectorised with numpy so a minute of audio takes a fraction of a second.
 
-Also here, because every part of the relay's tooling needs them without the Cython codec:
-G.711 μ-law encode/decode tables (bit-exact with the classic ``g711.c`` / ``audioop``),
-frame energy in dBFS and an offline speech-segment detector.
+Also here: numpy-friendly μ-law helpers over ``relay.codec``, frame energy in dBFS and an
+offline speech-segment detector.
 """
 
 from __future__ import annotations
@@ -18,51 +17,27 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from . import codec
+
 RATE = 8000  # Twilio media is always 8 kHz mono μ-law (Media Streams docs)
 FRAME = 160  # 20 ms at 8 kHz: the frame size Twilio is observed to use
 
 Int16Array = npt.NDArray[np.int16]
 
-# --- G.711 μ-law ----------------------------------------------------------------------
-_ULAW_BIAS = 0x84
-_ULAW_CLIP = 8159  # in 14-bit units, as in g711.c's st_14linear2ulaw
-_SEG_END = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF], dtype=np.int32)
-
-
-def _build_encode_table() -> npt.NDArray[np.uint8]:
-    """μ-law byte for every int16 value, index = value + 32768 (the g711.c algorithm)."""
-    pcm = np.arange(-32768, 32768, dtype=np.int32) >> 2  # 14-bit, arithmetic shift
-    mask = np.where(pcm < 0, 0x7F, 0xFF)
-    mag = np.minimum(np.abs(pcm), _ULAW_CLIP) + (_ULAW_BIAS >> 2)
-    seg = np.searchsorted(_SEG_END, mag)  # first segment whose end >= magnitude
-    mantissa = (mag >> (np.minimum(seg, 7) + 1)) & 0x0F
-    uval = np.where(seg >= 8, 0x7F, (np.minimum(seg, 7) << 4) | mantissa)
-    return (uval ^ mask).astype(np.uint8)
-
-
-def _build_decode_table() -> npt.NDArray[np.int16]:
-    u = ~np.arange(256, dtype=np.int32) & 0xFF
-    t = (((u & 0x0F) << 3) + _ULAW_BIAS) << ((u & 0x70) >> 4)
-    return np.where(u & 0x80, _ULAW_BIAS - t, t - _ULAW_BIAS).astype(np.int16)
-
-
-_ENCODE = _build_encode_table()
-_DECODE = _build_decode_table()
+# --- G.711 μ-law (numpy views over the relay's own codec) ---------------------------------
 ULAW_SILENCE = 0xFF  # encodes PCM 0
 
 
 def mulaw_encode(pcm: npt.ArrayLike) -> bytes:
     """int16 samples (array or PCM16 LE bytes) -> μ-law bytes."""
     if isinstance(pcm, bytes | bytearray | memoryview):
-        samples = np.frombuffer(pcm, dtype="<i2")
-    else:
-        samples = np.asarray(pcm, dtype=np.int16)
-    return _ENCODE[samples.astype(np.int32) + 32768].tobytes()
+        return codec.ulaw_encode(pcm)
+    return codec.ulaw_encode(np.ascontiguousarray(pcm, dtype="<i2").tobytes())
 
 
 def mulaw_decode(ulaw: bytes | bytearray | memoryview) -> Int16Array:
     """μ-law bytes -> int16 samples."""
-    return _DECODE[np.frombuffer(ulaw, dtype=np.uint8)]
+    return np.frombuffer(codec.ulaw_decode(ulaw), dtype="<i2").astype(np.int16)
 
 
 # --- levels and detection ----------------------------------------------------------------

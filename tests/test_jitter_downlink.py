@@ -35,30 +35,37 @@ def test_burst_is_rechunked_into_frames(impl: ModuleType) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_partial_frame_waits_for_end_response(impl: ModuleType) -> None:
+def test_partial_frame_waits_briefly_or_for_end_response(impl: ModuleType) -> None:
     db = impl.DownlinkBuffer()
     db.push(audio(150), "r1")
     assert [len(f) for f, _, _ in db.pull(0.0)] == [800]  # Twilio now holds 100 ms
-    assert db.pull(50.0) == [] and db.buffered_ms == 50  # 50 ms left at Twilio: wait
+    assert db.pull(5.0) == [] and db.buffered_ms == 50  # the rest of the frame may come
     db.end_response("other")  # not the partial's response: no effect
-    assert db.buffered_ms == 50 and db.pull(50.0) == []
-    db.end_response("r1")
-    assert [len(f) for f, _, _ in db.pull(50.0)] == [400]
+    assert db.buffered_ms == 50 and db.pull(5.0) == []
+    db.end_response("r1")  # the answer is complete: nothing more will come
+    assert [len(f) for f, _, _ in db.pull(5.0)] == [400]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_partial_frame_goes_before_twilio_runs_dry(impl: ModuleType) -> None:
+def test_partial_frame_is_held_at_most_partial_hold_ms(impl: ModuleType) -> None:
     """frame_ms is the largest frame, not a wait: e.g. a resampler holding back ~3 ms of
-    each 100 ms agent chunk must not delay every frame by a whole chunk."""
+    each 100 ms chunk must not delay the first frame of an answer by a whole chunk."""
     db = impl.DownlinkBuffer()
     db.push(audio(150), "r1")
     assert [len(f) for f, _, _ in db.pull(0.0)] == [800]
-    assert db.next_due(10.0) == pytest.approx(80.0)  # 20 ms before Twilio runs dry
-    assert db.pull(79.0) == []
-    assert [len(f) for f, _, _ in db.pull(80.0)] == [400]
-    assert db.next_due(80.0) is None
-    db.push(audio(30), "r1")  # nothing at Twilio beyond 150 ms: sent at once if it were due
-    assert db.pull(100.0) == [] and db.next_due(100.0) == pytest.approx(130.0)
+    assert db.next_due(0.0) == pytest.approx(10.0)
+    assert db.pull(9.9) == []
+    assert [len(f) for f, _, _ in db.pull(10.0)] == [400]
+    assert db.next_due(10.0) is None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_partial_frame_goes_at_once_when_twilio_is_dry(impl: ModuleType) -> None:
+    db = impl.DownlinkBuffer()
+    db.push(audio(90), "r1")
+    assert [len(f) for f, _, _ in db.pull(0.0)] == [720]  # nothing playing: no waiting
+    db.push(audio(25), "r1")
+    assert [len(f) for f, _, _ in db.pull(75.0)] == [200]  # 15 ms left: under the margin
 
 
 @pytest.mark.parametrize("impl", IMPLS)
