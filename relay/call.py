@@ -265,11 +265,12 @@ class Call:
             self._on_twilio(batch)
         raw = self.ws.raw_socket
         if self.state.reactor is not None and raw is not None:
+            # The reactor runs _twilio_readable from now on; the call ending cancels us.
             if not self._finished:
                 self._register(raw, self._twilio_readable)
                 self._twilio_readable()  # bytes that arrived with the upgrade
-            await trio.sleep_forever()  # the call ending cancels us
-        while not self._finished:
+            await trio.sleep_forever()
+        while not self._finished:  # no reactor: read here, same handler
             try:
                 batch = await self.ws.receive()
             except ConnectionClosed as exc:
@@ -408,12 +409,13 @@ class Call:
         assert agent is not None
         sock = agent.reactor_socket() if self.state.reactor is not None else None
         if sock is not None:
+            # The reactor runs _agent_readable from now on; the call ending cancels us.
             if not self._finished:
                 self._agent_registration = (sock, self._agent_readable)
                 self._register(sock, self._agent_readable)
                 self._agent_readable()  # events that arrived while connecting
             await trio.sleep_forever()
-        while not self._agent_dead and not self._finished:
+        while not self._agent_dead and not self._finished:  # no reactor (TLS, in-process)
             try:
                 events = await agent.receive()
             except (ConnectionClosed, AgentError) as exc:

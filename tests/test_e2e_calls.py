@@ -4,6 +4,7 @@ only fakes are the peers the relay would talk to in production."""
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import numpy as np
@@ -637,3 +638,31 @@ async def test_simulator_calls_against_the_parrot(start_relay, make_config):
             events = [cb.get("StreamEvent") or cb.get("CallStatus") for cb in callbacks]
             assert "stream-started" in events and "completed" in events
             assert len(record.transcript) >= 2  # caller utterance + parrot echo
+
+
+# --- the same behaviour without the media reactor ------------------------------------------------
+WITHOUT_REACTOR = [
+    test_passthrough_audio_is_byte_identical,
+    test_resampled_audio_pcm24k,
+    test_barge_in_clear_and_truncate_accuracy,
+    test_no_stale_media_after_clear_under_backpressure,
+    test_agent_closes_relay_plays_buffered_audio_then_hangs_up,
+    test_half_dead_twilio_socket_times_out,
+    test_no_leaks_after_calls,
+]
+
+
+@pytest.mark.parametrize("case", WITHOUT_REACTOR, ids=lambda f: f.__name__[5:])
+async def test_same_behaviour_with_a_task_per_socket(case, start_relay, make_config, e2e, nursery):
+    """media.reactor = false (and platforms without epoll): each socket is read by its
+    call's own task, through the same handlers. Same assertions, other I/O path."""
+
+    def config_without_reactor(**kwargs):
+        media = {**kwargs.pop("media", {}), "reactor": False}
+        return make_config(media=media, **kwargs)
+
+    fixtures = {"start_relay": start_relay, "make_config": config_without_reactor, "e2e": e2e}
+    fixtures["nursery"] = nursery
+    fixtures["how"] = "abort"  # the agent's TCP dies (the harder of the two cases)
+    wanted = inspect.signature(case).parameters
+    await case(**{name: fixtures[name] for name in wanted})
