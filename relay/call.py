@@ -204,6 +204,13 @@ class Call:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    def _internal_error(self, where: str) -> None:
+        # Our bug, met from the reactor: end this call cleanly instead of leaving its
+        # sockets unwatched; the other calls never see it.
+        self.metrics.error("internal")
+        log.exception("call %s: internal error in %s; ending the call", self.call_sid, where)
+        self._end("internal error")
+
     def _count_error(self, kind: str, message: str) -> None:
         self.metrics.error(kind)
         log.warning("call %s: %s: %s", self.call_sid, kind, message)
@@ -287,7 +294,10 @@ class Call:
             self._twilio_closed(exc)
             return
         if batch:
-            self._on_twilio(batch)
+            try:
+                self._on_twilio(batch)
+            except Exception:
+                self._internal_error("Twilio message handling")
 
     def _on_twilio(self, batch: list[str | bytes]) -> None:
         t0 = _perf()
@@ -432,8 +442,14 @@ class Call:
         except (ConnectionClosed, AgentError) as exc:
             self._agent_gone(f"agent closed: {exc}")
             return
+        except Exception:
+            self._internal_error("agent message parsing")
+            return
         if events:
-            self._on_agent(events)
+            try:
+                self._on_agent(events)
+            except Exception:
+                self._internal_error("agent event handling")
 
     def _on_agent(self, events: list[AgentEvent]) -> None:
         t_event = _perf()

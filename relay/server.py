@@ -175,6 +175,17 @@ class RelayServer:
                 lifespan_nursery.cancel_scope.cancel()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        # trio.serve_listeners lets a handler's exception end the whole server. Peer input
+        # never raises out of here by design; this is the net for our own bugs, so one
+        # broken connection stays one broken connection (logged, counted, closed).
+        try:
+            await self._serve_connection(stream)
+        except Exception:
+            self.state.metrics.error("internal")
+            log.exception("internal error on a connection; it was closed, others continue")
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
         try:
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
             with trio.fail_after(HEAD_TIMEOUT_S):

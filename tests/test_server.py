@@ -200,3 +200,33 @@ async def test_server_shutdown_ends_every_call(make_config, nursery, e2e):
         assert closed.code == 1000
         await relay_.wait_idle()
         assert relay_.records(fake.call_sid).status == "completed"
+
+
+async def test_a_bug_in_one_call_does_not_end_the_server(
+    start_relay, make_config, e2e, monkeypatch
+):
+    """An unexpected exception in one connection's handling is logged, counted and closes
+    that connection; the listener and other calls go on."""
+    from relay import call as call_module
+
+    relay_ = await start_relay(make_config(default_agent="echo"))
+    original = call_module.Call.run
+    calls = 0
+
+    async def broken_once(self):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("simulated bug")
+        await original(self)
+
+    monkeypatch.setattr(call_module.Call, "run", broken_once)
+    with trio.fail_after(10):
+        first = await relay_.dial(start=False)
+        await first.wait_closed()
+        second = await relay_.dial()  # the server still accepts and serves calls
+        await second.send_media(b"\xff" * 160)
+        await second.wait_for(lambda f: len(f.audio) >= 160)
+        await second.hang_up()
+        await relay_.wait_idle()
+    assert relay_.server.state.metrics.errors["internal"] == 1
