@@ -7,14 +7,16 @@
       └─ nursery
            ├─ twilio_reader   Twilio -> agent: media (jitter buffer, passthrough or
            │                  transcode), marks (what was played), DTMF, stop
-           ├─ twilio_flusher  drains bytes the kernel did not take at once (bounded)
+           ├─ twilio_flusher  only while the kernel has not taken all we wrote (bounded)
            ├─ agent_reader    agent -> Twilio: audio into the downlink buffer, barge-in,
            │                  transcripts, tools, hang-up
            ├─ agent_runner    the adapter's background work (its socket's flusher, ...)
            ├─ playout         sends queued audio as the lead over real time allows;
            │                  hangs up once the last mark is echoed after the agent ended
-           ├─ watchdog        maximum call duration
            └─ tool calls      one short-lived task each
+
+The maximum call duration is the nursery's own cancel-scope deadline (a watchdog that
+costs no task: each idle task is ~3 KB of memory per call).
 
 Either side ending cancels the nursery; ``finally`` closes the agent session and the Twilio
 socket under a shield with a short bound, so nothing outlives its call. Every send is bounded
@@ -98,6 +100,7 @@ class Call:
         self._playout_due = 0.0  # ms; when the playout task plans to wake (inf: not before woken)
         self._ending = False
         self._twilio_gone = False
+        self._twilio_flushing = False
         self._agent_dead = False
         self._finished = False
         self._registrations: list[tuple[socket.socket, Callable[[], None]]] = []
@@ -174,13 +177,17 @@ class Call:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await nursery.start(self._twilio_flusher)
+                nursery.cancel_scope.deadline = trio.current_time() + self.cfg.calls.max_duration_s
+                self.ws.on_backlog = self._twilio_backlog
                 await nursery.start(self._agent_runner)
                 await nursery.start(self._twilio_reader)
                 await nursery.start(self._agent_reader)
                 await nursery.start(self._playout)
-                await nursery.start(self._watchdog)
+            if nursery.cancel_scope.cancelled_caught and not self.end_reason:
+                log.info("call %s: maximum duration reached", self.call_sid)
+                self.end_reason = "max duration"
         finally:
+            self.ws.on_backlog = None
             self._unregister_all()
             await self._close_all(CLOSE_NORMAL, self.end_reason or "call ended")
 
@@ -391,14 +398,20 @@ class Call:
         self.ws.close_nowait(CLOSE_POLICY, kind)
         self._end(self.end_reason)
 
-    async def _twilio_flusher(
-        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        task_status.started()
+    def _twilio_backlog(self) -> None:
+        # The kernel did not take everything we wrote to Twilio: drain it in a task of
+        # this call, under the send timeout (a Twilio that stopped reading ends the call).
+        if not self._twilio_flushing and self._nursery is not None and not self._finished:
+            self._twilio_flushing = True
+            self._nursery.start_soon(self._twilio_flusher)
+
+    async def _twilio_flusher(self) -> None:
         try:
-            await self.ws.run_flusher()
+            await self.ws.drain()
         except ConnectionClosed as exc:
             self._twilio_closed(exc)
+        finally:
+            self._twilio_flushing = False
 
     # -- agent -> Twilio ----------------------------------------------------------------
     async def _agent_runner(
@@ -627,15 +640,6 @@ class Call:
                 self._playout_due = due
                 with trio.move_on_at(due / 1000.0):
                     await self._wake.wait()
-
-    async def _watchdog(
-        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        task_status.started()
-        await trio.sleep(self.cfg.calls.max_duration_s)
-        log.info("call %s: maximum duration reached", self.call_sid)
-        self.end_reason = "max duration"
-        self._end("max duration")
 
     # -- records ------------------------------------------------------------------------
     def _elapsed(self) -> float:

@@ -20,7 +20,7 @@ import hashlib
 import os
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -272,6 +272,10 @@ class WebSocket:
         self._send_lock = trio.Lock()
         self._out = bytearray()
         self._out_wake: trio.Event | None = None
+        #: called (synchronously) when a write leaves bytes waiting and no run_flusher is
+        #: parked: the owner starts a task that awaits drain(). Without it, bytes wait for
+        #: the next async write or run_flusher.
+        self.on_backlog: Callable[[], None] | None = None
         self.closed: ConnectionClosed | None = None
         self._close_sent = False
         self.messages_in = 0
@@ -318,6 +322,8 @@ class WebSocket:
             raise self.closed
         if self._out_wake is not None:
             self._out_wake.set()
+        elif self.on_backlog is not None:
+            self.on_backlog()
 
     async def drain(self) -> None:
         """Send everything buffered, bounded by ``send_timeout`` per chunk."""
