@@ -51,6 +51,8 @@ _RVIEW = memoryview(_RBUF)
 # A peer that stops reading: past this backlog we stop buffering and drop the connection
 # (counted by the owner through ``on_close``) instead of growing memory without bound.
 MAX_BACKLOG = 8 * 1024 * 1024
+# Ready fds handled before due timers get another chance (see Reactor.run).
+TIMER_CHECK_EVERY = 32
 
 
 def _unmask_py(data: bytes, key: bytes) -> bytes:
@@ -112,6 +114,9 @@ def close_payload(code: int = 1000, reason: str = "") -> bytes:
     return code.to_bytes(2, "big") + reason.encode()
 
 
+_NO_CONTROL: list = []  # shared and never mutated: feed_to's "no control frames" result
+
+
 class FrameReader:
     """Incremental RFC 6455 parser; returns whole messages ``(opcode, payload)``.
 
@@ -137,6 +142,16 @@ class FrameReader:
         (no intermediate list on the hot path); control frames are returned."""
         if self._buf:
             data = self._buf + data
+        elif (
+            len(data) > 8
+            and data[1] == 0xFE
+            and (data[0] == 0x81 or data[0] == 0x82)
+            and (data[2] << 8 | data[3]) + 8 == len(data)
+        ):
+            # Fast path: exactly one final, masked data frame with a 16-bit length (what
+            # a relay sends the agent 50 times a second per call).
+            deliver(data[0] & 0x0F, unmask(data[8:], data[4:8]), now)
+            return _NO_CONTROL
         control: list[tuple[int, bytes]] = []
         n = len(data)
         pos = 0
@@ -208,19 +223,28 @@ class Reactor:
     def __init__(self) -> None:
         self._ep = select.epoll()
         self._handlers: dict[int, object] = {}
+        # fd -> bound ``on_event``: one dict lookup and no attribute lookup per event
+        self._callbacks: dict[int, Callable[[int], None]] = {}
         self._timers: list[list] = []
         self._seq = itertools.count()
         self.closed = False
 
     def register(self, fd: int, handler: object, events: int = EPOLLIN) -> None:
         self._handlers[fd] = handler
+        self._callbacks[fd] = handler.on_event  # type: ignore[attr-defined]
         self._ep.register(fd, events)
+
+    def set_callback(self, fd: int, callback: Callable[[int], None]) -> None:
+        """Route ``fd``'s events to ``callback`` instead of its handler's ``on_event``."""
+        if fd in self._callbacks:
+            self._callbacks[fd] = callback
 
     def modify(self, fd: int, events: int) -> None:
         if fd in self._handlers:
             self._ep.modify(fd, events)
 
     def unregister(self, fd: int) -> None:
+        self._callbacks.pop(fd, None)
         if self._handlers.pop(fd, None) is not None:
             try:
                 self._ep.unregister(fd)
@@ -241,11 +265,18 @@ class Reactor:
             entry[2] = None
 
     def run(self, until_ns: int | None = None, stop: Callable[[], bool] | None = None) -> None:
-        """Run until ``until_ns`` (monotonic) or until ``stop()`` returns true."""
+        """Run until ``until_ns`` (monotonic) or until ``stop()`` returns true.
+
+        Due timers also fire in the middle of a large batch of ready fds (every
+        ``TIMER_CHECK_EVERY`` events): a burst from the peer then cannot hold the 20 ms
+        media timers back by the time it takes to drain the whole batch.
+        """
         timers = self._timers
-        handlers = self._handlers
+        callbacks = self._callbacks
         poll = self._ep.poll
         pop = heapq.heappop
+        get = callbacks.get
+        every = TIMER_CHECK_EVERY
         while True:
             now = monotonic_ns()
             while timers and timers[0][0] <= now:
@@ -253,17 +284,33 @@ class Reactor:
                 fn = entry[2]
                 if fn is not None:
                     fn(*entry[3])
-            now = monotonic_ns()
+                if timers and timers[0][0] <= now:
+                    continue
+                now = monotonic_ns()  # timers can take a while: pick up newly due ones
             if (until_ns is not None and now >= until_ns) or (stop is not None and stop()):
                 return
             wake = timers[0][0] if timers else now + 50_000_000
             if until_ns is not None and until_ns < wake:
                 wake = until_ns
             timeout = (wake - now) / 1e9
-            for fd, ev in poll(timeout if timeout > 0 else 0):
-                h = handlers.get(fd)
-                if h is not None:
-                    h.on_event(ev)  # type: ignore[attr-defined]
+            events = poll(timeout if timeout > 0 else 0)
+            if len(events) <= every:
+                for fd, ev in events:
+                    cb = get(fd)
+                    if cb is not None:
+                        cb(ev)
+                continue
+            for i in range(0, len(events), every):
+                for fd, ev in events[i : i + every]:
+                    cb = get(fd)
+                    if cb is not None:
+                        cb(ev)
+                now = monotonic_ns()
+                while timers and timers[0][0] <= now:
+                    entry = pop(timers)
+                    fn = entry[2]
+                    if fn is not None:
+                        fn(*entry[3])
 
     def close(self) -> None:
         for h in list(self._handlers.values()):
@@ -367,6 +414,18 @@ class Stream:
             self.reactor.modify(self.fd, EPOLLIN)
 
     def on_event(self, ev: int) -> None:
+        if ev == EPOLLIN and not self.connecting:  # the hot case: data to read
+            try:
+                n = self.sock.recv_into(_RBUF)  # type: ignore[union-attr]
+            except BlockingIOError:
+                return
+            except OSError:
+                n = 0
+            if n:
+                self.on_data(_RVIEW[:n].tobytes(), monotonic_ns())
+            else:
+                self.close()
+            return
         if self.connecting:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore
             self.connecting = False
@@ -505,6 +564,40 @@ class HttpConn(Stream):
             + first
         )
         self.ws = FrameReader()
+        # From now on every read is WebSocket data: skip the HTTP dispatch per read.
+        self.on_data = self._on_ws_data  # type: ignore[method-assign]
+        if not self.closed:
+            self.reactor.set_callback(self.fd, self._ws_event)
+
+    def _ws_event(self, ev: int) -> None:
+        """``on_event`` after the upgrade. Hot case (50 times a second per call): one
+        read holding exactly one masked data frame with a 16-bit length, delivered
+        straight from the receive buffer; anything else takes the general path."""
+        if ev != EPOLLIN:
+            self.on_event(ev)
+            return
+        try:
+            n = self.sock.recv_into(_RBUF)  # type: ignore[union-attr]
+        except BlockingIOError:
+            return
+        except OSError:
+            n = 0
+        if not n:
+            self.close()
+            return
+        now = monotonic_ns()
+        b0 = _RBUF[0]
+        if (
+            n > 8
+            and _RBUF[1] == 0xFE
+            and (b0 == 0x81 or b0 == 0x82)
+            and (_RBUF[2] << 8 | _RBUF[3]) + 8 == n
+            and not self.ws._buf  # type: ignore[union-attr]
+            and self.on_ws_message is not None
+        ):
+            self.on_ws_message(b0 & 0x0F, unmask(_RVIEW[8:n].tobytes(), _RVIEW[4:8].tobytes()), now)
+            return
+        self._on_ws_data(_RVIEW[:n].tobytes(), now)
 
     def _on_ws_data(self, data: bytes, now: int) -> None:
         deliver = self.on_ws_message or (lambda op, payload, now: None)
