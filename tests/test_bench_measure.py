@@ -63,8 +63,9 @@ def test_injected_delay_is_measured_on_both_legs_passthrough():
         assert r["lost"] == 0 and r["duplicated"] == 0 and r["reordered"] == 0
     assert result["twilio_side"]["misrouted_frames"] == 0
     assert agent.stats()["misrouted_frames"] == 0
-    # start -> first audio: agent connect + session.update (fast) + the 30 ms delay
-    assert 29 <= result["start_to_first_audio"]["p50_ms"] < 60
+    # start -> first audio: the 30 ms delay plus agent connect + session.update, which are
+    # one-off events (4 samples) whose cost swings with machine load: bound it loosely.
+    assert 29 <= result["start_to_first_audio"]["p50_ms"] < 30 + 250
     # barge-in -> clear: just the injected delay
     assert result["bargein_to_clear"]["count"] == 4
     assert abs(result["bargein_to_clear"]["p50_ms"] - 30) < 5
