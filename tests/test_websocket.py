@@ -198,3 +198,39 @@ def test_close_frame_payload_is_valid() -> None:
     (item,) = parser.feed(build_frame(OP_CLOSE, close_payload(1006, "x")))
     assert isinstance(item, Control)
     assert struct.unpack("!H", item.payload[:2])[0] == 1000  # 1006 never goes on the wire
+
+
+async def test_nowait_writes_on_a_non_socket_stream_are_flushed_in_order() -> None:
+    """TLS streams (and test streams) have no raw socket: every non-blocking write waits in
+    the buffer for run_flusher, the path a wss:// agent connection takes."""
+    server, client = await _pair()
+    assert server.raw_socket is None
+    texts = [f"message {i}" for i in range(50)]
+    got: list[object] = []
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.run_flusher)
+            for text in texts:
+                server.send_text_nowait(text)
+                if len(text) % 3 == 0:
+                    await trio.sleep(0)
+            while len(got) < len(texts):
+                got += await client.receive()
+            nursery.cancel_scope.cancel()
+    assert got == texts
+
+
+async def test_on_backlog_is_called_once_bytes_wait() -> None:
+    server, client = await _pair()
+    calls = 0
+
+    def backlog() -> None:
+        nonlocal calls
+        calls += 1
+
+    server.on_backlog = backlog
+    server.send_text_nowait("a")
+    assert calls == 1
+    with trio.fail_after(5):
+        await server.drain()
+        assert await client.receive() == ["a"]
