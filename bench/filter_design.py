@@ -75,9 +75,9 @@ def _hex(v: float) -> str:
 
 
 def literal(filters: dict[int, np.ndarray]) -> str:
-    """The ``_FILTER_HEX`` text block: per rate a ``@rate`` line then float.hex() values
-    (exact, compact, and untouched by ruff format)."""
-    lines = ['_FILTER_HEX = """']
+    """The ``FILTER_HEX`` block of relay/_filters.py: per rate a ``@rate`` line, then
+    float.hex() values (exact, compact, and untouched by ruff format)."""
+    lines = ['FILTER_HEX = """']
     for rate, h in filters.items():
         lines.append(f"@{rate}")
         vals = [_hex(float(v)) for v in h]
@@ -89,7 +89,7 @@ def literal(filters: dict[int, np.ndarray]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="compare with relay.codec_ref._FILTERS")
+    ap.add_argument("--check", action="store_true", help="compare with relay._filters")
     args = ap.parse_args(argv)
     filters = {}
     for rate, (fs, fp, fst) in SPECS.items():
