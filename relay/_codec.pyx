@@ -377,8 +377,9 @@ cdef inline bytes _new_bytes(Py_ssize_t n):
     return PyBytes_FromStringAndSize(NULL, n)
 
 
-def ulaw_encode(pcm) -> bytes:
-    """PCM16 LE (bytes-like, even length) -> G.711 μ-law, one byte per sample."""
+cdef bytes _encode_table(object pcm, const uint8_t* table, int shift, int offset):
+    # Both laws index a table by the top bits of each sample: μ-law by 14 bits
+    # (>> 2, offset 8192), A-law by 13 bits (>> 3, offset 4096), as in G.711's tables.
     cdef _In s
     cdef Py_ssize_t i, n
     cdef bytes out
@@ -391,30 +392,20 @@ def ulaw_encode(pcm) -> bytes:
         out = _new_bytes(n)
         o = <uint8_t*>PyBytes_AS_STRING(out)
         for i in range(n):
-            o[i] = _ULAW_ENC[(_rd16(s.p + 2 * i) >> 2) + 8192]
+            o[i] = table[(_rd16(s.p + 2 * i) >> shift) + offset]
     finally:
         _in_release(&s)
     return out
+
+
+def ulaw_encode(pcm) -> bytes:
+    """PCM16 LE (bytes-like, even length) -> G.711 μ-law, one byte per sample."""
+    return _encode_table(pcm, _ULAW_ENC, 2, 8192)
 
 
 def alaw_encode(pcm) -> bytes:
     """PCM16 LE (bytes-like, even length) -> G.711 A-law, one byte per sample."""
-    cdef _In s
-    cdef Py_ssize_t i, n
-    cdef bytes out
-    cdef uint8_t* o
-    _in_get(pcm, &s)
-    try:
-        if s.n & 1:
-            raise ValueError("PCM16 data must have an even number of bytes")
-        n = s.n >> 1
-        out = _new_bytes(n)
-        o = <uint8_t*>PyBytes_AS_STRING(out)
-        for i in range(n):
-            o[i] = _ALAW_ENC[(_rd16(s.p + 2 * i) >> 3) + 4096]
-    finally:
-        _in_release(&s)
-    return out
+    return _encode_table(pcm, _ALAW_ENC, 3, 4096)
 
 
 cdef bytes _decode_table(object data, const uint16_t* table):

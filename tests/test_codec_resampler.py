@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.codec import fit_tone, peak_db
 from relay import _codec, codec_ref
 
 PAIRS = [
@@ -225,32 +226,6 @@ def _tone(freq: float, rate: int, n: int, amp: float = 16000.0) -> np.ndarray:
     return amp * np.sin(2 * np.pi * freq * np.arange(n) / rate + 0.3)
 
 
-def _fit(y: np.ndarray, freq: float, rate: int) -> tuple[float, np.ndarray]:
-    """(amplitude of the freq component, residual after removing it)."""
-    t = np.arange(len(y)) / rate
-    basis = np.stack([np.sin(2 * np.pi * freq * t), np.cos(2 * np.pi * freq * t)], axis=1)
-    coef, *_ = np.linalg.lstsq(basis, y, rcond=None)
-    return float(np.hypot(*coef)), y - basis @ coef
-
-
-def _peak_db(y: np.ndarray, ref_amp: float) -> float:
-    """Level of the strongest sinusoidal component of y, in dB re a tone of ref_amp.
-
-    4-term Blackman-Harris window (sidelobes < -92 dB) and 8x zero padding (scalloping
-    < 0.05 dB): each alias / image is measured separately, as a filter's stopband
-    attenuation is specified per component."""
-    n = len(y)
-    k = np.arange(n)
-    w = (
-        0.35875
-        - 0.48829 * np.cos(2 * np.pi * k / n)
-        + 0.14128 * np.cos(4 * np.pi * k / n)
-        - 0.01168 * np.cos(6 * np.pi * k / n)
-    )
-    spec = np.abs(np.fft.rfft(y * w, 8 * n)) * 2 / w.sum()
-    return float(20 * np.log10(spec.max() / ref_amp + 1e-15))
-
-
 def _steady(y: np.ndarray, rate: int) -> np.ndarray:
     edge = rate // 100  # drop 10 ms at both ends (start-up and flush transients)
     return y[edge:-edge]
@@ -265,7 +240,7 @@ def _run_tone(fin: int, fout: int, freq: float, dur_s: float = 0.12) -> np.ndarr
 def test_passband_ripple_300_3400(fin: int, fout: int) -> None:
     gains = []
     for freq in range(300, 3401, 50):
-        amp, _ = _fit(_run_tone(fin, fout, freq), freq, fout)
+        amp, _ = fit_tone(_run_tone(fin, fout, freq), freq, fout)
         gains.append(20 * np.log10(amp / 16000.0))
     assert max(gains) - min(gains) <= 0.1
     assert max(abs(g) for g in gains) <= 0.1  # and unity gain
@@ -275,7 +250,7 @@ def test_passband_ripple_300_3400(fin: int, fout: int) -> None:
 def test_wideband_passband_to_7khz(fin: int, fout: int) -> None:
     gains = []
     for freq in range(100, 7001, 150):
-        amp, _ = _fit(_run_tone(fin, fout, freq), freq, fout)
+        amp, _ = fit_tone(_run_tone(fin, fout, freq), freq, fout)
         gains.append(20 * np.log10(amp / 16000.0))
     assert max(gains) - min(gains) <= 0.1
 
@@ -287,7 +262,7 @@ def test_components_above_output_nyquist_are_70db_down(fin: int, fout: int, edge
     """Every alias of an input tone at or above the output Nyquist is >= 70 dB down."""
     worst = -999.0
     for freq in range(edge, fin // 2 + 1, 50):
-        worst = max(worst, _peak_db(_run_tone(fin, fout, freq), 16000.0))
+        worst = max(worst, peak_db(_run_tone(fin, fout, freq), 16000.0))
     assert worst <= -70.0, worst
 
 
@@ -301,8 +276,8 @@ def test_images_are_70db_down(fin: int, fout: int, edge: int) -> None:
     reference is the signal level the images came from)."""
     worst = -999.0
     for freq in range(100, edge - 99, 50):
-        _, resid = _fit(_run_tone(fin, fout, freq), freq, fout)
-        worst = max(worst, _peak_db(resid, 16000.0))
+        _, resid = fit_tone(_run_tone(fin, fout, freq), freq, fout)
+        worst = max(worst, peak_db(resid, 16000.0))
     assert worst <= -70.0, worst
 
 
