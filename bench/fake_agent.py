@@ -98,6 +98,10 @@ class AgentSession:
         conn.on_ws_message = self.on_message
         conn.on_ws_closed = self.on_closed
         conn.accept_websocket(headers, self._event(self._session_event("session.created")))
+        engine = getattr(conn.reactor, "engine", None)
+        if engine is not None and not conn.closed:
+            # Compiled reads: the append fast path below, in C (see bench._genfast).
+            conn.reactor.set_callback(conn.fd, engine.AgentReader(conn, self))
 
     # -- helpers -----------------------------------------------------------------------
     def _eid(self) -> str:

@@ -54,6 +54,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import genfast
 from bench.fake_agent import FakeAgent
 from bench.loadgen import LoadGenerator
 from bench.netio import Reactor, monotonic_ns
@@ -265,9 +266,10 @@ def _core_busy() -> list[float] | None:
     try:
         import psutil
 
-        return [
-            t.user + t.nice + t.system + t.irq + t.softirq for t in psutil.cpu_times(percpu=True)
-        ]
+        # Not irq/softirq: loopback TCP work that runs in softirq context (delayed ACKs,
+        # timers, a segment processed while the core was idle) is our own traffic but is
+        # charged to no process, so counting it would flag every busy run as noisy.
+        return [t.user + t.nice + t.system for t in psutil.cpu_times(percpu=True)]
     except Exception:
         return None
 
@@ -583,7 +585,11 @@ def run_target(
     """One fresh target process, one measured session. Never raises for target errors."""
     result: dict = {"target": target.name, "label": target.label, "audio": audio, "n": n}
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-{target.name}-"))
-    reactor = Reactor()
+    engine, engine_desc = genfast.load()
+    # Kernel arrival stamps (see bench.netio.recv_stamped); BENCH_RX_STAMPS=0 measures at
+    # read time instead, which charges the generator's own queueing to the target.
+    stamp_rx = os.environ.get("BENCH_RX_STAMPS", "1") != "0"
+    reactor = Reactor(stamp_rx=stamp_rx, engine=engine)
     agent = FakeAgent(reactor, audio=audio)
     port = free_port()
     log = tmp / "target.log"
@@ -629,6 +635,8 @@ def run_target(
         agent.claim_fn = gen.claim_session
         agent.calls = gen.calls
         raw = run_session(reactor, gen, agent, n, timings, sampler, progress, cores)
+        raw["loadgen"]["engine"] = engine_desc
+        raw["loadgen"]["rx_stamps"] = "kernel" if stamp_rx else "read time"
         phases["session"] = time.monotonic()
         after = _settle_after(reactor, sampler, base["fds"], timings.release_s)
         after_metrics = relay_metrics(port) if is_relay else {}

@@ -53,7 +53,6 @@ from bench.stats import (
     HEADER,
     HEADER_LEN,
     LEVEL_CODES,
-    LEVEL_COUNT,
     MAGIC,
     Leg,
     LevelTracker,
@@ -109,6 +108,93 @@ class CallFailed(Exception):
     pass
 
 
+class Uplink:
+    """One call's uplink: a 20 ms ``media`` frame per ``tick`` (the media ticker's member).
+
+    Pure-Python reference of ``bench._genfast.Uplink`` (same constructor, same bytes on the
+    wire). A tick sends the frame and any mark echoes that are due in one ``send()``; the
+    send time of every frame goes to the call's uplink ``Leg`` (``up_times``/``up_seen``).
+    """
+
+    __slots__ = (
+        "_tmpl",
+        "call",
+        "idx",
+        "k",
+        "level_b64",
+        "marks",
+        "nlevels",
+        "passthrough",
+        "seq",
+        "up_seen",
+        "up_times",
+    )
+
+    def __init__(
+        self,
+        call: TwilioCall,
+        idx: int,
+        sid: bytes,
+        passthrough: bool,
+        rest_b64: bytes,
+        level_b64: list[bytes],
+        up_times: list[int],
+        up_seen: bytearray,
+        marks: deque,
+    ) -> None:
+        self.call = call
+        self.idx = idx
+        self.k = 0  # next uplink frame number
+        self.seq = 1  # Twilio sequenceNumber of the last message sent (start was 1)
+        self.passthrough = passthrough
+        self.level_b64 = level_b64
+        self.nlevels = len(level_b64)
+        self.up_times = up_times
+        self.up_seen = up_seen
+        self.marks = marks
+        self._tmpl = (
+            b'{"event":"media","sequenceNumber":"%d","streamSid":"'
+            + sid
+            + b'","media":{"track":"inbound","chunk":"%d","timestamp":"%d","payload":"%s'
+            + (rest_b64 if passthrough else b"")
+            + b'"}}'
+        )
+
+    def tick(self, now: int) -> None:
+        """One 20 ms uplink frame, plus any mark echoes that are due (one send)."""
+        k = self.k
+        self.k = k + 1
+        seq = self.seq = self.seq + 1
+        if self.passthrough:
+            idx = self.idx
+            payload = _b2a(
+                _HDR_PACK(MAGIC, idx, k, (idx * 31 + k * 7 + 0x5A) & 0xFF), newline=False
+            )
+        else:
+            payload = self.level_b64[k % self.nlevels]
+        msg = self._tmpl % (seq, k + 1, k * FRAME_MS, payload)
+        out = _MASKED16(0x81, 0xFE, len(msg)) + msg
+        marks = self.marks
+        if marks and marks[0][0] <= now:
+            out += self.call._due_mark_echoes(now)
+        self.up_times.append(monotonic_ns())
+        self.up_seen.append(0)
+        call = self.call
+        if call._out is None and not call.closed:  # inlined Stream.send, common case
+            try:
+                n = call.sock.send(out)  # type: ignore[union-attr]
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                call.close()
+                return
+            if n < len(out):
+                call._out = bytearray(out[n:])
+                call.reactor.modify(call.fd, EPOLLIN | EPOLLOUT)
+        else:
+            call.send(out)
+
+
 class TwilioCall(WsClient):
     """One simulated call's media stream (after its webhook was answered)."""
 
@@ -137,10 +223,22 @@ class TwilioCall(WsClient):
         self.passthrough = gen.passthrough
         self.down = Leg(gen.window, gen.down_lat)
         self.agent = None  # fake agent session, once claimed
-        self.k = 0  # next uplink frame number
-        self.seq = 1  # Twilio sequenceNumber of the last message sent
         self.play_end = 0
         self.marks: deque = deque()
+        # The ticker member that sends the 20 ms media frames: compiled when the reactor
+        # runs bench.genfast's engine, else the pure-Python reference below.
+        engine = getattr(gen.reactor, "engine", None)
+        self.uplink = (engine.Uplink if engine is not None else Uplink)(
+            self,
+            idx,
+            self.sid_b,
+            gen.passthrough,
+            UP_REST_B64,
+            UP_LEVEL_B64,
+            self.up_times,
+            self.up_seen,
+            self.marks,
+        )
         self.down_levels = LevelTracker(self.down, gen.down_frame_bytes, DOWN_ALLOWANCE_BYTES)
         down = self.down
         self.down_markers = MarkerTracker(
@@ -160,13 +258,6 @@ class TwilioCall(WsClient):
         self.marks_echoed = 0
         self.clears = 0
         self.media_msgs = 0
-        self._media_tmpl = (
-            b'{"event":"media","sequenceNumber":"%d","streamSid":"'
-            + self.sid_b
-            + b'","media":{"track":"inbound","chunk":"%d","timestamp":"%d","payload":"%s'
-            + (UP_REST_B64 if gen.passthrough else b"")
-            + b'"}}'
-        )
         self._mark_tmpl = (
             b'{"event":"mark","sequenceNumber":"%d","streamSid":"'
             + self.sid_b
@@ -191,8 +282,12 @@ class TwilioCall(WsClient):
         connected = b'{"event":"connected","protocol":"Call","version":"1.0.0"}'
         self.t_start = monotonic_ns()
         self.send(frame(connected, masked=True) + frame(orjson.dumps(start), masked=True))
+        engine = getattr(self.reactor, "engine", None)
+        if engine is not None and not self.closed:
+            # Compiled downlink reads for media and marks (see bench._genfast).
+            self.reactor.set_callback(self.fd, engine.TwilioReader(self))
         # Twilio starts media right after start; first frame one period later.
-        self.gen.media_ticker.join(self, self.t_start + FRAME_NS)
+        self.gen.media_ticker.join(self.uplink, self.t_start + FRAME_NS)
 
     def on_upgrade_failed(self, status_line: str) -> None:
         self.fail(f"upgrade refused: {status_line}")
@@ -204,47 +299,30 @@ class TwilioCall(WsClient):
         if self.failed is None and not self.stopping:
             self.failed = reason
             self.gen.on_call_failed(self)
-        self.gen.media_ticker.leave(self)
+        self.gen.media_ticker.leave(self.uplink)
         self.close()
 
-    # -- uplink --------------------------------------------------------------------
-    def tick(self, now: int) -> None:
-        """One 20 ms uplink frame, plus any mark echoes that are due (one send)."""
-        k = self.k
-        self.k = k + 1
-        seq = self.seq = self.seq + 1
-        if self.passthrough:
-            idx = self.idx
-            payload = _b2a(
-                _HDR_PACK(MAGIC, idx, k, (idx * 31 + k * 7 + 0x5A) & 0xFF), newline=False
-            )
-        else:
-            payload = UP_LEVEL_B64[k % LEVEL_COUNT]
-        msg = self._media_tmpl % (seq, k + 1, k * FRAME_MS, payload)
-        out = _MASKED16(0x81, 0xFE, len(msg)) + msg
-        marks = self.marks
-        if marks and marks[0][0] <= now:
-            out += self._due_mark_echoes(now)
-        self.up_times.append(monotonic_ns())
-        self.up_seen.append(0)
-        if self._out is None and not self.closed:  # inlined Stream.send, common case
-            try:
-                n = self.sock.send(out)  # type: ignore[union-attr]
-            except BlockingIOError:
-                n = 0
-            except OSError:
-                self.close()
-                return
-            if n < len(out):
-                self._out = bytearray(out[n:])
-                self.reactor.modify(self.fd, EPOLLIN | EPOLLOUT)
-        else:
-            self.send(out)
+    # -- uplink (the 20 ms frames themselves are sent by ``self.uplink``) ----------------
+    @property
+    def k(self) -> int:
+        """Uplink frames sent so far."""
+        return self.uplink.k
 
-    def _mark_echo(self, name: str) -> bytes:
+    @property
+    def seq(self) -> int:
+        """Twilio ``sequenceNumber`` of the last message sent."""
+        return self.uplink.seq
+
+    @seq.setter
+    def seq(self, value: int) -> None:
+        self.uplink.seq = value
+
+    def _mark_echo(self, name_json: bytes) -> bytes:
+        """The echo of a mark whose name is ``name_json`` (the JSON string, quotes
+        included, exactly as it will be written back)."""
         self.seq += 1
         self.marks_echoed += 1
-        return frame(self._mark_tmpl % (self.seq, orjson.dumps(name)), masked=True)
+        return frame(self._mark_tmpl % (self.seq, name_json), masked=True)
 
     def _due_mark_echoes(self, now: int) -> bytes:
         marks = self.marks
@@ -300,10 +378,14 @@ class TwilioCall(WsClient):
         except (KeyError, TypeError):
             self.proto_errors += 1
             return
+        self.on_mark_json(orjson.dumps(name), now)
+
+    def on_mark_json(self, name_json: bytes, now: int) -> None:
+        """A mark arrived (also called by the compiled reader, see bench._genfast)."""
         if self.play_end <= now:
-            self.send(self._mark_echo(name))  # nothing buffered: echo at once
+            self.send(self._mark_echo(name_json))  # nothing buffered: echo at once
         else:
-            self.marks.append((self.play_end, name))
+            self.marks.append((self.play_end, name_json))
 
     def _on_clear(self, now: int) -> None:
         self.clears += 1
@@ -320,7 +402,7 @@ class TwilioCall(WsClient):
         if self.stopping or self.closed:
             return
         self.stopping = True
-        self.gen.media_ticker.leave(self)
+        self.gen.media_ticker.leave(self.uplink)
         self.seq += 1
         stop = {
             "event": "stop",
@@ -338,7 +420,7 @@ class TwilioCall(WsClient):
 
     def on_closed(self) -> None:
         self.finished = True
-        self.gen.media_ticker.leave(self)
+        self.gen.media_ticker.leave(self.uplink)
         if not self.stopping and self.failed is None:
             self.failed = "stream connection lost"
             self.gen.on_call_failed(self)

@@ -53,6 +53,46 @@ _RVIEW = memoryview(_RBUF)
 MAX_BACKLOG = 8 * 1024 * 1024
 # Ready fds handled before due timers get another chance (see Reactor.run).
 TIMER_CHECK_EVERY = 32
+# Kernel receive timestamps (socket(7) SO_TIMESTAMPNS; the control message type is the same
+# number). Python's socket module does not export the constant; 35 is its value on Linux.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_ANC_SIZE = socket.CMSG_SPACE(16)  # one struct timespec
+_TIMESPEC = struct.Struct("@qq")
+_time_ns = time.time_ns
+
+
+def enable_rx_stamps(sock: socket.socket) -> None:
+    """Ask the kernel to stamp every received segment (see ``recv_stamped``)."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+
+
+def stamp_to_monotonic(sec: int, nsec: int) -> int:
+    """A CLOCK_REALTIME kernel stamp as CLOCK_MONOTONIC nanoseconds.
+
+    Socket stamps come from the real-time clock; the offset between the two clocks is read
+    right now, which is exact up to the few microseconds since the segment arrived (NTP
+    slews the rate by at most 500 ppm). Never later than now.
+    """
+    mono = monotonic_ns()
+    t = sec * 1_000_000_000 + nsec - (_time_ns() - mono)
+    return t if t < mono else mono
+
+
+def recv_stamped(sock: socket.socket, buf: bytearray) -> tuple[int, int]:
+    """``recv_into(buf)`` plus the time the data reached the socket (monotonic ns).
+
+    Why: the generator's own loop may be busy for a while before it reads a socket. The
+    kernel's arrival stamp measures when the target delivered the data, so time the
+    generator spends on other calls is not charged to the target. For TCP the stamp is the
+    newest segment's in this read: if one read drains several segments, the earlier ones
+    look later than they were (the error only ever adds latency). Falls back to the read
+    time when there is no stamp.
+    """
+    n, anc, _flags, _addr = sock.recvmsg_into([buf], _ANC_SIZE)
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            return n, stamp_to_monotonic(*_TIMESPEC.unpack_from(data))
+    return n, monotonic_ns()
 
 
 def _unmask_py(data: bytes, key: bytes) -> bytes:
@@ -220,7 +260,12 @@ class Reactor:
     *args)``; cancel by ``cancel(handle)``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stamp_rx: bool = False, engine: object = None) -> None:
+        """``stamp_rx``: streams of this reactor read kernel arrival stamps (see
+        ``recv_stamped``). ``engine``: a module with ``run_reactor`` (``bench.genfast``'s
+        compiled loop) to run the loop instead of the pure-Python ``run`` below."""
+        self.stamp_rx = stamp_rx
+        self.engine = engine
         self._ep = select.epoll()
         self._handlers: dict[int, object] = {}
         # fd -> bound ``on_event``: one dict lookup and no attribute lookup per event
@@ -271,6 +316,9 @@ class Reactor:
         ``TIMER_CHECK_EVERY`` events): a burst from the peer then cannot hold the 20 ms
         media timers back by the time it takes to drain the whole batch.
         """
+        if self.engine is not None:
+            self.engine.run_reactor(self, until_ns, stop)  # type: ignore[attr-defined]
+            return
         timers = self._timers
         callbacks = self._callbacks
         poll = self._ep.poll
@@ -337,9 +385,12 @@ class Stream:
         self.connecting = False
         self.closed = False
         self.backlog_drops = 0
+        self.stamp_rx = getattr(reactor, "stamp_rx", False)
         if sock is not None:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.stamp_rx:
+                enable_rx_stamps(sock)
             self.fd = sock.fileno()
             reactor.register(self.fd, self, EPOLLIN)
 
@@ -347,6 +398,8 @@ class Stream:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.stamp_rx:
+            enable_rx_stamps(sock)
         self.sock = sock
         self.fd = sock.fileno()
         self.connecting = True
@@ -415,16 +468,7 @@ class Stream:
 
     def on_event(self, ev: int) -> None:
         if ev == EPOLLIN and not self.connecting:  # the hot case: data to read
-            try:
-                n = self.sock.recv_into(_RBUF)  # type: ignore[union-attr]
-            except BlockingIOError:
-                return
-            except OSError:
-                n = 0
-            if n:
-                self.on_data(_RVIEW[:n].tobytes(), monotonic_ns())
-            else:
-                self.close()
+            self._read()
             return
         if self.connecting:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore
@@ -443,16 +487,27 @@ class Stream:
             if self.closed:
                 return
         if ev & _EPOLL_READ:
-            try:
-                n = self.sock.recv_into(_RBUF)  # type: ignore[union-attr]
-            except BlockingIOError:
-                return
-            except OSError:
-                n = 0
-            if not n:
-                self.close()
-                return
-            self.on_data(_RVIEW[:n].tobytes(), monotonic_ns())
+            self._read()
+
+    def _recv(self) -> tuple[int, int]:
+        """One read into the shared buffer: (bytes, arrival time); (0, _) at EOF or on a
+        socket error, (-1, _) when nothing is there."""
+        try:
+            if self.stamp_rx:
+                return recv_stamped(self.sock, _RBUF)  # type: ignore[arg-type]
+            n = self.sock.recv_into(_RBUF)  # type: ignore[union-attr]
+        except BlockingIOError:
+            return -1, 0
+        except OSError:
+            return 0, 0
+        return n, monotonic_ns()
+
+    def _read(self) -> None:
+        n, now = self._recv()
+        if n > 0:
+            self.on_data(_RVIEW[:n].tobytes(), now)
+        elif n == 0:
+            self.close()
 
     def close(self) -> None:
         if self.closed:
@@ -576,16 +631,11 @@ class HttpConn(Stream):
         if ev != EPOLLIN:
             self.on_event(ev)
             return
-        try:
-            n = self.sock.recv_into(_RBUF)  # type: ignore[union-attr]
-        except BlockingIOError:
+        n, now = self._recv()
+        if n <= 0:
+            if n == 0:
+                self.close()
             return
-        except OSError:
-            n = 0
-        if not n:
-            self.close()
-            return
-        now = monotonic_ns()
         b0 = _RBUF[0]
         if (
             n > 8

@@ -12,6 +12,7 @@ import binascii
 
 import pytest
 
+from bench import genfast
 from bench.fake_agent import FakeAgent
 from bench.harness import Timings, capacity_search, run_session, verdict
 from bench.loadgen import LoadGenerator, parse_twiml
@@ -38,8 +39,34 @@ TOKEN = "test-auth-token"
 FAST = Timings(settle_s=0.2, window_s=1.2, barge_s=0.3, drain_s=1.5, ramp_timeout_s=10)
 
 
-def _run(n: int, delay_ms: float, transcode: bool = False, drop_every: int = 0):
-    reactor = Reactor()
+def _engine(kind: str):
+    """``python``: the pure-Python generator (the reference); ``compiled``: bench._genfast."""
+    if kind == "python":
+        return None
+    engine, why = genfast.load()
+    if engine is None:
+        pytest.skip(f"compiled load-generator fast path unavailable: {why}")
+    return engine
+
+
+# Every end-to-end measurement runs on both generator engines, with kernel arrival stamps
+# (what the bench uses) and with read-time stamps.
+ENGINES = [
+    pytest.param("compiled", True, id="compiled-kstamp"),
+    pytest.param("python", True, id="python-kstamp"),
+    pytest.param("python", False, id="python-readtime"),
+]
+
+
+def _run(
+    n: int,
+    delay_ms: float,
+    transcode: bool = False,
+    drop_every: int = 0,
+    engine: str = "compiled",
+    stamp_rx: bool = True,
+):
+    reactor = Reactor(stamp_rx=stamp_rx, engine=_engine(engine))
     try:
         agent = FakeAgent(reactor, audio="pcm24k" if transcode else "pcmu")
         relay = DelayRelay(reactor, agent.url, delay_ms, transcode, drop_every, auth_token=TOKEN)
@@ -53,8 +80,9 @@ def _run(n: int, delay_ms: float, transcode: bool = False, drop_every: int = 0):
         reactor.close()
 
 
-def test_injected_delay_is_measured_on_both_legs_passthrough():
-    result, agent = _run(n=4, delay_ms=30)
+@pytest.mark.parametrize(("engine", "stamp_rx"), ENGINES)
+def test_injected_delay_is_measured_on_both_legs_passthrough(engine, stamp_rx):
+    result, agent = _run(n=4, delay_ms=30, engine=engine, stamp_rx=stamp_rx)
     assert result["established"] == 4 and result["failed_calls"] == 0
     for leg in ("uplink", "downlink"):
         r = result[leg]
@@ -74,8 +102,9 @@ def test_injected_delay_is_measured_on_both_legs_passthrough():
     assert result["twilio_side"]["marks_echoed"] > 0
 
 
-def test_injected_delay_is_measured_by_level_codes_when_transcoding():
-    result, _ = _run(n=3, delay_ms=30, transcode=True)
+@pytest.mark.parametrize(("engine", "stamp_rx"), ENGINES)
+def test_injected_delay_is_measured_by_level_codes_when_transcoding(engine, stamp_rx):
+    result, _ = _run(n=3, delay_ms=30, transcode=True, engine=engine, stamp_rx=stamp_rx)
     for leg in ("uplink", "downlink"):
         r = result[leg]
         assert r["count"] > (100 if leg == "uplink" else 20)
@@ -83,12 +112,28 @@ def test_injected_delay_is_measured_by_level_codes_when_transcoding():
         assert r["lost"] == 0 and r["duplicated"] == 0 and r["reordered"] == 0
 
 
-def test_dropped_uplink_frames_are_counted_lost():
-    result, _ = _run(n=2, delay_ms=5, drop_every=10)
+@pytest.mark.parametrize("engine", ["compiled", "python"])
+def test_dropped_uplink_frames_are_counted_lost(engine):
+    result, _ = _run(n=2, delay_ms=5, drop_every=10, engine=engine)
     up = result["uplink"]
     expected = up["frames_checked"] / 10
     assert abs(up["lost"] - expected) <= 3, up
     assert result["downlink"]["lost"] == 0
+
+
+@pytest.mark.parametrize("engine", ["compiled", "python"])
+def test_zero_delay_relay_is_measured_near_zero_with_nothing_lost(engine):
+    # delay 0 is the calibration configuration: with the compiled engine the null relay
+    # forwards the uplink in C (NullTwilioReader); nothing may be lost or misrouted.
+    result, agent = _run(n=4, delay_ms=0, engine=engine)
+    for leg in ("uplink", "downlink"):
+        r = result[leg]
+        assert r["count"] > (150 if leg == "uplink" else 30)
+        assert r["p50_ms"] < 5, (leg, r)
+        assert r["lost"] == 0 and r["duplicated"] == 0 and r["reordered"] == 0
+    assert result["twilio_side"]["protocol_errors"] == 0
+    assert result["twilio_side"]["marks_echoed"] > 0
+    assert agent.stats()["misrouted_frames"] == 0 and agent.stats()["bad_messages"] == 0
 
 
 def test_percentile_nearest_rank():

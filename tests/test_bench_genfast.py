@@ -1,0 +1,160 @@
+"""The compiled load-generator paths (bench/_genfast.pyx) against their Python references.
+
+End-to-end equivalence (latencies, loss, marks, barge-in through a relay of known delay)
+runs in tests/test_bench_measure.py on both engines; here the pieces are compared byte
+for byte and event for event.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import deque
+
+import pytest
+
+from bench import genfast
+from bench.loadgen import UP_LEVEL_B64, UP_REST_B64, Uplink
+from bench.netio import Reactor, enable_rx_stamps, frame, recv_stamped
+
+
+@pytest.fixture(scope="module")
+def engine():
+    mod, why = genfast.load()
+    if mod is None:
+        pytest.skip(f"compiled load-generator fast path unavailable: {why}")
+    return mod
+
+
+class _Call:
+    """The parts of a TwilioCall that an Uplink touches."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self._out = None
+        self.closed = False
+        self.marks: deque = deque()
+        self.echoed: list[bytes] = []
+        self.reactor = None
+
+    def _due_mark_echoes(self, now: int) -> bytes:
+        out = []
+        while self.marks and self.marks[0][0] <= now:
+            out.append(frame(b'{"mark":%s}' % self.marks.popleft()[1], masked=True))
+        return b"".join(out)
+
+    def send(self, data: bytes) -> None:  # only when backlogged or closed
+        raise AssertionError("unexpected slow path")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _drain(sock: socket.socket) -> bytes:
+    sock.setblocking(False)
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+@pytest.mark.parametrize("passthrough", [True, False])
+def test_uplink_frames_are_byte_identical(engine, passthrough):
+    wires = []
+    for cls in (Uplink, engine.Uplink):
+        a, b = socket.socketpair()
+        call = _Call(a)
+        times: list[int] = []
+        seen = bytearray()
+        up = cls(
+            call,
+            1234,
+            b"MZ" + b"ab" * 16,
+            passthrough,
+            UP_REST_B64,
+            UP_LEVEL_B64,
+            times,
+            seen,
+            call.marks,
+        )
+        for k in range(70):
+            if k in (3, 40):  # marks due at this tick, and one that is not due yet
+                call.marks.extend([(k, b'"m%d"' % k), (k, b'"n\\u00e9"'), (10**18, b'"x"')])
+            up.tick(k)
+            if k in (3, 40):
+                call.marks.pop()
+        wires.append((_drain(b), up.k, up.seq, len(times), bytes(seen)))
+        assert times == sorted(times) and len(times) == 70
+        a.close()
+        b.close()
+    py, c = wires
+    assert py[0] == c[0] and len(py[0]) > 70 * 300
+    assert py[1:] == c[1:] == (70, 71, 70, bytes(70))
+
+
+def test_uplink_hands_a_backlog_to_the_stream(engine):
+    # A socket whose send buffer is full: the rest must go to call._out, not be lost.
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    a.setblocking(False)
+    call = _Call(a)
+
+    class _R:
+        modified: list = []
+
+        def modify(self, fd, ev):
+            self.modified.append((fd, ev))
+
+    call.reactor = _R()
+    up = engine.Uplink(
+        call, 1, b"MZ1", True, UP_REST_B64, UP_LEVEL_B64, [], bytearray(), call.marks
+    )
+    sent = 0
+    while call._out is None:
+        up.tick(0)
+        sent += 1
+        assert sent < 10_000
+    assert call.reactor.modified and len(call._out) > 0
+    a.close()
+    b.close()
+
+
+def test_recv_stamped_gives_the_arrival_time_not_the_read_time():
+    srv = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(srv.getsockname())
+    conn, _ = srv.accept()
+    enable_rx_stamps(conn)
+    t_send = time.monotonic_ns()
+    cli.sendall(b"x" * 100)
+    time.sleep(0.05)  # the reader is "busy" for 50 ms before it reads
+    buf = bytearray(1024)
+    n, t_arrival = recv_stamped(conn, buf)
+    t_read = time.monotonic_ns()
+    assert n == 100
+    assert t_send <= t_arrival < t_send + 40_000_000 < t_read
+    for s in (cli, conn, srv):
+        s.close()
+
+
+@pytest.mark.parametrize("kind", ["python", "compiled"])
+def test_reactor_fires_timers_in_order_and_on_time(engine, kind):
+    reactor = Reactor(engine=engine if kind == "compiled" else None)
+    fired: list[tuple[str, int]] = []
+    t0 = time.monotonic_ns()
+    for name, ms in (("c", 30), ("a", 10), ("b", 20)):
+        reactor.call_at(
+            t0 + ms * 1_000_000, lambda name=name: fired.append((name, time.monotonic_ns()))
+        )
+    cancelled = reactor.call_at(t0 + 15_000_000, lambda: fired.append(("x", 0)))
+    reactor.cancel(cancelled)
+    reactor.run(until_ns=t0 + 60_000_000)
+    assert [n for n, _ in fired] == ["a", "b", "c"]
+    for (_, t), ms in zip(fired, (10, 20, 30), strict=True):
+        assert t >= t0 + ms * 1_000_000  # never early
+    reactor.close()
