@@ -1,4 +1,4 @@
-"""Build the Cython hot path (relay/_codec.pyx) with -O2.
+"""Build the Cython hot path (relay/media/_codec.pyx) with -O2.
 
 A machine without a C compiler or without Cython gets one clear sentence instead of a
 compiler traceback: the extension is not optional, the relay's per-frame budget relies on it.
@@ -16,7 +16,7 @@ class BuildExt(build_ext):
             super().run()
         except Exception as exc:  # compiler missing, headers missing, ...
             sys.exit(
-                "relay: could not compile the Cython extension relay._codec "
+                "relay: could not compile the Cython extension relay.media._codec "
                 f"({exc.__class__.__name__}: {exc}); install a C compiler (gcc or clang) "
                 "and the Python development headers (python3-dev), then reinstall."
             )
@@ -35,13 +35,13 @@ def extensions() -> list[Extension]:
     try:
         from Cython.Build import cythonize
     except ImportError:
-        sys.exit("relay: Cython is required to build relay._codec; run `pip install cython`.")
+        sys.exit("relay: Cython is required to build relay.media._codec; run `pip install cython`.")
     exts = [
         Extension(
-            "relay._codec",
-            ["relay/_codec.pyx"],
+            "relay.media._codec",
+            ["relay/media/_codec.pyx"],
             # -ffp-contract=off: no fused multiply-add, so the float32 resampler rounds
-            # exactly like relay.codec_ref (GCC contracts by default where FMA exists).
+            # exactly like relay.media.codec_ref (GCC contracts by default where FMA exists).
             extra_compile_args=["-O2", "-ffp-contract=off"],
         ),
     ]

@@ -1,7 +1,7 @@
 """Codec benchmark: ``python -m bench.codec [--quick] [--json PATH]``.
 
 Per 20 ms frame (160 samples at 8 kHz, or 20 ms at the stated rate), nanoseconds per call
-of relay._codec side by side with what Python relays use instead:
+of relay.media._codec side by side with what Python relays use instead:
 
 * G.711 μ-law / A-law encode and decode: ours, ``audioop``, a numpy lookup table;
 * resampling 8->16, 8->24, 16->8, 24->8 kHz: ours, ``soxr.ResampleStream`` at HQ and at
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from relay import _codec as ours
+from relay.media import _codec as ours
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)

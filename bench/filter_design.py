@@ -89,7 +89,7 @@ def literal(filters: dict[int, np.ndarray]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="compare with relay._filters")
+    ap.add_argument("--check", action="store_true", help="compare with relay.media._filters")
     args = ap.parse_args(argv)
     filters = {}
     for rate, (fs, fp, fst) in SPECS.items():
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         filters[rate] = h
     if args.check:
-        from relay import codec_ref
+        from relay.media import codec_ref
 
         for rate, h in filters.items():
             baked = np.array(codec_ref._filter_taps(rate), dtype=np.float32)

@@ -6,7 +6,8 @@ choice of WebSocket stack matters more than the DSP. This benchmark measures, on
 machine and in one run, what one "receive a ~390-byte Twilio-like media text frame from a
 masked client, send it back" costs each server stack:
 
-    relay-reactor       relay.websocket.WebSocket + relay.reactor.Reactor (the media path)
+    relay-reactor       relay.media.websocket.WebSocket + relay.media.reactor.Reactor
+                        (the media path)
     relay-tasks         the same WebSocket, one Trio task per socket awaiting receive()
                         (the relay with media.reactor = false)
     trio-websocket      trio_websocket.serve_websocket, get_message / send_message
@@ -27,7 +28,7 @@ of its core or its send timers ran late (p99 > 5 ms): then part of the latency i
 A run is "saturated" when the server used more than 90 % of its core or fell behind the
 offered load; its CPU per pair is then a throughput-limited figure and its RTT is queueing.
 
-The relay stacks apply ``relay.server.tune_gc()`` as ``relay serve`` does; the other
+The relay stacks apply ``relay.http.server.tune_gc()`` as ``relay serve`` does; the other
 stacks run as shipped. Plaintext loopback only.
 
     python -m bench wsstack            # full: N in {100, 300}, 3 repeats, 5 s windows
@@ -72,8 +73,8 @@ from bench.netio import OP_TEXT, Reactor, Ticker, WsClient, monotonic_ns, unmask
 from bench.stats import NS_PER_MS, loadgen_validity, percentile
 from relay.config import MediaConfig
 from relay.errors import ConnectionClosed
-from relay.reactor import Reactor as MediaReactor
-from relay.websocket import WebSocket, parse_head, read_http_head, server_handshake_response
+from relay.media.reactor import Reactor as MediaReactor
+from relay.media.websocket import WebSocket, parse_head, read_http_head, server_handshake_response
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STACKS = (
@@ -121,7 +122,7 @@ def _announce(port: int) -> None:
 
 
 async def _relay_serve(use_reactor: bool) -> None:
-    from relay.server import tune_gc  # here: relay.server imports the webhook stack
+    from relay.http.server import tune_gc  # here: relay.http.server imports the webhook stack
 
     tune_gc()  # what `relay serve` does at startup (relay/cli.py)
     async with trio.open_nursery() as nursery:
@@ -155,7 +156,7 @@ async def _relay_connection(reactor, stream) -> None:
 
 
 async def _relay_flusher(ws, done) -> None:
-    # As in relay.call: drains what the kernel did not take at once (rare on loopback).
+    # As in relay.media.call: drains what the kernel did not take at once (rare on loopback).
     try:
         await ws.run_flusher()
     except ConnectionClosed:

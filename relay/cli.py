@@ -25,7 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
     import trio
 
     from . import config as config_mod
-    from .server import run_server, tune_gc
+    from .http.server import run_server, tune_gc
 
     cfg = config_mod.load(args.config)
     if args.host:
@@ -63,7 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     import trio
 
-    from . import simulator
+    from .sim import simulator
 
     token = args.auth_token or os.environ.get("RELAY_TWILIO_AUTH_TOKEN", "")
     if not token:
@@ -87,7 +87,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
+    from .sim.demo import main as demo_main
 
     return demo_main(calls=args.calls, out_dir=Path(args.out))
 

@@ -2,7 +2,7 @@
 
 * ``make_config(...)``: a :class:`relay.config.Config` built in code (port 0, known
   secrets, parrot/echo agents, optional openai agents pointed at ``tests/fake_openai.py``).
-* ``start_relay(cfg)``: runs a real :class:`relay.server.RelayServer` in the test's nursery
+* ``start_relay(cfg)``: runs a real :class:`relay.http.server.RelayServer` in the test's nursery
   and returns a :class:`Relay` handle: raw HTTP (h11) with Twilio signatures, the voice
   webhook, status callbacks, WebSocket upgrades, and ``dial()`` for a whole fake call.
 * :class:`FakeTwilio`: plays Twilio's side of one Media Stream with the relay's own
@@ -36,9 +36,8 @@ import trio
 
 from relay.config import Config
 from relay.errors import ConnectionClosed
-from relay.protocol.signature import compute_signature
-from relay.server import RelayServer
-from relay.websocket import (
+from relay.http.server import RelayServer
+from relay.media.websocket import (
     OP_BINARY,
     OP_TEXT,
     WebSocket,
@@ -47,6 +46,7 @@ from relay.websocket import (
     parse_head,
     read_http_head,
 )
+from relay.protocol.signature import compute_signature
 
 # Secrets with distinctive shapes, so "never logged" checks cannot match by accident.
 AUTH_TOKEN = "twilio-auth-token-e2e-5f1d3c9a7b"

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import trio
 
-from relay import speech
 from relay.agents.base import (
     AgentAudio,
     AgentEvent,
@@ -21,6 +20,7 @@ from relay.agents.base import (
 from relay.agents.parrot import EnergyVAD, ParrotAgent
 from relay.agents.registry import create_agent
 from relay.errors import ConfigError, ConnectionClosed
+from relay.sim import speech
 
 CALL = CallInfo(call_sid="CA" + "0" * 32, stream_sid="MZ" + "0" * 32)
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import _codec, codec_ref
+from relay.media import _codec, codec_ref
 
 IMPLS = [pytest.param(_codec, id="compiled"), pytest.param(codec_ref, id="ref")]
 RATES = (8000, 16000, 24000)

@@ -1,7 +1,7 @@
 """G.711 μ-law / A-law and the strict base64 decoder: compiled vs reference vs audioop.
 
 Exhaustive where it is cheap (all 65,536 PCM inputs, all 256 codes), property-based
-elsewhere.  Every test runs against both relay._codec and relay.codec_ref.
+elsewhere.  Every test runs against both relay.media._codec and relay.media.codec_ref.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import _codec, codec_ref
+from relay.media import _codec, codec_ref
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.codec import fit_tone, peak_db
-from relay import _codec, codec_ref
+from relay.media import _codec, codec_ref
 
 PAIRS = [
     (8000, 16000),

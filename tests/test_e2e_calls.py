@@ -13,8 +13,9 @@ import trio
 import trio_websocket
 from fake_openai import FakeOptions, fake_openai_server, silent_server, tone
 
-from relay import codec, speech
-from relay.simulator import simulate
+from relay.media import codec
+from relay.sim import speech
+from relay.sim.simulator import simulate
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -610,7 +611,7 @@ async def test_no_leaks_after_calls(start_relay, make_config, e2e):
 
 # --- the built-in simulator against the relay -----------------------------------------------------
 async def test_simulator_calls_against_the_parrot(start_relay, make_config):
-    """relay.simulator (an independent trio-websocket Twilio) places two concurrent calls:
+    """relay.sim.simulator (an independent trio-websocket Twilio) places two concurrent calls:
     the parrot answers each, every frame carries a mark, status callbacks are recorded."""
     with trio.fail_after(15):
         relay_ = await start_relay(make_config())

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import _codec, codec_ref
+from relay.media import _codec, codec_ref
 
 IMPLS = [pytest.param(_codec, id="compiled"), pytest.param(codec_ref, id="ref")]
 W = 2**32

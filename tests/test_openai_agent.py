@@ -26,8 +26,8 @@ from relay.agents.base import (
 from relay.agents.openai import OpenAIRealtimeAgent
 from relay.agents.openai_protocol import OpenAIOptions
 from relay.errors import AgentError, ConfigError, ConnectionClosed
+from relay.media.websocket import SendTimedOut
 from relay.tools import default_registry
-from relay.websocket import SendTimedOut
 
 CALL = CallInfo(call_sid="CA123", stream_sid="MZ456", from_number="+15550001111")
 KEY = "sk-test-fake-key-0123456789abcd"

@@ -1,4 +1,4 @@
-"""relay.server over loopback: one port for webhooks and the media WebSocket, dispatch,
+"""relay.http.server over loopback: one port for webhooks and the media WebSocket, dispatch,
 upgrade checks, admission control, timeouts and shutdown."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import orjson
 import pytest
 import trio
 
-import relay.server
-from relay.server import RelayServer
-from relay.websocket import OP_TEXT, build_frame
+import relay.http.server
+from relay.http.server import RelayServer
+from relay.media.websocket import OP_TEXT, build_frame
 
 
 async def test_binds_port_zero_and_sets_public_url(start_relay, make_config):
@@ -159,7 +159,7 @@ async def test_silent_connection_is_dropped_after_head_timeout(
     start_relay, make_config, monkeypatch
 ):
     """A client that connects and never sends a request head must not hold a task."""
-    monkeypatch.setattr(relay.server, "HEAD_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(relay.http.server, "HEAD_TIMEOUT_S", 0.2)
     with trio.fail_after(5):
         relay_ = await start_relay(make_config())
         stream = await trio.open_tcp_stream("127.0.0.1", relay_.port)
@@ -207,7 +207,7 @@ async def test_a_bug_in_one_call_does_not_end_the_server(
 ):
     """An unexpected exception in one connection's handling is logged, counted and closes
     that connection; the listener and other calls go on."""
-    from relay import call as call_module
+    from relay.media import call as call_module
 
     relay_ = await start_relay(make_config(default_agent="echo"))
     original = call_module.Call.run

@@ -24,12 +24,12 @@ import trio
 import trio.testing
 import trio_websocket
 
-from relay import simulator, speech
 from relay.agents.base import AgentAudio, AgentHangup, AgentSpeechStarted, CallInfo
 from relay.agents.parrot import ParrotAgent
 from relay.errors import ConnectionClosed
 from relay.protocol.signature import validate_signature
-from relay.simulator import CallResult, Playout, parse_twiml, place_call
+from relay.sim import simulator, speech
+from relay.sim.simulator import CallResult, Playout, parse_twiml, place_call
 
 TOKEN = "test-auth-token-0123456789"
 BASE = "http://relay.test"

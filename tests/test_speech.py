@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from relay import speech
+from relay.sim import speech
 
 
 def test_mulaw_tables_match_g711() -> None:

@@ -1,4 +1,4 @@
-"""relay.webapp over real HTTP: the voice webhook's TwiML, signature URL rules (query
+"""relay.http.app over real HTTP: the voice webhook's TwiML, signature URL rules (query
 strings, default ports, trusted proxies), status callbacks, health, metrics and call
 records. Requests go through the relay's one listener like Twilio's would."""
 

@@ -1,4 +1,4 @@
-"""relay.websocket: sans-IO framing (RFC 6455) and interop with trio-websocket (wsproto)."""
+"""relay.media.websocket: sans-IO framing (RFC 6455) and interop with trio-websocket (wsproto)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.errors import ConnectionClosed
-from relay.websocket import (
+from relay.media.websocket import (
     CLOSE_INVALID_DATA,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_TOO_BIG,
@@ -166,7 +166,7 @@ async def test_interop_client_against_trio_websocket_server() -> None:
 
 async def test_interop_server_against_trio_websocket_client() -> None:
     async def serve(stream: trio.SocketStream) -> None:
-        from relay.websocket import parse_head, read_http_head
+        from relay.media.websocket import parse_head, read_http_head
 
         head, rest = await read_http_head(stream)
         _, headers = parse_head(head)
@@ -193,7 +193,7 @@ async def test_interop_server_against_trio_websocket_client() -> None:
 
 def test_close_frame_payload_is_valid() -> None:
     parser = FrameParser(expect_masked=False)
-    from relay.websocket import close_payload
+    from relay.media.websocket import close_payload
 
     (item,) = parser.feed(build_frame(OP_CLOSE, close_payload(1006, "x")))
     assert isinstance(item, Control)

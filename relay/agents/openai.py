@@ -1,6 +1,6 @@
 """OpenAI Realtime adapter: the thin Trio layer over :mod:`relay.agents.openai_protocol`.
 
-One WebSocket per call (``relay.websocket.connect``); every send is bounded by the
+One WebSocket per call (``relay.media.websocket.connect``); every send is bounded by the
 socket's ``send_timeout`` and serialised by its writer lock, so the engine may call
 ``send_*`` from the Twilio reader task while another task runs :meth:`receive`.
 
@@ -29,7 +29,6 @@ from typing import Any, ClassVar
 import orjson
 import trio
 
-from .. import websocket
 from ..errors import (
     AgentError,
     ConfigError,
@@ -37,6 +36,7 @@ from ..errors import (
     RelayError,
     RemoteProtocolError,
 )
+from ..media import websocket
 from ..tools import ToolRegistry, default_registry
 from .base import Agent, AgentErrorEvent, AgentEvent, AudioFormat, CallInfo
 from .openai_protocol import DEFAULT_URL, OpenAIOptions, OpenAIRealtimeProtocol, mask_secret
@@ -249,7 +249,7 @@ class OpenAIRealtimeAgent(Agent):
             await self._abort()
             raise
         except (OSError, RelayError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            # relay.websocket.connect lets trio's BrokenResourceError through (TLS failure,
+            # relay.media.websocket.connect lets trio's BrokenResourceError through (TLS failure,
             # reset during the handshake); ValueError covers unencodable header values.
             await self._abort()
             raise AgentError(

@@ -18,8 +18,8 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from .. import speech
 from ..errors import ConfigError
+from ..sim import speech
 from .base import (
     Agent,
     AgentAudio,

@@ -2,8 +2,9 @@
 
 Twilio needs one public port (one tunnel, one TLS terminator), so both kinds of traffic share
 it. Each accepted connection's request head is read here: ``GET /twilio/stream`` with a
-WebSocket upgrade goes to the lean media path (``relay.websocket`` + ``relay.call``); every
-other request is handed, with the bytes already read, to Hypercorn's Trio ``TCPServer``
+WebSocket upgrade goes to the lean media path (``relay.media.websocket`` +
+``relay.media.call``); every other request is handed, with the bytes already read, to
+Hypercorn's Trio ``TCPServer``
 running the Quart-Trio app. The media path thus skips ASGI entirely (measured ~2-3x cheaper
 per message, see README), while webhooks get a full HTTP server.
 """
@@ -14,7 +15,6 @@ import gc
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -25,37 +25,18 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
-from .call import Call
-from .config import Config
-from .errors import RemoteProtocolError
-from .metrics import Metrics
-from .protocol.signature import StreamTokens, validate_signature
-from .reactor import Reactor
-from .records import CallRegistry
-from .tools import ToolRegistry, default_registry
-from .webapp import create_app
-from .websocket import WebSocket, parse_head, read_http_head, server_handshake_response
+from ..config import Config
+from ..errors import RemoteProtocolError
+from ..media.call import Call
+from ..media.reactor import Reactor
+from ..media.websocket import WebSocket, parse_head, read_http_head, server_handshake_response
+from ..protocol.signature import validate_signature
+from ..state import RelayState
+from .app import create_app
 
-log = logging.getLogger("relay.server")
+log = logging.getLogger("relay.http.server")
 
 HEAD_TIMEOUT_S = 10.0
-
-
-@dataclass
-class RelayState:
-    cfg: Config
-    metrics: Metrics = field(default_factory=Metrics)
-    records: CallRegistry = field(default_factory=CallRegistry)
-    tools: ToolRegistry = field(default_factory=default_registry)
-    tokens: StreamTokens = field(init=False)
-    calls: set[Call] = field(default_factory=set)
-    #: process-wide media socket multiplexer; None where epoll is missing (then each
-    #: call's readers await their sockets directly)
-    reactor: Reactor | None = None
-
-    def __post_init__(self) -> None:
-        self.tokens = StreamTokens(self.cfg.token_secret_bytes(), self.cfg.security.token_ttl_s)
-        self.records.keep = self.cfg.calls.records_kept
 
 
 def tune_gc() -> None:
@@ -285,4 +266,4 @@ async def run_server(
         task_status.started(server)
 
 
-__all__ = ["RelayServer", "RelayState", "run_server"]
+__all__ = ["RelayServer", "run_server"]

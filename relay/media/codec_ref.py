@@ -1,8 +1,8 @@
-"""Pure-Python reference of relay._codec: same names, same behaviour, bit-identical output.
+"""Pure-Python reference of relay.media._codec: same names, same behaviour, bit-identical output.
 
 This module is the executable specification of the Cython hot path.  It is slow on purpose
 (clarity first, stdlib only) and is used by the differential tests: every function and
-class here must produce exactly what relay._codec produces for the same calls.
+class here must produce exactly what relay.media._codec produces for the same calls.
 
 Contents
 --------

@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 
 import trio
 
+from ..errors import ConnectionClosed, RemoteProtocolError
 from .codec import ws_mask
-from .errors import ConnectionClosed, RemoteProtocolError
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 

@@ -20,7 +20,7 @@ costs no task: each idle task is ~3 KB of memory per call).
 
 Either side ending cancels the nursery; ``finally`` closes the agent session and the Twilio
 socket under a shield with a short bound, so nothing outlives its call. Every send is bounded
-(``relay.websocket.WebSocket`` and the adapters time out), because half-dead sockets exist.
+(``relay.media.websocket.WebSocket`` and the adapters time out), because half-dead sockets exist.
 The tasks hand nothing to each other through channels: the reader that receives a message
 does the forwarding send itself, which is what keeps per-frame latency in microseconds.
 Message handling (``_on_twilio``, ``_on_agent``) is synchronous and sends are non-blocking
@@ -42,8 +42,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
-from . import codec
-from .agents.base import (
+from ..agents.base import (
     Agent,
     AgentAudio,
     AgentErrorEvent,
@@ -55,9 +54,9 @@ from .agents.base import (
     AgentTranscript,
     CallInfo,
 )
-from .agents.registry import create_agent
-from .errors import AgentError, ConnectionClosed, RelayError
-from .protocol.twilio import (
+from ..agents.registry import create_agent
+from ..errors import AgentError, ConnectionClosed, RelayError
+from ..protocol.twilio import (
     Dtmf,
     MarkEcho,
     Media,
@@ -66,12 +65,13 @@ from .protocol.twilio import (
     TwilioProtocolError,
     TwilioStream,
 )
+from . import codec
 from .websocket import CLOSE_NORMAL, CLOSE_POLICY, OP_TEXT, SendTimedOut, WebSocket, build_frame
 
 if TYPE_CHECKING:
-    from .server import RelayState
+    from ..state import RelayState
 
-log = logging.getLogger("relay.call")
+log = logging.getLogger("relay.media.call")
 
 _perf = time.perf_counter
 

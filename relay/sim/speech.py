@@ -6,7 +6,7 @@ an energy detector and sound like a voice to a person checking a WAV: voiced syl
 words into utterances. Everything is seeded, so a test gets the same samples every run, and
 vectorised with numpy so a minute of audio takes a fraction of a second.
 
-Also here: numpy-friendly μ-law helpers over ``relay.codec``, frame energy in dBFS and an
+Also here: numpy-friendly μ-law helpers over ``relay.media.codec``, frame energy in dBFS and an
 offline speech-segment detector.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from . import codec
+from ..media import codec
 
 RATE = 8000  # Twilio media is always 8 kHz mono μ-law (Media Streams docs)
 FRAME = 160  # 20 ms at 8 kHz: the frame size Twilio is observed to use

@@ -18,10 +18,10 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
 
-from .protocol.signature import validate_signature
+from ..protocol.signature import validate_signature
 
 if TYPE_CHECKING:
-    from .server import RelayState
+    from ..state import RelayState
 
 log = logging.getLogger("relay.http")
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import trio
 
-log = logging.getLogger("relay.reactor")
+log = logging.getLogger("relay.media.reactor")
 
 Handler = Callable[[], None]
 

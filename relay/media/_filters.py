@@ -1,4 +1,4 @@
-"""The resampler's low-pass filters: one copy, used by relay._codec and relay.codec_ref.
+"""The resampler's low-pass filters: one copy, used by relay.media._codec and relay.media.codec_ref.
 
 Linear-phase equiripple (Parks-McClellan) low-pass filters, designed by
 bench/filter_design.py and rounded to float32; keyed by the rate the filter runs at.

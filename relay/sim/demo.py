@@ -15,9 +15,9 @@ from typing import Any
 
 import trio
 
+from ..config import Config
+from ..http.server import RelayServer
 from . import simulator, speech
-from .config import Config
-from .server import RelayServer
 
 # (kind, seconds): greeting plays during the first silence; the parrot repeats the first
 # utterance during the second; the caller cuts the second playback short ~0.8 s in.

@@ -47,8 +47,8 @@ import orjson
 import trio
 import trio_websocket
 
+from ..protocol.signature import compute_signature
 from . import speech
-from .protocol.signature import compute_signature
 
 RATE = speech.RATE
 FRAME_BYTES = speech.FRAME  # 160 bytes of μ-law = 20 ms (observed Twilio frame size)

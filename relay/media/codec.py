@@ -1,13 +1,13 @@
-"""The relay's audio codec API: the compiled relay._codec, re-exported.
+"""The relay's audio codec API: the compiled relay.media._codec, re-exported.
 
-relay._codec is not optional (the per-frame budget depends on it); relay.codec_ref is its
-pure-Python specification with the same names, used by the tests.
+relay.media._codec is not optional (the per-frame budget depends on it);
+relay.media.codec_ref is its pure-Python specification with the same names, used by the tests.
 """
 
 from __future__ import annotations
 
 try:
-    from relay._codec import (
+    from relay.media._codec import (
         DownlinkBuffer,
         PcmToUlaw,
         Resampler,
@@ -22,7 +22,7 @@ try:
     )
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
-        "The compiled extension relay._codec is missing: run `pip install -e .` with a C "
+        "The compiled extension relay.media._codec is missing: run `pip install -e .` with a C "
         "compiler available."
     ) from exc
 

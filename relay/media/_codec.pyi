@@ -1,4 +1,4 @@
-"""Type stub of the compiled relay._codec (semantics: relay.codec_ref)."""
+"""Type stub of the compiled relay.media._codec (semantics: relay.media.codec_ref)."""
 
 from typing_extensions import Buffer
 

@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """relay's audio hot path: G.711, streaming resampler, fused Twilio paths, jitter buffers.
 
-relay.codec_ref is the executable specification: every name here has a pure-Python twin
+relay.media.codec_ref is the executable specification: every name here has a pure-Python twin
 there with bit-identical output (tests/test_codec_*.py check it differentially), and its
 docstrings describe the behaviour in detail.  This module is the fast version:
 
@@ -558,15 +558,15 @@ _PAIRS = {
 _RATES = (8000, 16000, 24000)
 
 # The filters (bench/filter_design.py; float32, unity DC gain) live in relay/_filters.py,
-# one copy shared with relay.codec_ref; parsed once at import.
-from relay._filters import FILTER_HEX as _FILTER_HEX
-from relay._filters import filter_taps as _filter_taps_py
+# one copy shared with relay.media.codec_ref; parsed once at import.
+from relay.media._filters import FILTER_HEX as _FILTER_HEX
+from relay.media._filters import filter_taps as _filter_taps_py
 
 _TAPS = {rate: _filter_taps_py(rate) for rate in (16000, 24000, 48000)}
 
 
 def _filter_taps(int rate):
-    """The float32 taps of the filter running at `rate` (relay._filters)."""
+    """The float32 taps of the filter running at `rate` (relay.media._filters)."""
     return _TAPS[rate]
 
 
@@ -575,7 +575,7 @@ cdef class Resampler:
 
     Supported: 8000<->16000, 8000<->24000, 16000<->24000 (rational 3/2), equal rates pass
     through.  process(pcm) -> bytes, flush() -> bytes (then reset), reset(), delay_ms.
-    Output is identical however the input is chunked; see relay.codec_ref.Resampler.
+    Output is identical however the input is chunked; see relay.media.codec_ref.Resampler.
     """
 
     def __cinit__(self, int in_rate, int out_rate):
@@ -925,7 +925,7 @@ cdef class PcmToUlaw:
 
 
 # ======================================================================================
-# Uplink jitter buffer (semantics: relay.codec_ref.UplinkJitterBuffer)
+# Uplink jitter buffer (semantics: relay.media.codec_ref.UplinkJitterBuffer)
 # ======================================================================================
 
 cdef long long _MOD32 = 4294967296
@@ -935,7 +935,7 @@ cdef int _RECENT = 64
 
 cdef class UplinkJitterBuffer:
     """Orders Twilio media frames by timestamp (RFC 1982 serial arithmetic, mod 2**32) and
-    fills gaps with silence items (payload None).  See relay.codec_ref for the rules."""
+    fills gaps with silence items (payload None).  See relay.media.codec_ref for the rules."""
 
     def __init__(self, int frame_ms=20, int reorder_ms=0, int max_fill_ms=2000,
                  int max_held=50):
@@ -1057,7 +1057,7 @@ cdef class UplinkJitterBuffer:
 
 
 # ======================================================================================
-# Downlink buffer (semantics: relay.codec_ref.DownlinkBuffer)
+# Downlink buffer (semantics: relay.media.codec_ref.DownlinkBuffer)
 # ======================================================================================
 
 cdef enum:
@@ -1075,7 +1075,7 @@ DEF PARTIAL_HOLD_MS = 10.0
 
 cdef class DownlinkBuffer:
     """Paces agent μ-law 8 kHz audio to Twilio under a bounded lead, tags frames with marks
-    and tracks what the caller heard.  See relay.codec_ref.DownlinkBuffer for the rules."""
+    and tracks what the caller heard.  See relay.media.codec_ref.DownlinkBuffer for the rules."""
 
     def __init__(self, int frame_ms=100, int max_lead_ms=200, long long max_buffer_ms=600_000):
         if frame_ms <= 0 or max_lead_ms < 0 or max_buffer_ms <= 0:
@@ -1197,7 +1197,7 @@ cdef class DownlinkBuffer:
         cdef long long n, end
         cdef double start
         if not self._queue and self._partial:
-            # see relay.codec_ref.DownlinkBuffer.pull: partial frames wait briefly at most
+            # see relay.media.codec_ref.DownlinkBuffer.pull: partial frames wait briefly at most
             if not self._partial_timed:
                 self._partial_timed = True
                 self._partial_since = now_ms
