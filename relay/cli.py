@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 
@@ -19,6 +20,8 @@ def _setup_logging(level: str) -> None:
     )
     # Hypercorn logs every client disconnect at INFO; keep our one-line-per-event logs legible
     logging.getLogger("relay.hypercorn").setLevel(logging.WARNING)
+    # Alembic narrates every migration check at INFO; relay logs the schema revision itself
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -40,7 +43,11 @@ def _serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("relay")
     log.info("configuration (secrets masked): %s", cfg.describe())
     if not cfg.security.admin_key:
-        log.warning("security.admin_key is not set: /metrics and /calls are disabled")
+        log.warning(
+            "security.admin_key is not set: /metrics, /calls and POST /api/v1/tenants are disabled"
+        )
+    if not cfg.twilio.auth_token:
+        log.warning("no [twilio] auth_token: only tenants' Twilio accounts (from the store) answer")
     tune_gc()
     profile_path = os.environ.get("RELAY_PROFILE")
     try:
@@ -92,6 +99,179 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(calls=args.calls, out_dir=Path(args.out))
 
 
+def _load_config(args: argparse.Namespace) -> Any:
+    from . import config as config_mod
+
+    cfg = config_mod.load(getattr(args, "config", None))
+    if getattr(args, "public_url", None):
+        cfg.server.public_url = args.public_url
+    return cfg
+
+
+def _open_store(args: argparse.Namespace) -> Any:
+    from .control.plane import MEMORY, open_store
+
+    cfg = _load_config(args)
+    if cfg.store.url.strip().lower() == MEMORY:
+        raise ConfigError('store.url is "memory": there is no store to work with')
+    return cfg, open_store(cfg)
+
+
+def _print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _when(ms: int | None) -> str:
+    import time as _time
+
+    if ms is None:
+        return ""
+    return _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(ms / 1000))
+
+
+def _db(args: argparse.Namespace) -> int:
+    from .control.secretbox import SecretBox
+
+    if args.db_command == "new-key":
+        print(SecretBox.new_key())
+        return 0
+    _cfg, store = _open_store(args)  # opening runs the migrations
+    try:
+        if args.db_command == "upgrade":
+            print(f"store {store.describe()}: schema at revision {store.upgrade()}")
+        elif args.db_command == "rotate-key":
+            count = store.rotate_secrets()
+            print(f"re-encrypted {count} stored secret(s) with the first encryption key")
+    finally:
+        store.close()
+    return 0
+
+
+def _tenants(args: argparse.Namespace) -> int:
+    _cfg, store = _open_store(args)
+    try:
+        if args.tenants_command == "create":
+            tenant, _key, plain = store.create_tenant(args.name)
+            print(f"tenant  {tenant.id}  {tenant.name}")
+            print(f"api key {plain}")
+            print("(the key is shown once; it is stored hashed)")
+        else:
+            _print_table(
+                ["ID", "NAME", "CREATED"],
+                [[t.id, t.name, _when(t.created_at)] for t in store.list_tenants()],
+            )
+    finally:
+        store.close()
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    _cfg, store = _open_store(args)
+    try:
+        if store.get_tenant(args.tenant) is None:
+            raise ConfigError(f"no tenant {args.tenant!r}")
+        if args.keys_command == "create":
+            key, plain = store.create_key(args.tenant, args.name or "")
+            print(f"key {key.id}: {plain}")
+            print("(the key is shown once; it is stored hashed)")
+        elif args.keys_command == "revoke":
+            if not store.revoke_key(args.tenant, args.key_id):
+                print(f"no active key {args.key_id} for tenant {args.tenant}", file=sys.stderr)
+                return 1
+            print(f"key {args.key_id} revoked")
+        else:
+            _print_table(
+                ["ID", "PREFIX", "NAME", "CREATED", "REVOKED"],
+                [
+                    [k.id, k.prefix + "…", k.name, _when(k.created_at), _when(k.revoked_at)]
+                    for k in store.list_keys(args.tenant)
+                ],
+            )
+    finally:
+        store.close()
+    return 0
+
+
+def _numbers(args: argparse.Namespace) -> int:
+    import trio
+
+    from .control.tenancy import sync_tenant_numbers
+
+    cfg, store = _open_store(args)
+    try:
+        if args.numbers_command == "sync":
+            if not cfg.server.public_url:
+                raise ConfigError(
+                    "server.public_url (or --public-url) is needed: numbers are pointed at it"
+                )
+            report = trio.run(sync_tenant_numbers, cfg, store, args.tenant)
+            if report.error:
+                print(f"sync failed: {report.error}", file=sys.stderr)
+                return 1
+            _print_table(
+                ["NUMBER", "OUTCOME", "DETAIL"],
+                [
+                    [
+                        r.number,
+                        r.outcome,
+                        (f"{r.code}: " if r.code else "") + r.reason,
+                    ]
+                    for r in report.results
+                ],
+            )
+            return 0 if all(r.outcome != "failed" for r in report.results) else 1
+        rows = store.list_numbers(args.tenant)
+        _print_table(
+            ["NUMBER", "AGENT", "LAST SYNC"],
+            [[n.number, n.agent_id or "(default)", n.sync_outcome] for n in rows],
+        )
+    finally:
+        store.close()
+    return 0
+
+
+def _calls(args: argparse.Namespace) -> int:
+    import orjson
+
+    _cfg, store = _open_store(args)
+    tenant = None if args.tenant == "all" else args.tenant
+    try:
+        if args.sid:
+            call = store.get_call(tenant, args.sid)
+            if call is None:
+                print(f"no call {args.sid}", file=sys.stderr)
+                return 1
+            print(orjson.dumps(call, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        page = store.list_calls(tenant, max(1, min(args.limit, 200)), args.cursor)
+    finally:
+        store.close()
+    _print_table(
+        ["CALL SID", "STARTED", "DIR", "FROM", "TO", "AGENT", "STATUS", "END", "SECONDS"],
+        [
+            [
+                c["call_sid"],
+                _when(c["created_at"]),
+                c["direction"],
+                c["from"],
+                c["to"],
+                c["agent"],
+                c["status"],
+                c["end_reason"] or c["reject_reason"],
+                f"{c['duration_ms'] / 1000:.1f}" if c["duration_ms"] is not None else "",
+            ]
+            for c in page.calls
+        ],
+    )
+    if page.next_cursor:
+        print(f"more: relay calls --cursor {page.next_cursor}")
+    return 0
+
+
 def _bench(rest: list[str]) -> int:
     try:
         from bench.__main__ import main as bench_main  # type: ignore[import-not-found]
@@ -129,6 +309,63 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--out", default="out/demo")
     p.set_defaults(func=_demo)
+
+    def store_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text)
+        sp.add_argument("--config", help="path to relay.toml (environment overrides apply)")
+        return sp
+
+    p = store_command("db", "the store: migrations and encryption keys")
+    dbs = p.add_subparsers(dest="db_command", required=True)
+    for name, text in (
+        ("upgrade", "run the schema migrations (relay serve also does at start)"),
+        ("new-key", "print a new Fernet key for security.encryption_key"),
+        ("rotate-key", "re-encrypt stored secrets with the first security.encryption_key"),
+    ):
+        q = dbs.add_parser(name, help=text)
+        q.add_argument("--config", help="path to relay.toml")
+    p.set_defaults(func=_db)
+
+    p = store_command("tenants", "tenants of this relay")
+    ts = p.add_subparsers(dest="tenants_command", required=True)
+    q = ts.add_parser("create", help="create a tenant and print its first API key")
+    q.add_argument("name")
+    q.add_argument("--config", help="path to relay.toml")
+    q = ts.add_parser("list", help="list tenants")
+    q.add_argument("--config", help="path to relay.toml")
+    p.set_defaults(func=_tenants)
+
+    p = store_command("keys", "a tenant's API keys")
+    ks = p.add_subparsers(dest="keys_command", required=True)
+    for name in ("create", "list", "revoke"):
+        q = ks.add_parser(name, help=f"{name} API keys")
+        q.add_argument("--tenant", default="default", help="tenant id (default: default)")
+        q.add_argument("--config", help="path to relay.toml")
+        if name == "create":
+            q.add_argument("--name", help="a label for the key")
+        if name == "revoke":
+            q.add_argument("key_id")
+    p.set_defaults(func=_keys)
+
+    p = store_command("numbers", "a tenant's phone numbers")
+    ns = p.add_subparsers(dest="numbers_command", required=True)
+    for name, text in (
+        ("sync", "point every number's voice webhook at this relay (Twilio REST API)"),
+        ("list", "list numbers and their agents"),
+    ):
+        q = ns.add_parser(name, help=text)
+        q.add_argument("--tenant", default="default", help="tenant id (default: default)")
+        q.add_argument("--config", help="path to relay.toml")
+        q.add_argument("--public-url", help="the https:// URL Twilio reaches this relay at")
+    p.set_defaults(func=_numbers)
+
+    p = store_command("calls", "call history (newest first); `relay calls show SID`")
+    p.add_argument("show", nargs="?", choices=["show"], help=argparse.SUPPRESS)
+    p.add_argument("sid", nargs="?", help="a CallSid: show that call in full")
+    p.add_argument("--tenant", default="all", help="tenant id, or all (default)")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--cursor", help="continue a listing")
+    p.set_defaults(func=_calls)
 
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)

@@ -18,7 +18,12 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
-SECRET_KEYS = ("auth_token", "api_key", "admin_key", "token_secret")
+SECRET_KEYS = ("auth_token", "api_key", "admin_key", "token_secret", "encryption_key")
+
+
+def is_secret_key(key: str) -> bool:
+    """Option names whose values are secrets (masked, write-only, encrypted at rest)."""
+    return key in SECRET_KEYS or key.endswith(("_api_key", "_token", "_secret"))
 
 
 def mask(value: str | None) -> str:
@@ -44,6 +49,11 @@ class ServerConfig:
 class TwilioConfig:
     auth_token: str = ""
     account_sid: str = ""
+    #: REST API base URL; empty = Twilio's, from region/edge (api.{edge}.{region}.twilio.com)
+    api_base_url: str = ""
+    region: str = ""
+    edge: str = ""
+    rest_timeout_s: float = 10.0
 
 
 @dataclass
@@ -51,6 +61,9 @@ class SecurityConfig:
     admin_key: str = ""
     token_secret: str = ""
     token_ttl_s: float = 300.0
+    #: Fernet key(s) for secrets at rest, comma-separated, newest first (see
+    #: relay/control/secretbox.py); empty = a key file beside an SQLite store
+    encryption_key: str = ""
 
 
 @dataclass
@@ -80,12 +93,22 @@ class CallsConfig:
 
 
 @dataclass
+class StoreConfig:
+    #: sqlite:///path.db (embedded default), postgresql://user:pass@host/db (several
+    #: processes or machines), or "memory" (no persistence: records live in this process)
+    url: str = "sqlite:///./relay-data/relay.db"
+    #: call records older than this are pruned (0 = keep forever)
+    retention_days: float = 90.0
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     twilio: TwilioConfig = field(default_factory=TwilioConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
     calls: CallsConfig = field(default_factory=CallsConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     numbers: dict[str, str] = field(default_factory=dict)
     agents: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {"parrot": {"type": "parrot", "greeting": True}}
@@ -115,7 +138,8 @@ class Config:
         return self.security.token_secret.encode()
 
     def validate(self, *, require_auth_token: bool = True) -> None:
-        if require_auth_token and not self.twilio.auth_token:
+        persistent = self.store.url.strip().lower() != "memory"
+        if require_auth_token and not self.twilio.auth_token and not persistent:
             raise ConfigError(
                 "twilio.auth_token is not set (set RELAY_TWILIO_AUTH_TOKEN or [twilio] "
                 "auth_token): relay refuses to run without checking Twilio signatures"
@@ -131,24 +155,25 @@ class Config:
         for number, agent in self.numbers.items():
             if agent not in self.agents:
                 raise ConfigError(f"numbers.{number} names unknown agent {agent!r}")
+        from .agents.registry import validate_agent
+
         for name, options in self.agents.items():
-            if "type" not in options:
-                raise ConfigError(f"agents.{name} needs a type (openai, parrot, echo)")
+            validate_agent(options, where=f"agents.{name}")
         if self.media.downlink_frame_ms < 10 or self.media.downlink_frame_ms % 10:
             raise ConfigError("media.downlink_frame_ms must be a multiple of 10, at least 10")
 
     def describe(self) -> dict[str, Any]:
         """The effective configuration with every secret masked (for logs and /healthz)."""
         out: dict[str, Any] = {}
-        for section in ("server", "twilio", "security", "media", "calls"):
+        for section in ("server", "twilio", "security", "media", "calls", "store"):
             values = dict(vars(getattr(self, section)))
             for key in values:
-                if key in SECRET_KEYS:
+                if is_secret_key(key):
                     values[key] = mask(values[key])
             out[section] = values
         out["numbers"] = dict(self.numbers)
         out["agents"] = {
-            name: {k: (mask(v) if k in SECRET_KEYS else v) for k, v in opts.items()}
+            name: {k: (mask(v) if is_secret_key(k) else v) for k, v in opts.items()}
             for name, opts in self.agents.items()
         }
         return out
@@ -192,7 +217,7 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     cfg = Config()
-    for section in ("server", "twilio", "security", "media", "calls"):
+    for section in ("server", "twilio", "security", "media", "calls", "store"):
         if section in data:
             _apply_section(getattr(cfg, section), data.pop(section), section)
     if "numbers" in data:
@@ -206,7 +231,7 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
 
 
 def _apply_env(cfg: Config, env: Mapping[str, str]) -> None:
-    for section in ("server", "twilio", "security", "media", "calls"):
+    for section in ("server", "twilio", "security", "media", "calls", "store"):
         obj = getattr(cfg, section)
         for f in fields(obj):
             name = f"RELAY_{section.upper()}_{f.name.upper()}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict, deque
 from collections.abc import Callable
+from typing import Any
 
 # Per-frame relay latency buckets in seconds: the relay's budget is far below one 20 ms frame.
 LATENCY_BUCKETS = (
@@ -93,6 +94,10 @@ class Metrics:
         self.barge_ins = 0
         self.errors: dict[str, int] = defaultdict(int)
         self.webhooks: dict[str, int] = defaultdict(int)
+        #: /api/v1 error answers by HTTP status
+        self.api: dict[str, int] = defaultdict(int)
+        #: call history writes waiting for the store (a callable set by the control plane)
+        self.store_queue: Any = None
         self.latency_up = Histogram()
         self.latency_down = Histogram()
         self.barge_in_to_clear = Histogram()
@@ -179,6 +184,19 @@ class Metrics:
                 for k, v in sorted(self.webhooks.items())
             ],
         )
+        metric(
+            "relay_api_errors_total",
+            "counter",
+            "Control-plane API requests answered with an error, by HTTP status.",
+            [f'relay_api_errors_total{{status="{k}"}} {v}' for k, v in sorted(self.api.items())],
+        )
+        if self.store_queue is not None:
+            metric(
+                "relay_store_queue",
+                "gauge",
+                "Call history writes waiting for the store.",
+                [f"relay_store_queue {self.store_queue()}"],
+            )
         metric(
             "relay_frame_latency_seconds",
             "histogram",

@@ -1,7 +1,16 @@
 """Per-call records: lifecycle, end reason, transcript, barge-ins, DTMF, status callbacks.
 
-Kept in memory, newest last, bounded (``calls.records_kept``). A persistent store is on the
-roadmap; this is the shape it will persist.
+The in-memory record is what a live call mutates (synchronously, from the media path);
+``relay.control.history`` persists snapshots of it to the store at the webhook, at the
+stream's start, at the end and on status callbacks. The registry keeps the newest
+``calls.records_kept`` records of this process for ``/calls`` and the tests.
+
+End reasons (one vocabulary, also in the README): ``caller hung up``, ``agent ended``,
+``max duration``, ``agent error``, ``agent disconnected``, ``agent connect failed``,
+``agent connect timed out``, ``twilio disconnected``, ``internal error``, a Twilio terminal
+call status (``completed``, ``busy``, ``no-answer``, ``failed``, ``canceled``) for calls
+that never got a stream, and for rejected calls the reject reason (``concurrent limit``,
+``not allowed``, ``no agent``, ``unknown agent``).
 """
 
 from __future__ import annotations
@@ -15,12 +24,17 @@ from typing import Any
 @dataclass
 class CallRecord:
     call_sid: str
+    tenant_id: str = "default"
+    account_sid: str = ""
     from_number: str = ""
+    from_country: str = ""
     to_number: str = ""
     direction: str = "inbound"
     agent: str = ""
     #: incoming -> active -> completed, or rejected
     status: str = "incoming"
+    #: why a call was rejected: concurrent_limit, no_agent, agent_connect_failed, ...
+    reject_reason: str = ""
     end_reason: str = ""
     stream_sid: str = ""
     created_at: float = field(default_factory=time.time)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .config import Config
+from .control.plane import ControlPlane, open_control_plane
 from .metrics import Metrics
 from .protocol.signature import StreamTokens
 from .records import CallRegistry
@@ -31,7 +32,10 @@ class RelayState:
     #: process-wide media socket multiplexer; None where epoll is missing (then each
     #: call's readers await their sockets directly)
     reactor: Reactor | None = None
+    #: store, directory (accounts, agents, numbers), call history writer
+    control: ControlPlane = field(init=False)
 
     def __post_init__(self) -> None:
+        self.control = open_control_plane(self.cfg, self.metrics)
         self.tokens = StreamTokens(self.cfg.token_secret_bytes(), self.cfg.security.token_ttl_s)
         self.records.keep = self.cfg.calls.records_kept

@@ -20,6 +20,7 @@ be imported, and a fixture keeps the coupling explicit in each test's signature.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import socket
 import xml.etree.ElementTree as ET
@@ -52,6 +53,8 @@ from relay.protocol.signature import compute_signature
 AUTH_TOKEN = "twilio-auth-token-e2e-5f1d3c9a7b"
 ADMIN_KEY = "admin-key-e2e-8c2e4a6f0d"
 TOKEN_SECRET = "stream-token-secret-e2e-3b7d9f1e5a"
+#: what the built-in simulator sends for AUTH_TOKEN's account (relay.sim.simulator)
+ACCOUNT_SID = "AC" + hashlib.sha256(AUTH_TOKEN.encode()).hexdigest()[:32]
 OTHER_TOKEN = "not-the-auth-token-0000000000"
 
 FRAME_BYTES = 160  # 20 ms of μ-law 8 kHz: what Twilio sends
@@ -85,7 +88,9 @@ def build_config(
     cfg.server.port = 0  # RelayServer then sets public_url to what it bound
     cfg.server.public_url = ""
     cfg.twilio.auth_token = AUTH_TOKEN
-    cfg.twilio.account_sid = "AC" + "0" * 32
+    cfg.twilio.account_sid = ACCOUNT_SID
+    # the control plane on a real (in-memory) SQLite store; PostgreSQL in test_store_*.py
+    cfg.store.url = "sqlite://"
     cfg.security.admin_key = admin_key
     cfg.security.token_secret = TOKEN_SECRET
     cfg.calls.default_agent = default_agent
@@ -264,7 +269,7 @@ class Relay:
     def voice_params(call_sid: str, to: str, from_: str, **extra: str) -> dict[str, str]:
         return {
             "CallSid": call_sid,
-            "AccountSid": "AC" + "0" * 32,
+            "AccountSid": ACCOUNT_SID,
             "From": from_,
             "To": to,
             "CallStatus": "ringing",
@@ -279,10 +284,14 @@ class Relay:
         *,
         to: str = "+15550009999",
         from_: str = "+15550001234",
+        account_sid: str = ACCOUNT_SID,
+        extra: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> tuple[HttpResponse, Twiml | None]:
-        """The voice webhook for a new inbound call; returns the response and its TwiML."""
-        params = self.voice_params(call_sid or _sid("CA"), to, from_)
+        """The voice webhook for a new inbound call; returns the response and its TwiML.
+        ``account_sid`` (and ``auth_token`` in ``kwargs``): a tenant's account."""
+        params = self.voice_params(call_sid or _sid("CA"), to, from_, **(extra or {}))
+        params["AccountSid"] = account_sid
         response = await self.post_form("/twilio/voice", params, **kwargs)
         twiml = Twiml.parse(response.text) if response.status == 200 else None
         return response, twiml
@@ -374,12 +383,19 @@ class Relay:
         rcvbuf: int | None = None,
         read: bool = True,
         custom_parameters: Mapping[str, str] | None = None,
+        auth_token: str = AUTH_TOKEN,
     ) -> FakeTwilio:
         """Twilio's side once it has the TwiML: open the stream the TwiML names and send
         ``connected`` + ``start`` (unless ``start`` is False). ``read`` False: nothing ever
         reads the socket (a half-dead Twilio). ``custom_parameters`` replace the TwiML's."""
-        assert twiml.stream_url == self.cfg.stream_url, twiml.xml
-        ws = await self.open_stream(rcvbuf=rcvbuf)
+        assert twiml.stream_url is not None, twiml.xml
+        assert twiml.stream_url.startswith(self.cfg.stream_url), twiml.xml
+        # Twilio signs the stream URL it connects to with the account's token
+        ws = await self.open_stream(
+            rcvbuf=rcvbuf,
+            path="/" + twiml.stream_url.split("/", 3)[3],
+            signature=compute_signature(auth_token, twiml.stream_url),
+        )
         params = dict(twiml.parameters if custom_parameters is None else custom_parameters)
         fake = FakeTwilio(ws, call_sid, params, twiml=twiml, playout=playout, mark_delay=mark_delay)
         if read:
@@ -739,3 +755,43 @@ def e2e() -> SimpleNamespace:
         sid=_sid,
         Relay=Relay,
     )
+
+
+# --- the control-plane store on both engines ------------------------------------------------
+@pytest.fixture(scope="session")
+def pg_server_url() -> Any:
+    """A real PostgreSQL server for the session (tests/pgserver.py); never skipped."""
+    from pgserver import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: Any, tmp_path: Any) -> str:
+    """A fresh, empty database URL on each engine (SQLite file / PostgreSQL schema)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/relay.db"
+    from pgserver import reset_database
+
+    url: str = request.getfixturevalue("pg_server_url")
+    reset_database(url)
+    return url
+
+
+async def api_request(
+    relay_: Relay,
+    method: str,
+    path: str,
+    key: str | None,
+    body: Any = None,
+    raw: bytes | None = None,
+) -> tuple[int, Any]:
+    """One /api/v1 request; answers (status, parsed JSON or None)."""
+    headers = [("Authorization", f"Bearer {key}")] if key else []
+    data = raw if raw is not None else (orjson.dumps(body) if body is not None else b"")
+    if data:
+        headers.append(("Content-Type", "application/json"))
+    response = await http_request(relay_.port, method, path, headers=headers, body=data)
+    parsed = orjson.loads(response.body) if response.body.strip() else None
+    return response.status, parsed

@@ -80,10 +80,10 @@ async def test_inbound_call_lifecycle(start_relay, make_config, e2e):
             assert twiml.stream_url == f"ws://127.0.0.1:{port}/twilio/stream"
             assert twiml.status_callback == f"http://127.0.0.1:{port}/twilio/status"
             assert twiml.status_callback_method == "POST"
-            assert set(twiml.parameters) == {"token", "agent"}
+            assert set(twiml.parameters) == {"token", "agent", "tenant"}
             assert twiml.parameters["agent"] == "gpt"
             # the token is bound to this CallSid and agent
-            assert relay_.state.tokens.verify(f"{call_sid}|gpt", twiml.parameters["token"])
+            assert relay_.state.tokens.verify(f"{call_sid}|default|gpt", twiml.parameters["token"])
 
             record = relay_.records(call_sid)
             assert (record.status, record.agent) == ("incoming", "gpt")

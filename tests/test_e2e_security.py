@@ -11,6 +11,7 @@ import time
 
 import pytest
 import trio
+from conftest import ACCOUNT_SID
 from fake_openai import fake_openai_server
 
 from relay.protocol.signature import compute_signature
@@ -88,21 +89,26 @@ async def test_stream_upgrade_refuses_bad_signatures(start_relay, make_config, e
 def _token_cases(relay_, call_sid, twiml, e2e):
     good = twiml.parameters["token"]
     tokens = relay_.state.tokens
-    expired = tokens.issue(f"{call_sid}|gpt", now=time.time() - tokens.ttl_s - 5)
-    other_call = tokens.issue(f"{e2e.sid('CA')}|gpt")
+    expired = tokens.issue(f"{call_sid}|default|gpt", now=time.time() - tokens.ttl_s - 5)
+    other_call = tokens.issue(f"{e2e.sid('CA')}|default|gpt")
+    other_tenant = tokens.issue(f"{call_sid}|tn_other|gpt")
+    base = {"agent": "gpt", "tenant": "default"}
     return {
-        "missing": {"agent": "gpt"},
-        "garbage": {"agent": "gpt", "token": "12345.abcdef"},
-        "forged": {"agent": "gpt", "token": good.split(".")[0] + ".AAAAAAAAAAAAAAAAAAAAAAAA"},
-        "expired": {"agent": "gpt", "token": expired},
-        "other CallSid": {"agent": "gpt", "token": other_call},
+        "missing": base,
+        "garbage": {**base, "token": "12345.abcdef"},
+        "forged": {**base, "token": good.split(".")[0] + ".AAAAAAAAAAAAAAAAAAAAAAAA"},
+        "expired": {**base, "token": expired},
+        "other CallSid": {**base, "token": other_call},
         # the token binds the agent too: a caller cannot pick a pricier agent
-        "other agent": {"agent": "parrot", "token": good},
+        "other agent": {**base, "agent": "parrot", "token": good},
+        # and the tenant: a valid token of another tenant is refused on this account's stream
+        "other tenant": {"agent": "gpt", "tenant": "tn_other", "token": other_tenant},
     }
 
 
 @pytest.mark.parametrize(
-    "case", ["missing", "garbage", "forged", "expired", "other CallSid", "other agent"]
+    "case",
+    ["missing", "garbage", "forged", "expired", "other CallSid", "other agent", "other tenant"],
 )
 async def test_stream_token_is_checked_before_any_agent_session(
     start_relay, make_config, e2e, case
@@ -176,7 +182,7 @@ async def test_status_callback_requires_a_signature(start_relay, make_config, e2
         call_sid = e2e.sid("CA")
         params = {
             "CallSid": call_sid,
-            "AccountSid": "AC" + "0" * 32,
+            "AccountSid": ACCOUNT_SID,
             "StreamSid": e2e.sid("MZ"),
             "StreamEvent": "stream-started",
             "Timestamp": "2025-01-01T00:00:00Z",

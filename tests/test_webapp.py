@@ -7,6 +7,7 @@ from __future__ import annotations
 import orjson
 import pytest
 import trio
+from conftest import ACCOUNT_SID
 
 
 def admin(e2e):
@@ -33,12 +34,12 @@ async def test_voice_twiml_is_exactly_a_connect_stream(start_relay, make_config,
             "statusCallbackMethod": "POST",
         }
         params = [(p.get("name"), p.get("value")) for p in stream.findall("Parameter")]
-        assert [name for name, _ in params] == ["token", "agent"]
+        assert [name for name, _ in params] == ["token", "agent", "tenant"]
         assert twiml.parameters["agent"] == "parrot"
         token = twiml.parameters["token"]
         assert len(token) < 100  # Twilio caps <Parameter> name+value at ~500 characters
-        assert relay_.state.tokens.verify(f"{call_sid}|parrot", token)
-        assert not relay_.state.tokens.verify(f"{call_sid}|echo", token)
+        assert relay_.state.tokens.verify(f"{call_sid}|default|parrot", token)
+        assert not relay_.state.tokens.verify(f"{call_sid}|default|echo", token)
 
         record = relay_.records(call_sid)
         assert (record.status, record.agent, record.direction) == ("incoming", "parrot", "inbound")
@@ -156,7 +157,7 @@ async def test_wrong_methods_and_paths(start_relay, make_config, e2e):
 
 # --- status callbacks ----------------------------------------------------------------------------
 def status_params(call_sid: str, **extra: str) -> dict[str, str]:
-    return {"CallSid": call_sid, "AccountSid": "AC" + "0" * 32, **extra}
+    return {"CallSid": call_sid, "AccountSid": ACCOUNT_SID, **extra}
 
 
 async def test_status_callbacks_are_recorded_in_sequence_order(start_relay, make_config, e2e):
@@ -219,7 +220,9 @@ async def test_stream_error_callback_is_counted(start_relay, make_config, e2e):
 async def test_status_callback_without_callsid(start_relay, make_config):
     with trio.fail_after(5):
         relay_ = await start_relay(make_config())
-        response = await relay_.post_form("/twilio/status", {"CallStatus": "completed"})
+        response = await relay_.post_form(
+            "/twilio/status", {"CallStatus": "completed", "AccountSid": ACCOUNT_SID}
+        )
         assert response.status == 400
         assert relay_.metrics.webhooks["status_malformed"] == 1
 

@@ -14,6 +14,8 @@ ADAPTERS = {
     "openai": "relay.agents.openai:OpenAIRealtimeAgent",
     "parrot": "relay.agents.parrot:ParrotAgent",
     "echo": "relay.agents.echo:EchoAgent",
+    "elevenlabs": "relay.agents.elevenlabs:ElevenLabsAgent",
+    "gemini": "relay.agents.gemini:GeminiLiveAgent",
 }
 
 
@@ -27,3 +29,24 @@ def create_agent(options: Mapping[str, Any]) -> Agent:
     opts = {k: v for k, v in options.items() if k != "type"}
     agent: Agent = cls.from_config(opts)
     return agent
+
+
+def validate_agent(options: Mapping[str, Any], *, where: str = "agent") -> Agent:
+    """Check an agent's options exactly as a call would use them (construct, don't connect).
+
+    The one validation path for ``[agents.NAME]`` tables and ``/api/v1/agents`` bodies; the
+    ConfigError names the offending key.
+    """
+    if not isinstance(options.get("type"), str) or not options.get("type"):
+        raise ConfigError(
+            f"{where}.type: required, one of {', '.join(sorted(ADAPTERS))}", kind="config"
+        )
+    try:
+        return create_agent(options)
+    except ConfigError as exc:
+        message = str(exc)
+        if message.startswith("agents.*."):
+            message = where + message[len("agents") :].replace(".*", "", 1)
+        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None

@@ -129,6 +129,9 @@ class RelayServer:
                 await lifespan_nursery.start(
                     self.state.reactor.run, self.cfg.media.reactor_coalesce_ms / 1000.0
                 )
+            history = self.state.control.history
+            if history is not None:
+                await lifespan_nursery.start(history.run)
             await lifespan_nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
             listeners = await trio.open_tcp_listeners(
@@ -153,7 +156,10 @@ class RelayServer:
                         await lifespan.wait_for_shutdown()
                     except (trio.ClosedResourceError, trio.BrokenResourceError):
                         pass  # the lifespan task was already cancelled with us
+                    if history is not None and not await history.flush(5.0):
+                        log.error("call history: writes still queued at shutdown were lost")
                 lifespan_nursery.cancel_scope.cancel()
+                self.state.control.close()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         # trio.serve_listeners lets a handler's exception end the whole server. Peer input
@@ -177,8 +183,9 @@ class RelayServer:
         first, headers = parse_head(head)
         parts = first.split(" ")
         target = parts[1] if len(parts) == 3 else ""
-        if target.split("?", 1)[0] == "/twilio/stream":
-            await self._media(stream, parts[0], headers, rest)
+        path = target.split("?", 1)[0]
+        if path == "/twilio/stream" or path.startswith("/twilio/stream/"):
+            await self._media(stream, parts[0], path, headers, rest)
             return
         server = TCPServer(
             self._app_wrapper,
@@ -202,7 +209,12 @@ class RelayServer:
         await trio.aclose_forcefully(stream)
 
     async def _media(
-        self, stream: trio.SocketStream, method: str, headers: dict[str, str], rest: bytes
+        self,
+        stream: trio.SocketStream,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        rest: bytes,
     ) -> None:
         cfg = self.cfg
         if (
@@ -218,8 +230,17 @@ class RelayServer:
             return
         # Twilio signs the wss:// URL with no query string; an unsigned stream endpoint
         # would let anyone run agent sessions on the deployer's API keys (toll fraud).
+        # /twilio/stream/{AccountSid}: the account whose token signed it (the upgrade has
+        # no form fields to name it); plain /twilio/stream: the relay.toml account.
+        hint = path[len("/twilio/stream/") :] if path != "/twilio/stream" else ""
         signature = headers.get("x-twilio-signature")
-        if not validate_signature(cfg.twilio.auth_token, cfg.stream_url, None, signature):
+        account = (
+            await self.state.control.directory.stream_account(hint)
+            if len(hint) <= 64 and "/" not in hint
+            else None
+        )
+        url = cfg.stream_url + (f"/{hint}" if hint else "")
+        if account is None or not validate_signature(account.auth_token, url, None, signature):
             await self._refuse(
                 stream,
                 "403 Forbidden",
@@ -244,7 +265,7 @@ class RelayServer:
             send_timeout=cfg.media.send_timeout_s,
             leftover=rest,
         )
-        call = Call(ws, self.state)
+        call = Call(ws, self.state, account.tenant_id)
         self.state.calls.add(call)
         try:
             await call.run()

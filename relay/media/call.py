@@ -65,6 +65,7 @@ from ..protocol.twilio import (
     TwilioProtocolError,
     TwilioStream,
 )
+from ..tools import ToolRegistry
 from . import codec
 from .websocket import CLOSE_NORMAL, CLOSE_POLICY, OP_TEXT, SendTimedOut, WebSocket, build_frame
 
@@ -77,9 +78,11 @@ _perf = time.perf_counter
 
 
 class Call:
-    def __init__(self, ws: WebSocket, state: RelayState) -> None:
+    def __init__(self, ws: WebSocket, state: RelayState, tenant_id: str = "default") -> None:
         self.ws = ws
         self.state = state
+        #: the tenant whose Twilio account signed the stream upgrade
+        self.tenant_id = tenant_id
         self.cfg = state.cfg
         self.metrics = state.metrics
         self.proto = TwilioStream()
@@ -125,6 +128,7 @@ class Call:
         agent_name = start.custom_parameters.get("agent", "")
         record = self.state.records.ensure(start.call_sid)
         self.record = record
+        record.tenant_id = self.tenant_id
         record.status = "active"
         record.stream_sid = start.stream_sid
         record.agent = agent_name
@@ -132,6 +136,9 @@ class Call:
         self._started_at = trio.current_time()
         self.metrics.active_calls += 1
         self.metrics.calls_total += 1
+        history = self.state.control.history
+        if history is not None:  # a queue put: the store never delays the call
+            history.save(record, self.tenant_id)
         try:
             await self._run_started(start, agent_name)
         finally:
@@ -140,6 +147,8 @@ class Call:
             record.end_reason = record.end_reason or self.end_reason or "completed"
             record.ended_at = time.time()
             record.stats = self._stats()
+            if history is not None:
+                history.save(record, self.tenant_id)
             log.info(
                 "call %s ended: %s (%.1f s)",
                 self.call_sid,
@@ -148,12 +157,13 @@ class Call:
             )
 
     async def _run_started(self, start: Start, agent_name: str) -> None:
-        options = self.cfg.agents.get(agent_name)
         try:
-            if options is None:
+            # Cached from the webhook in the common case; a lookup in the store when the
+            # webhook was answered by another process.
+            route = await self.state.control.directory.agent(self.tenant_id, agent_name)
+            if route is None:
                 raise AgentError(f"unknown agent {agent_name!r}")
-            self.agent = create_agent(options)
-            self._setup_transcoding(self.agent)
+            self.agent = create_agent(route.options)
             info = CallInfo(
                 call_sid=start.call_sid,
                 stream_sid=start.stream_sid,
@@ -163,6 +173,7 @@ class Call:
             )
             with trio.fail_after(self.cfg.media.agent_connect_timeout_s):
                 await self.agent.connect(info)
+            self._setup_transcoding(self.agent)
         except (RelayError, OSError, trio.TooSlowError) as exc:
             # The adapter's own connect timeout (AgentError kind agent_connect_timeout) is a
             # timeout too, whichever of the two bounds fires first.
@@ -237,7 +248,12 @@ class Call:
                     if isinstance(event, Start):
                         token = event.custom_parameters.get("token")
                         agent = event.custom_parameters.get("agent", "")
-                        if not tokens.verify(f"{event.call_sid}|{agent}", token):
+                        tenant = event.custom_parameters.get("tenant", "")
+                        # The token names the tenant; it must be the one whose account
+                        # signed this upgrade, or one tenant could run another's agents.
+                        if tenant != self.tenant_id or not tokens.verify(
+                            f"{event.call_sid}|{tenant}|{agent}", token
+                        ):
                             self.call_sid = event.call_sid
                             raise _Reject(
                                 "stream_token", "missing or invalid stream token", CLOSE_POLICY
@@ -422,7 +438,7 @@ class Call:
         try:
             await self.agent.run()
         except (ConnectionClosed, AgentError) as exc:
-            self._agent_gone(f"agent send failed: {exc}")
+            self._agent_gone(f"agent connection lost: {exc}", exc)
 
     async def _agent_reader(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -442,7 +458,7 @@ class Call:
             try:
                 events = await agent.receive()
             except (ConnectionClosed, AgentError) as exc:
-                self._agent_gone(f"agent closed: {exc}")
+                self._agent_gone(f"agent closed: {exc}", exc)
                 return
             self._on_agent(events)
 
@@ -453,7 +469,7 @@ class Call:
         try:
             events = self.agent.read_events_nowait()
         except (ConnectionClosed, AgentError) as exc:
-            self._agent_gone(f"agent closed: {exc}")
+            self._agent_gone(f"agent closed: {exc}", exc)
             return
         except Exception:
             self._internal_error("agent message parsing")
@@ -540,6 +556,17 @@ class Call:
     def _barge_in(self, t_event: float) -> None:
         # Synchronous from the agent's event to the clear on the wire: no other task can
         # send a frame of the interrupted answer in between.
+        if self.downlink.idle:
+            # Nothing queued here and every frame sent was echoed as played: Twilio holds
+            # nothing either, so the caller interrupts nothing. Not a barge-in: no clear,
+            # not counted or recorded. Audio still arriving for the last response (the
+            # agent cancels it on this event) is dropped all the same.
+            if self._current_rid is not None:
+                self.downlink.drop_response(self._current_rid)
+            if self._to_ulaw is not None:
+                self._to_ulaw.reset()
+            log.debug("call %s: caller speech with nothing playing", self.call_sid)
+            return
         now_ms = trio.current_time() * 1000.0
         rid, heard_ms, dropped_ms = self.downlink.clear(now_ms)
         # Audio of the interrupted response may still be in flight from the agent.
@@ -547,8 +574,8 @@ class Call:
             self.downlink.drop_response(stale)  # type: ignore[arg-type]
         if self._to_ulaw is not None:
             self._to_ulaw.reset()
-        # Clear always, even with nothing queued locally: Twilio may still hold audio we
-        # sent earlier (a common bug in sample relays is skipping this).
+        # Clear even with nothing queued locally: frames not yet echoed may still be in
+        # Twilio's buffer (a common bug in sample relays is skipping this).
         try:
             self.ws.send_frames_nowait([build_frame(OP_TEXT, self.proto.clear_message())])
         except ConnectionClosed as exc:
@@ -580,7 +607,11 @@ class Call:
 
     async def _run_tool(self, ev: AgentToolCall) -> None:
         started = _perf()
-        output = await self.state.tools.call(ev.name, ev.arguments)
+        # The agent's own tools (config: names, HTTP tools) first, then the process-wide ones.
+        tools = getattr(self.agent, "tools", None)
+        if not isinstance(tools, ToolRegistry) or ev.name not in tools:
+            tools = self.state.tools
+        output = await tools.call(ev.name, ev.arguments)
         self.record.tool_calls.append(
             {"name": ev.name, "call_id": ev.call_id, "ms": round((_perf() - started) * 1000, 1)}
         )
@@ -602,7 +633,11 @@ class Call:
             self.downlink.end_response(self._current_rid or "")
         self._wake.set()
 
-    def _agent_gone(self, reason: str) -> None:
+    def _agent_gone(self, reason: str, exc: BaseException | None = None) -> None:
+        # The agent's connection died (closed, dropped, or found dead by the adapter's
+        # liveness watchdog: AgentError kind agent_disconnected): play what is buffered,
+        # then hang up. Counted once, as agent_disconnected unless the adapter named a
+        # more specific failure (e.g. agent_protocol).
         if self._agent_dead:
             return
         self._agent_dead = True
@@ -612,7 +647,10 @@ class Call:
             self.state.reactor.unregister(sock, handler)
         if self._ending:
             return
-        self._count_error("agent_closed", reason)
+        kind = "agent_disconnected"
+        if isinstance(exc, AgentError) and exc.kind not in ("agent", "agent_disconnected"):
+            kind = exc.kind
+        self._count_error(kind, reason)
         self._begin_ending("agent disconnected")
 
     async def _playout(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

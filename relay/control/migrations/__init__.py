@@ -1,0 +1,1 @@
+"""Alembic migrations of the control-plane store (``relay serve`` and ``relay db upgrade``)."""

@@ -1,0 +1,204 @@
+"""Twilio's webhooks: ``POST /twilio/voice`` and ``POST /twilio/status``.
+
+Every request is checked with the auth token of the account that owns the call: the
+``AccountSid`` form field names it (Twilio docs, "Webhooks security": the signature is
+HMAC-SHA1 with *that account's* token), ``relay.control.directory`` finds its token. An
+AccountSid no tenant owns is refused with 403, exactly like a bad signature, so the answer
+tells a prober nothing.
+
+The voice webhook answers TwiML that connects a bidirectional Media Stream to
+``/twilio/stream/{AccountSid}`` (so the upgrade, which carries no form fields, can be
+checked with the same account's token) with a signed, expiring per-call token naming the
+tenant and the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from quart import Quart, Response, request
+from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
+
+from ..control.directory import Account
+from ..control.store import DEFAULT_TENANT, sequence_number
+from ..protocol.signature import validate_signature
+
+if TYPE_CHECKING:
+    from ..state import RelayState
+
+log = logging.getLogger("relay.http.twilio")
+
+TERMINAL_CALL_STATUSES = {"completed", "busy", "failed", "no-answer", "canceled"}
+STATUS_FIELDS = (
+    "CallStatus",
+    "CallDuration",
+    "SequenceNumber",
+    "StreamSid",
+    "StreamEvent",
+    "StreamError",
+    "Timestamp",
+    "AnsweredBy",
+)
+
+
+def _xml(body: str, status: int = 200) -> Response:
+    return Response(body, status=status, content_type="text/xml; charset=utf-8")
+
+
+def stream_path_for(account: Account) -> str:
+    """Default-tenant streams keep the original path; tenants' carry their AccountSid."""
+    if account.tenant_id == DEFAULT_TENANT:
+        return "/twilio/stream"
+    return f"/twilio/stream/{account.account_sid}"
+
+
+def register(app: Quart, state: RelayState) -> None:
+    cfg = state.cfg
+    metrics = state.metrics
+    directory = state.control.directory
+    history = state.control.history
+
+    def signed_url() -> str:
+        # Validate against the URL Twilio called: the configured public URL (or, behind a
+        # trusted proxy, X-Forwarded-Proto/Host first values), never the internal one.
+        base = cfg.public_url
+        if cfg.server.trust_forwarded:
+            proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip()
+            host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+            if proto and host:
+                base = f"{proto}://{host}"
+        query = request.query_string.decode("latin-1")
+        return base + request.path + (f"?{query}" if query else "")
+
+    async def signed_form(route: str) -> tuple[dict[str, str], Account] | Response:
+        try:
+            form = await request.form
+        except Exception as exc:  # body too large, bad encoding
+            metrics.webhooks[f"{route}_malformed"] += 1
+            metrics.error("webhook_malformed")
+            log.warning("%s webhook: unreadable body (%s)", route, exc.__class__.__name__)
+            return Response("malformed request\n", status=400)
+        params = {k: form.get(k, "") for k in form}
+        signature = request.headers.get("X-Twilio-Signature")
+        account_sid = params.get("AccountSid", "")
+        account = await directory.account(account_sid) if len(account_sid) <= 64 else None
+        if account is None or not validate_signature(
+            account.auth_token, signed_url(), params, signature
+        ):
+            metrics.webhooks[f"{route}_bad_signature"] += 1
+            metrics.error("bad_signature" if account is not None else "unknown_account")
+            log.warning(
+                "%s webhook refused: %s (CallSid %s)",
+                route,
+                "unknown AccountSid"
+                if account is None
+                else f"{'missing' if not signature else 'invalid'} X-Twilio-Signature",
+                params.get("CallSid", "?")[:40],
+            )
+            return Response("invalid Twilio signature\n", status=403)
+        return params, account
+
+    def reject(record: Any, tenant_id: str, code: str, reason: str, twiml_reason: str) -> Response:
+        # <Reject> must be the first verb; the caller hears busy/rejected and is not billed.
+        metrics.calls_rejected[code] += 1
+        record.status = "rejected"
+        record.reject_reason = code
+        record.end_reason = reason
+        record.ended_at = time.time()
+        if history is not None:
+            history.save(record, tenant_id)
+        response = VoiceResponse()
+        response.reject(reason=twiml_reason)
+        return _xml(str(response))
+
+    @app.post("/twilio/voice")
+    async def voice() -> Any:
+        checked = await signed_form("voice")
+        if isinstance(checked, Response):
+            return checked
+        params, account = checked
+        call_sid = params.get("CallSid", "")
+        if not call_sid.startswith("CA") or len(call_sid) > 64:
+            metrics.webhooks["voice_malformed"] += 1
+            metrics.error("webhook_malformed")
+            log.warning("voice webhook without a valid CallSid")
+            return Response("missing CallSid\n", status=400)
+        tenant_id = account.tenant_id
+        to_number = params.get("To", "")
+        record = state.records.create(
+            call_sid,
+            tenant_id=tenant_id,
+            account_sid=account.account_sid,
+            from_number=params.get("From", ""),
+            from_country=params.get("FromCountry", "")[:8],
+            to_number=to_number,
+            direction=params.get("Direction", "inbound")[:20],
+        )
+        if metrics.active_calls >= cfg.server.max_calls:
+            metrics.webhooks["voice_rejected_busy"] += 1
+            log.warning("call %s rejected: %d active calls", call_sid, metrics.active_calls)
+            return reject(record, tenant_id, "concurrent_limit", "concurrent limit", "busy")
+        route = await directory.route(tenant_id, to_number)
+        if route is None:
+            metrics.webhooks["voice_rejected_no_agent"] += 1
+            log.warning("call %s to %s rejected: tenant has no agent", call_sid, to_number)
+            return reject(record, tenant_id, "no_agent", "no agent", "rejected")
+        record.agent = route.agent
+        if history is not None:
+            history.save(record, tenant_id)
+        token = state.tokens.issue(f"{call_sid}|{tenant_id}|{route.agent}")
+        stream = Stream(
+            url=cfg.stream_url.removesuffix("/twilio/stream") + stream_path_for(account),
+            status_callback=f"{cfg.public_url}/twilio/status",
+            status_callback_method="POST",
+        )
+        stream.parameter(name="token", value=token)
+        stream.parameter(name="agent", value=route.agent)
+        stream.parameter(name="tenant", value=tenant_id)
+        connect = Connect()
+        connect.append(stream)
+        response = VoiceResponse()
+        response.append(connect)
+        metrics.webhooks["voice_ok"] += 1
+        log.info(
+            "call %s from %s to %s -> agent %s (tenant %s)",
+            call_sid,
+            record.from_number,
+            to_number,
+            route.agent,
+            tenant_id,
+        )
+        return _xml(str(response))
+
+    @app.post("/twilio/status")
+    async def status() -> Any:
+        checked = await signed_form("status")
+        if isinstance(checked, Response):
+            return checked
+        params, account = checked
+        call_sid = params.get("CallSid", "")
+        if not call_sid.startswith("CA") or len(call_sid) > 64:
+            metrics.webhooks["status_malformed"] += 1
+            return Response("missing CallSid\n", status=400)
+        entry = {k: params[k][:200] for k in STATUS_FIELDS if k in params}
+        call_status = params.get("CallStatus", "")
+        terminal = call_status if call_status in TERMINAL_CALL_STATUSES else None
+        record = state.records.get(call_sid)
+        if record is None:
+            record = state.records.create(call_sid, tenant_id=account.tenant_id)
+        if record.tenant_id == account.tenant_id:  # never another tenant's record
+            record.status_callbacks.append(entry)
+            # Callbacks may arrive out of order: keep them ordered by SequenceNumber.
+            record.status_callbacks.sort(key=sequence_number)
+            if terminal and record.status == "incoming":
+                record.status = "completed"
+                record.end_reason = record.end_reason or terminal
+        if history is not None:
+            history.status_callback(call_sid, account.tenant_id, entry, terminal)
+        if params.get("StreamEvent") == "stream-error":
+            metrics.error("stream_error")
+            log.warning("call %s: Twilio stream error: %s", call_sid, params.get("StreamError", ""))
+        metrics.webhooks["status_ok"] += 1
+        return Response("", status=204)
