@@ -3,8 +3,13 @@
     python -m bench load --quick      # ≤ ~2 min: relay + peers at N in {50, 200}
     python -m bench load --full       # capacity search per target, 15 s steady state
     python -m bench load --targets relay,fastapi --audio pcmu --n 100,300
+    python -m bench load --quick --targets relay-memory --agents openai,assemblyai,deepgram,\
+        elevenlabs,gemini --audio pcmu --n 100 --repeat 3   # CPU and p99 per agent adapter
     python -m bench codec ...         # per-frame DSP benchmark (bench/codec.py)
     python -m bench wsstack [--quick] # CPU per WebSocket message, stack by stack
+    python -m bench warmstart         # stream start -> first greeting audio, warm vs cold
+    python -m bench recording         # what recording a call costs per media frame
+    python -m bench cascade           # text agents: relay share of reply latency, local CPU
 
 Results: a table on stdout, ``bench/results/load-<mode>.json`` and PNG plots next to it.
 """
@@ -36,13 +41,22 @@ def _load_parser(sub) -> None:
         "--targets",
         type=_csv,
         default=("relay", "fastapi", "pipecat"),
-        help="comma list of relay,fastapi,pipecat,null (default: first three)",
+        help="comma list of relay,relay-memory,relay-pg,fastapi,pipecat,null "
+        "(default: relay,fastapi,pipecat)",
     )
     p.add_argument(
         "--audio",
         type=_csv,
         default=("pcmu", "pcm24k"),
         help="agent audio modes: pcmu (μ-law passthrough), pcm24k (resampled)",
+    )
+    p.add_argument(
+        "--agents",
+        type=_csv,
+        default=("openai",),
+        help="agent adapters behind the relay targets, each its own target variant "
+        "(relay[gemini] ...): openai,assemblyai,deepgram,elevenlabs,gemini (default: openai). "
+        "Gemini always runs PCM16 16/24 kHz (audio pcm16k), the others μ-law",
     )
     p.add_argument("--n", type=_ints, help="call counts (quick) or capacity ladder (full)")
     p.add_argument("--window", type=float, help="steady-state seconds per run")
@@ -59,6 +73,12 @@ def _load_parser(sub) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="re-run runs disturbed by other processes (default: on in --full)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="quick mode: rounds of every target and N, interleaved; medians are reported",
     )
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     p.add_argument("--no-plots", action="store_true")
@@ -86,6 +106,8 @@ def _run_load(args: argparse.Namespace) -> int:
         else (10.0 if mode == "full" else 2.0),
         limit_ms=args.limit_ms,
         retry_noisy=mode == "full" if args.retry is None else args.retry,
+        repeat=max(1, args.repeat),
+        agents=args.agents,
     )
     suite = run_suite(opts, Progress())
     print(report.text_report(suite))
@@ -112,13 +134,33 @@ def main(argv: list[str] | None = None) -> int:
         from bench import wsstack  # owns its options, like bench/codec.py
 
         return wsstack.main(argv[1:])
+    if argv and argv[0] == "warmstart":
+        from bench import warmstart  # owns its options too
+
+        return warmstart.main(argv[1:])
+    if argv and argv[0] == "recording":
+        from bench import recording
+
+        return recording.main(argv[1:])
+    if argv and argv[0] == "cascade":
+        from bench import cascade  # cascaded/local text agents (bench/cascade.py)
+
+        return cascade.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _load_parser(sub)
     sub.add_parser("codec", help="per-frame DSP benchmark (bench/codec.py)")
     sub.add_parser("wsstack", help="server CPU per WebSocket message pair (bench/wsstack.py)")
+    sub.add_parser("warmstart", help="start -> first greeting audio, warm vs cold start")
+    sub.add_parser("recording", help="per-frame cost of recording a call")
+    sub.add_parser("cascade", help="text agents: reply latency by stage, local agent CPU")
     args = parser.parse_args(argv)
     if args.command == "load":
+        from bench.fake_vendors import PROTOCOLS
+
+        unknown = [a for a in args.agents if a not in PROTOCOLS]
+        if unknown:
+            parser.error(f"--agents: unknown {', '.join(unknown)} (known: {', '.join(PROTOCOLS)})")
         return _run_load(args)
     return 2
 

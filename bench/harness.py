@@ -1,7 +1,10 @@
 """Load/latency/capacity runs: targets, one measured session, capacity search.
 
 One run = one fresh target process (the relay or a peer) pinned to the "relay core", and
-this process (load generator + fake agent on one epoll loop) pinned to the "load core":
+this process (load generator + fake agent on one epoll loop) pinned to the "load core".
+The fake agent speaks OpenAI Realtime (bench.fake_agent); with ``--agents`` each relay
+target also runs once per other adapter against that vendor's fake (bench.fake_vendors),
+as target variants ``relay[assemblyai]``, ``relay[gemini]``, ...:
 
     ramp      calls come up one at a time (see bench.loadgen), media flows at once
     settle    a short pause so ramp transients are not measured
@@ -51,11 +54,14 @@ import time
 import traceback
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from bench import genfast
 from bench.fake_agent import FakeAgent
+from bench.fake_vendors import AUDIOS as AGENT_AUDIOS
+from bench.fake_vendors import FIXED_AUDIO, PROTOCOLS, make_agent
 from bench.loadgen import LoadGenerator
 from bench.netio import Reactor, monotonic_ns
 from bench.stats import (
@@ -365,17 +371,78 @@ class Target:
     available: Callable[[], str | None]  # None when runnable, else why not
     notes: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    #: the agent protocol behind the target (relay variants: see ``agent_variant``)
+    agent: str = "openai"
+    #: the target this one is a variant of ("" for the registered targets themselves)
+    base: str = ""
+
+    @property
+    def base_name(self) -> str:
+        return self.base or self.name
 
 
 def _relay_available() -> str | None:
-    if not (REPO / "relay" / "server.py").exists() or not (REPO / "relay" / "cli.py").exists():
-        return "relay serve does not exist yet (relay/server.py, relay/cli.py missing)"
+    if (
+        not (REPO / "relay" / "http" / "server.py").exists()
+        or not (REPO / "relay" / "cli.py").exists()
+    ):
+        return "relay serve does not exist yet (relay/http/server.py, relay/cli.py missing)"
     if not (REPO / "relay" / "agents" / "openai.py").exists():
         return "relay has no OpenAI agent adapter yet (relay/agents/openai.py)"
     return None
 
 
-def _relay_command(port: int, agent_url: str, audio: str, tmp: Path) -> list[str]:
+#: set by run_suite while a relay-pg run needs it (a throwaway server, bench/_pg())
+PG_URL: list[str] = []
+
+
+def _store_url(store: str, tmp: Path) -> str:
+    """The control-plane store a relay target runs with: the shipped default (an SQLite file,
+    here in the run's own temporary folder), PostgreSQL, or none (in-memory records)."""
+    if store == "sqlite":
+        return f"sqlite:///{tmp}/relay.db"
+    if store == "postgresql":
+        if not PG_URL:
+            raise RuntimeError("relay-pg needs the suite's PostgreSQL server")
+        return PG_URL[0]
+    return "memory"
+
+
+def _agent_table(agent: str, agent_url: str, audio: str) -> str:
+    """The ``[agents.bench]`` table of relay.toml for one agent protocol (its fake's URL).
+
+    ``warm_start = false``: the generator pairs each agent session with the call whose
+    stream is being set up (one at a time, see bench.loadgen), which assumes the session
+    opens at the stream's ``start``. Warm start (relay/control/warm.py, on by default) opens
+    it at the voice webhook, and webhooks are pipelined, so sessions would be paired with
+    the wrong calls (μ-law runs: misrouted and "lost" frames; level-coded runs: frames
+    off by 64). Steady-state CPU and latency do not depend on it; ``python -m bench
+    warmstart`` measures warm start itself."""
+    common = (
+        f'url = "{agent_url}"\napi_key = "{AGENT_KEY}"\ninstructions = "benchmark"\n'
+        "warm_start = false\n"
+    )
+    if agent == "openai":
+        extra = f'model = "gpt-realtime"\naudio = "{audio}"\napi = "ga"\n'
+    elif agent == "elevenlabs":
+        extra = 'agent_id = "bench-agent"\n'  # formats come from the agent (ulaw_8000)
+    elif agent == "gemini":
+        extra = 'model = "models/gemini-live-bench"\n'
+    elif agent in ("assemblyai", "deepgram"):
+        extra = ""  # μ-law 8 kHz both ways is what these adapters always ask for
+    else:
+        raise ValueError(f"unknown agent {agent!r}")
+    return f'[agents.bench]\ntype = "{agent}"\n{common}{extra}'
+
+
+def _relay_command(
+    port: int,
+    agent_url: str,
+    audio: str,
+    tmp: Path,
+    store: str = "sqlite",
+    agent: str = "openai",
+) -> list[str]:
     cfg = tmp / "relay.toml"
     cfg.write_text(
         f"""[server]
@@ -384,18 +451,16 @@ port = {port}
 public_url = "http://127.0.0.1:{port}"
 max_calls = 100000
 
+[store]
+url = "{_store_url(store, tmp)}"
+
+[security]
+encryption_key = "{_BENCH_FERNET_KEY}"
+
 [calls]
 default_agent = "bench"
 
-[agents.bench]
-type = "openai"
-url = "{agent_url}"
-api_key = "{AGENT_KEY}"
-model = "gpt-realtime"
-audio = "{audio}"
-api = "ga"
-instructions = "benchmark"
-"""
+{_agent_table(agent, agent_url, audio)}"""
     )
     return [
         sys.executable,
@@ -446,6 +511,31 @@ def _peer_command(module: str) -> Callable[[int, str, str, Path], list[str]]:
     return cmd
 
 
+# a fixed Fernet key (32 zero bytes): the bench's throwaway stores hold no real secret
+_BENCH_FERNET_KEY = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+
+def _pg_available() -> str | None:
+    why = _relay_available()
+    if why:
+        return why
+    try:
+        _pgserver()._bindir()
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
+def _pgserver():  # tests/pgserver.py: a throwaway PostgreSQL (initdb + pg_ctl)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("relay_pgserver", REPO / "tests" / "pgserver.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 TARGETS: dict[str, Target] = {
     "relay": Target(
         "relay",
@@ -455,7 +545,28 @@ TARGETS: dict[str, Target] = {
         "/healthz",
         _relay_command,
         _relay_available,
-        notes="signed webhooks and stream upgrades are validated",
+        notes="signed webhooks and stream upgrades are validated; call history in SQLite "
+        "(the default store)",
+    ),
+    "relay-memory": Target(
+        "relay-memory",
+        "relay, records in memory",
+        ("pcmu", "pcm24k"),
+        "/twilio/voice",
+        "/healthz",
+        partial(_relay_command, store="memory"),
+        _relay_available,
+        notes="store.url = memory: call records only in the process (no database)",
+    ),
+    "relay-pg": Target(
+        "relay-pg",
+        "relay, PostgreSQL store",
+        ("pcmu", "pcm24k"),
+        "/twilio/voice",
+        "/healthz",
+        partial(_relay_command, store="postgresql"),
+        _pg_available,
+        notes="call history in a local PostgreSQL server started for the suite",
     ),
     "fastapi": Target(
         "fastapi",
@@ -585,12 +696,14 @@ def run_target(
     """One fresh target process, one measured session. Never raises for target errors."""
     result: dict = {"target": target.name, "label": target.label, "audio": audio, "n": n}
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-{target.name}-"))
+    result["agent_type"] = target.agent
+    result["base_target"] = target.base_name
     engine, engine_desc = genfast.load()
     # Kernel arrival stamps (see bench.netio.recv_stamped); BENCH_RX_STAMPS=0 measures at
     # read time instead, which charges the generator's own queueing to the target.
     stamp_rx = os.environ.get("BENCH_RX_STAMPS", "1") != "0"
     reactor = Reactor(stamp_rx=stamp_rx, engine=engine)
-    agent = FakeAgent(reactor, audio=audio)
+    agent = make_agent(reactor, target.agent, audio)
     port = free_port()
     log = tmp / "target.log"
     env = (
@@ -620,7 +733,7 @@ def run_target(
         phases["ready"] = time.monotonic()
         sampler = ProcSampler(proc.pid)
         cores = (relay_cpu, load_cpu)
-        is_relay = target.name == "relay"
+        is_relay = target.name.startswith("relay")
         # Let lazily-started work (thread pools, first-request imports) settle first.
         time.sleep(0.3)
         base = {"rss": sampler.rss(), "fds": sampler.fds(), "threads": sampler.threads()}
@@ -636,6 +749,11 @@ def run_target(
         agent.calls = gen.calls
         raw = run_session(reactor, gen, agent, n, timings, sampler, progress, cores)
         raw["loadgen"]["engine"] = engine_desc
+        # bench._genfast.AgentReader parses OpenAI appends only; other vendors' fakes read
+        # through bench.netio's Python path (more generator CPU, same relay work).
+        raw["loadgen"]["agent_reader"] = (
+            "compiled" if engine is not None and target.agent == "openai" else "pure Python"
+        )
         raw["loadgen"]["rx_stamps"] = "kernel" if stamp_rx else "read time"
         phases["session"] = time.monotonic()
         after = _settle_after(reactor, sampler, base["fds"], timings.release_s)
@@ -799,6 +917,10 @@ def _invalid_bound(r: dict) -> str:
 QUICK_PLAN: dict[tuple[str, str], tuple[int, ...]] = {
     ("relay", "pcmu"): (50, 200),
     ("relay", "pcm24k"): (50, 200),
+    ("relay-memory", "pcmu"): (50, 200),
+    ("relay-memory", "pcm24k"): (50, 200),
+    ("relay-pg", "pcmu"): (50, 200),
+    ("relay-pg", "pcm24k"): (50, 200),
     ("fastapi", "pcmu"): (50, 200),
     ("pipecat", "pcm24k"): (50,),
 }
@@ -820,12 +942,54 @@ class SuiteOptions:
     # Re-run (once, after waiting for idle cores) a run that other processes disturbed:
     # on a shared machine one noisy run would otherwise end a capacity search early.
     retry_noisy: bool = False
+    #: quick mode: run every (target, N) this many times, interleaved (medians reported)
+    repeat: int = 1
+    #: agent protocols behind the relay targets (``--agents``): each one is its own target
+    #: variant, ``relay[gemini]`` etc. (OpenAI keeps the plain name); peers speak OpenAI only
+    agents: tuple[str, ...] = ("openai",)
+
+
+AGENTS = PROTOCOLS
+
+
+def agent_variant(target: Target, agent: str) -> Target:
+    """``target`` (a relay target) with the ``agent`` adapter behind it: its relay.toml
+    names that agent type and the run puts that vendor's fake on the agent side."""
+    if agent == "openai":
+        return target
+    if agent not in AGENT_AUDIOS:
+        raise ValueError(f"unknown agent {agent!r} (known: {', '.join(AGENTS)})")
+    fixed = FIXED_AUDIO.get(agent)
+    audios = (fixed,) if fixed else tuple(a for a in AGENT_AUDIOS[agent] if a in target.audios)
+    how = (
+        "PCM16 16 kHz up / 24 kHz down, resampled both ways"
+        if agent in FIXED_AUDIO
+        else "μ-law passthrough both ways"
+    )
+    return replace(
+        target,
+        name=f"{target.name}[{agent}]",
+        label=f"{target.label}, {agent} adapter",
+        audios=audios,
+        command=partial(target.command, agent=agent),
+        notes=f"{target.notes}; {agent} adapter against bench/fake_vendors.py ({how})",
+        agent=agent,
+        base=target.name,
+    )
 
 
 def plan(opts: SuiteOptions) -> tuple[list[tuple[Target, str]], list[str]]:
-    """(target, audio) pairs to run, and why any requested ones are skipped."""
+    """(target, audio) pairs to run, and why any requested ones are skipped.
+
+    With several ``agents``, every relay target runs once per agent protocol (agents
+    vary fastest, so ``--repeat`` rounds interleave them). A vendor with one fixed audio
+    mode (Gemini: ``pcm16k``) runs in it whatever ``audios`` asks for."""
     pairs: list[tuple[Target, str]] = []
     skipped: list[str] = []
+    for agent in opts.agents:
+        if agent not in AGENT_AUDIOS:
+            skipped.append(f"{agent}: unknown agent (known: {', '.join(AGENTS)})")
+    agents = [a for a in opts.agents if a in AGENT_AUDIOS] or ["openai"]
     for name in opts.targets:
         target = TARGETS.get(name)
         if target is None:
@@ -835,9 +999,27 @@ def plan(opts: SuiteOptions) -> tuple[list[tuple[Target, str]], list[str]]:
         if why:
             skipped.append(f"{name}: skipped: {why}")
             continue
+        if not name.startswith("relay"):
+            if "openai" not in agents:
+                skipped.append(f"{name}: skipped: speaks only the OpenAI Realtime protocol")
+                continue
+            for audio in opts.audios:
+                if audio in target.audios:
+                    pairs.append((target, audio))
+            continue
         for audio in opts.audios:
-            if audio in target.audios:
-                pairs.append((target, audio))
+            for agent in agents:
+                variant = agent_variant(target, agent)
+                if agent in FIXED_AUDIO:
+                    # one mode only: run it once, with the first requested audio
+                    if audio == opts.audios[0]:
+                        pairs.append((variant, FIXED_AUDIO[agent]))
+                elif audio in variant.audios:
+                    pairs.append((variant, audio))
+                elif audio in target.audios:
+                    skipped.append(
+                        f"{variant.name}/{audio}: skipped: the {agent} fake is μ-law only"
+                    )
     return pairs, skipped
 
 
@@ -871,28 +1053,56 @@ def run_suite(opts: SuiteOptions, progress: Progress | None = None) -> dict:
         progress.update(_run_line(r), force=True)
         return r
 
-    for target, audio in pairs:
-        if opts.mode == "full":
-            ladder = opts.ns or FULL_LADDERS.get(target.name, LADDER)
-            found = capacity_search(
-                lambda n, t=target, a=audio: one(t, a, n), opts.limit_ms, ladder
-            )
-            found["runs"] = [r["n"] for r in found["runs"]]  # the runs are kept in `runs`
-            capacity[f"{target.name}/{audio}"] = found
-        else:
-            for n in opts.ns or QUICK_PLAN.get((target.name, audio), (50, 200)):
-                one(target, audio, n)
+    pg = contextlib.ExitStack()
+    if any(target.base_name == "relay-pg" for target, _ in pairs):
+        PG_URL[:] = [pg.enter_context(_pgserver().postgres_server())]
+    with pg:
+        _run_pairs(opts, pairs, one, capacity)
+    PG_URL.clear()
     progress.done()
     return {
         "mode": opts.mode,
         "timings": timings.__dict__,
         "cores": {"relay": relay_cpu, "load": load_cpu, "online": os.cpu_count()},
         "skipped": skipped,
-        "targets": {t.name: {"label": t.label, "notes": t.notes} for t in TARGETS.values()},
+        "targets": {
+            t.name: {"label": t.label, "notes": t.notes}
+            for t in [*TARGETS.values(), *(t for t, _ in pairs if t.base)]
+        },
+        "agents": list(opts.agents),
         "runs": runs,
         "capacity": capacity,
+        "repeat": opts.repeat,
         "elapsed_s": round(time.monotonic() - t0, 1),
     }
+
+
+def _run_pairs(
+    opts: SuiteOptions,
+    pairs: list[tuple[Target, str]],
+    one: Callable[[Target, str, int], dict],
+    capacity: dict[str, dict],
+) -> None:
+    if opts.mode != "full" and opts.repeat > 1:
+        # Side by side: every round runs each target once per N, the order rotating from
+        # round to round, so slow drifts of a shared machine hit every target alike.
+        for round_no in range(opts.repeat):
+            shift = round_no % len(pairs)
+            for target, audio in pairs[shift:] + pairs[:shift]:
+                for n in opts.ns or QUICK_PLAN.get((target.base_name, audio), (50, 200)):
+                    one(target, audio, n)
+        return
+    for target, audio in pairs:
+        if opts.mode == "full":
+            ladder = opts.ns or FULL_LADDERS.get(target.base_name, LADDER)
+            found = capacity_search(
+                lambda n, t=target, a=audio: one(t, a, n), opts.limit_ms, ladder
+            )
+            found["runs"] = [r["n"] for r in found["runs"]]  # the runs are kept in `runs`
+            capacity[f"{target.name}/{audio}"] = found
+        else:
+            for n in opts.ns or QUICK_PLAN.get((target.base_name, audio), (50, 200)):
+                one(target, audio, n)
 
 
 def _disturbed(r: dict) -> bool:

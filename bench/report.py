@@ -8,6 +8,7 @@ run are what carry over.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 TARGETS_TEXT = {
@@ -352,10 +353,227 @@ def text_report(suite: dict) -> str:
     cap = capacity_table(suite)
     if cap:
         parts.append(cap)
+    stores = store_table(suite)
+    if stores:
+        parts.append(stores)
+    agents = agent_table(suite)
+    if agents:
+        parts.append(agents)
     parts += [ratios_text(ratios(suite)), targets_text(target_checks(suite))]
     notes = [f"  {k}: {v['label']} - {v['notes']}" for k, v in suite["targets"].items()]
     parts.append("targets under test\n" + "\n".join(notes))
     return "\n\n".join(parts)
+
+
+STORE_TARGETS = ("relay-memory", "relay", "relay-pg")
+
+
+def store_medians(suite: dict) -> list[dict]:
+    """Per (relay store, audio, N): medians over the interleaved rounds (``--repeat``), and
+    the ratio of each to the in-memory records at the same N."""
+    import statistics
+
+    groups: dict[tuple[str, str, int], list[dict]] = {}
+    for r in _ok_runs(suite):
+        if r["target"] in STORE_TARGETS:
+            groups.setdefault((r["target"], r["audio"], r["n"]), []).append(r)
+    rows = []
+    for (target, audio, n), runs in sorted(
+        groups.items(), key=lambda kv: (kv[0][1], kv[0][2], STORE_TARGETS.index(kv[0][0]))
+    ):
+
+        def med(get: Callable[[dict], float], runs: list[dict] = runs) -> float:
+            return round(statistics.median(get(r) for r in runs), 2)
+
+        rows.append(
+            {
+                "target": target,
+                "audio": audio,
+                "n": n,
+                "rounds": len(runs),
+                "cpu_us_per_call_s": med(lambda r: r["relay"]["cpu_us_per_call_s"]),
+                "up_p99_ms": med(lambda r: r["uplink"]["p99_ms"]),
+                "down_p99_ms": med(lambda r: r["downlink"]["p99_ms"]),
+                "lost": sum(
+                    r["uplink"].get("lost", 0) + r["downlink"].get("lost", 0) for r in runs
+                ),
+                "cpu_each": [r["relay"]["cpu_us_per_call_s"] for r in runs],
+            }
+        )
+    base = {(r["audio"], r["n"]): r for r in rows if r["target"] == "relay-memory"}
+    for r in rows:
+        b = base.get((r["audio"], r["n"]))
+        r["cpu_vs_memory"] = (
+            round(r["cpu_us_per_call_s"] / b["cpu_us_per_call_s"], 3)
+            if b and b["cpu_us_per_call_s"]
+            else None
+        )
+    return rows
+
+
+def store_table(suite: dict) -> str:
+    rows = store_medians(suite)
+    if len({r["target"] for r in rows}) < 2:
+        return ""
+    lines = [
+        "call history store vs in-memory records (medians over interleaved rounds)",
+        f"  {'target':<14}{'audio':<8}{'N':>5}{'rounds':>8}{'µs CPU/call-s':>15}"
+        f"{'× memory':>10}{'up p99':>9}{'down p99':>10}{'lost':>6}  each round (µs)",
+    ]
+    for r in rows:
+        ratio = f"{r['cpu_vs_memory']:.3f}" if r["cpu_vs_memory"] is not None else "-"
+        lines.append(
+            f"  {r['target']:<14}{r['audio']:<8}{r['n']:>5}{r['rounds']:>8}"
+            f"{r['cpu_us_per_call_s']:>15,.0f}{ratio:>10}{r['up_p99_ms']:>9}"
+            f"{r['down_p99_ms']:>10}{r['lost']:>6}  "
+            + ", ".join(f"{c:,.0f}" for c in r["cpu_each"])
+        )
+    return "\n".join(lines)
+
+
+AGENT_ORDER = ("openai", "assemblyai", "deepgram", "elevenlabs", "gemini")
+#: Gemini Live (resampled both ways) vs the OpenAI μ-law passthrough, CPU per call-second
+GEMINI_CPU_TARGET = 1.3
+
+
+def _agent_of(r: dict) -> str:
+    return r.get("agent_type") or "openai"
+
+
+def _median(values: list) -> float | None:
+    import statistics
+
+    vals = [v for v in values if v is not None]
+    return round(statistics.median(vals), 2) if vals else None
+
+
+def agent_medians(suite: dict) -> list[dict]:
+    """Per (relay target, agent adapter, audio, N): medians over the interleaved rounds
+    (``--repeat``) of relay CPU per call-second and both legs' p99, and the CPU ratio to
+    the OpenAI μ-law passthrough on the same target at the same N."""
+    groups: dict[tuple[str, str, str, int], list[dict]] = {}
+    for r in _ok_runs(suite):
+        base = r.get("base_target") or r["target"]
+        if base.startswith("relay"):
+            groups.setdefault((base, _agent_of(r), r["audio"], r["n"]), []).append(r)
+
+    def order(key: tuple[str, str, str, int]) -> tuple:
+        base, agent, audio, n = key
+        rank = AGENT_ORDER.index(agent) if agent in AGENT_ORDER else len(AGENT_ORDER)
+        return (base, n, rank, audio)
+
+    rows = []
+    for key in sorted(groups, key=order):
+        base, agent, audio, n = key
+        runs = groups[key]
+        rows.append(
+            {
+                "target": base,
+                "agent": agent,
+                "audio": audio,
+                "n": n,
+                "rounds": len(runs),
+                "cpu_us_per_call_s": _median([r["relay"]["cpu_us_per_call_s"] for r in runs]),
+                "up_p99_ms": _median([r["uplink"]["p99_ms"] for r in runs]),
+                "down_p99_ms": _median([r["downlink"]["p99_ms"] for r in runs]),
+                "bargein_p50_ms": _median([r["bargein_to_clear"]["p50_ms"] for r in runs]),
+                "lost": [
+                    sum(r["uplink"].get("lost", 0) for r in runs),
+                    sum(r["downlink"].get("lost", 0) for r in runs),
+                ],
+                "failed_calls": sum(r["failed_calls"] + r["dropped_calls"] for r in runs),
+                "noisy": sum(1 for r in runs if r.get("interference", {}).get("noisy")),
+                "invalid": sum(1 for r in runs if not r["loadgen"]["valid"]),
+                "disturbed": sum(
+                    1
+                    for r in runs
+                    if r.get("interference", {}).get("noisy") or not r["loadgen"]["valid"]
+                ),
+                "gen_cpu_pct": _median([r["loadgen"]["cpu_pct_of_core"] for r in runs]),
+                "cpu_each": [r["relay"]["cpu_us_per_call_s"] for r in runs],
+            }
+        )
+    base_rows = {
+        (r["target"], r["n"]): r for r in rows if r["agent"] == "openai" and r["audio"] == "pcmu"
+    }
+    for r in rows:
+        b = base_rows.get((r["target"], r["n"]))
+        ok = b is not None and b["cpu_us_per_call_s"] and r["cpu_us_per_call_s"] is not None
+        r["cpu_vs_openai_pcmu"] = (
+            round(r["cpu_us_per_call_s"] / b["cpu_us_per_call_s"], 3) if ok else None
+        )
+    return rows
+
+
+def gemini_checks(rows: list[dict]) -> list[dict]:
+    """Gemini (resampling both ways) within ``GEMINI_CPU_TARGET`` of the OpenAI μ-law
+    passthrough, per target and N measured (reported, never asserted)."""
+    out = []
+    for r in rows:
+        if r["agent"] != "gemini" or r["cpu_vs_openai_pcmu"] is None:
+            continue
+        ratio = r["cpu_vs_openai_pcmu"]
+        out.append(
+            {
+                "target": r["target"],
+                "n": r["n"],
+                "ratio": ratio,
+                "met": ratio <= GEMINI_CPU_TARGET,
+                "disturbed_runs": r["disturbed"],
+                "rounds": r["rounds"],
+            }
+        )
+    return out
+
+
+def agent_table(suite: dict) -> str:
+    """CPU per call-second and p99 per agent adapter, side by side (empty when the run had
+    only the OpenAI adapter)."""
+    rows = agent_medians(suite)
+    if len({r["agent"] for r in rows}) < 2:
+        return ""
+    lines = [
+        "CPU per call-second and p99 per agent adapter (medians over interleaved rounds;"
+        " × = relay CPU / the OpenAI μ-law passthrough's, same target and N)",
+        f"  {'target':<14}{'agent':<12}{'audio':<8}{'N':>5}{'rounds':>7}{'µs CPU/call-s':>15}"
+        f"{'× openai':>10}{'up p99':>9}{'down p99':>10}{'barge p50':>10}{'lost u/d':>10}"
+        f"{'gen %':>7}  flags  each round (µs)",
+    ]
+    for r in rows:
+        ratio = f"{r['cpu_vs_openai_pcmu']:.3f}" if r["cpu_vs_openai_pcmu"] is not None else "-"
+        lost = f"{r['lost'][0]}/{r['lost'][1]}"
+        flags = ",".join(
+            f
+            for f, k in (
+                (f"{r['noisy']} noisy", r["noisy"]),
+                (f"{r['invalid']} INVALID", r["invalid"]),
+                (f"{r['failed_calls']} calls failed", r["failed_calls"]),
+            )
+            if k
+        )
+        lines.append(
+            f"  {r['target']:<14}{r['agent']:<12}{r['audio']:<8}{r['n']:>5}{r['rounds']:>7}"
+            f"{_fmt(r['cpu_us_per_call_s'], 0):>15}{ratio:>10}{_fmt(r['up_p99_ms'], 2):>9}"
+            f"{_fmt(r['down_p99_ms'], 2):>10}{_fmt(r['bargein_p50_ms'], 2):>10}{lost:>10}"
+            f"{_fmt(r['gen_cpu_pct']):>7}  {flags or 'ok'}  "
+            + ", ".join(_fmt(c, 0) for c in r["cpu_each"])
+        )
+    checks = gemini_checks(rows)
+    for c in checks:
+        mark = "meets" if c["met"] else "MISSES"
+        note = (
+            f"; {c['disturbed_runs']} of {c['rounds']} rounds disturbed: indicative only"
+            if c["disturbed_runs"]
+            else ""
+        )
+        lines.append(
+            f"  [{mark:>6}] Gemini (resampled both ways) ≤ {GEMINI_CPU_TARGET}× the OpenAI μ-law"
+            f" passthrough CPU: {c['ratio']:.2f}× ({c['target']}, N={c['n']}){note}"
+            " (reported, not asserted)"
+        )
+    if not checks and any(r["agent"] == "gemini" for r in rows):
+        lines.append("  Gemini vs passthrough: no OpenAI μ-law run at the same target and N")
+    return "\n".join(lines)
 
 
 def generator_ceiling(suite: dict) -> str:
@@ -392,6 +610,10 @@ def write_json(suite: dict, path: Path) -> None:
     data["ratios"] = ratios(suite)
     data["target_checks"] = target_checks(suite)
     data["generator_ceiling"] = generator_ceiling(suite)
+    agents = agent_medians(suite)
+    if len({r["agent"] for r in agents}) > 1:
+        data["agent_medians"] = agents
+        data["gemini_checks"] = gemini_checks(agents)
     path.write_text(json.dumps(data, indent=1, default=str))
 
 

@@ -416,6 +416,7 @@ class LevelTracker:
         "allowance",
         "anchor_k",
         "anchor_pos",
+        "anchored",
         "frame_len",
         "leg",
         "pending",
@@ -434,6 +435,7 @@ class LevelTracker:
         self.anchor_k = 0
         self.pending: list[tuple[int, int]] = []  # (deliver at stream pos, frame)
         self.resyncs = 0
+        self.anchored = False  # the stream has been anchored once (see _sync)
         self._reset_sync()
 
     def _reset_sync(self) -> None:
@@ -516,6 +518,18 @@ class LevelTracker:
                     sent = len(self.leg.send_times)
                     # the newest sent frame with this residue: latency < 64 frames
                     k = sent - 1 - ((sent - 1 - run[0]) % LEVEL_COUNT) if sent else 0
+                    if not self.anchored:
+                        # The stream's first anchor: every frame before it in the stream
+                        # was forwarded ahead of it, so it is at least frame boundary // L
+                        # (-1: a resampler transient in front). Take the oldest candidate
+                        # from there: a target that held the call's first audio for more
+                        # than 64 frames (agent connect under load) and then forwarded it
+                        # would otherwise be anchored 64 frames ahead for the whole call.
+                        # (Still ambiguous: a target that *dropped* >= 64 frames first.)
+                        low = max(0, boundary // self.frame_len - 1)
+                        oldest = low + ((run[0] - low) % LEVEL_COUNT)
+                        k = min(k, oldest) if sent else k
+                        self.anchored = True
                     self.anchor_pos, self.anchor_k = boundary, max(0, k)
                     self._reset_sync()
                     return

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, RelayError
 
 
 def _setup_logging(level: str) -> None:
@@ -28,6 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
     import trio
 
     from . import config as config_mod
+    from .http.drain import serve_until_signalled
     from .http.server import run_server, tune_gc
 
     cfg = config_mod.load(args.config)
@@ -61,7 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
             finally:
                 profiler.dump_stats(profile_path)
         else:
-            trio.run(run_server, cfg)
+            trio.run(serve_until_signalled, cfg)  # SIGTERM: drain, then exit 0
     except KeyboardInterrupt:
         log.info("stopped")
     return 0
@@ -96,7 +97,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .sim.demo import main as demo_main
 
-    return demo_main(calls=args.calls, out_dir=Path(args.out))
+    return demo_main(calls=args.calls, out_dir=Path(args.out), agent=args.agent)
 
 
 def _load_config(args: argparse.Namespace) -> Any:
@@ -155,7 +156,10 @@ def _tenants(args: argparse.Namespace) -> int:
     _cfg, store = _open_store(args)
     try:
         if args.tenants_command == "create":
-            tenant, _key, plain = store.create_tenant(args.name)
+            name = args.name.strip()
+            if not 0 < len(name) <= 200 or any(ord(c) < 0x20 for c in name):
+                raise ConfigError("tenant name: 1 to 200 printable characters")
+            tenant, _key, plain = store.create_tenant(name)
             print(f"tenant  {tenant.id}  {tenant.name}")
             print(f"api key {plain}")
             print("(the key is shown once; it is stored hashed)")
@@ -247,7 +251,10 @@ def _calls(args: argparse.Namespace) -> int:
                 return 1
             print(orjson.dumps(call, option=orjson.OPT_INDENT_2).decode())
             return 0
-        page = store.list_calls(tenant, max(1, min(args.limit, 200)), args.cursor)
+        try:
+            page = store.list_calls(tenant, max(1, min(args.limit, 200)), args.cursor)
+        except ValueError as exc:  # a cursor this store did not make
+            raise ConfigError(f"--cursor: {exc}") from None
     finally:
         store.close()
     _print_table(
@@ -272,6 +279,51 @@ def _calls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _call(args: argparse.Namespace) -> int:
+    """``relay call TO --from NUMBER --agent NAME``: place an outbound call (see
+    relay/control/outbound.py). The running relay answers its webhooks, so both must share
+    ``security.token_secret`` (and the store, for the record)."""
+    import trio
+
+    from .control.directory import Directory
+    from .control.history import record_values
+    from .control.outbound import OutboundError, place, prepare
+
+    cfg, store = _open_store(args)
+    try:
+        if not cfg.security.token_secret:
+            raise ConfigError(
+                "security.token_secret must be set, the same as the running relay's: the call's "
+                "webhook carries a context signed with it"
+            )
+        if not cfg.server.public_url:
+            raise ConfigError("server.public_url (or --public-url): Twilio calls relay back there")
+        body: dict[str, Any] = {"to": args.to, "from": args.from_, "agent": args.agent}
+        if args.greeting is not None:
+            body["greeting"] = args.greeting
+        if args.max_call_seconds is not None:
+            body["max_call_seconds"] = args.max_call_seconds
+        if args.machine_detection:
+            body["machine_detection"] = args.machine_detection
+
+        async def run() -> Any:
+            req = await prepare(cfg, store, Directory(cfg, store), args.tenant, body)
+            return await place(cfg, req)
+
+        try:
+            record = trio.run(run)
+        except OutboundError as exc:
+            where = f" ({exc.field})" if exc.field else ""
+            print(f"relay call: not placed{where}: {exc.message}", file=sys.stderr)
+            return 1
+        store.save_call(record_values(record, record.tenant_id))
+    finally:
+        store.close()
+    print(f"call {record.call_sid} placed: {record.from_number} -> {record.to_number}, "
+          f"agent {record.agent}")  # fmt: skip
+    return 0
+
+
 def _bench(rest: list[str]) -> int:
     try:
         from bench.__main__ import main as bench_main  # type: ignore[import-not-found]
@@ -286,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
     parser = argparse.ArgumentParser(prog="relay", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("RELAY_LOG_LEVEL", "info"))
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("RELAY_LOG_LEVEL"),
+        help="debug, info (default for serve, demo, simulate), warning (default otherwise)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the relay (webhooks + media streams on one port)")
@@ -305,11 +361,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="out/simulate", help="where heard audio WAVs go")
     p.set_defaults(func=_simulate)
 
-    p = sub.add_parser("demo", help="relay + parrot agent + simulated callers, all local")
+    p = sub.add_parser("demo", help="relay + a local agent + simulated callers, all offline")
     p.add_argument("--calls", type=int, default=3)
+    p.add_argument(
+        "--agent",
+        choices=("local", "parrot"),
+        default="local",
+        help="local: spoken conversations (PocketSphinx + eSpeak NG); parrot: media only",
+    )
     p.add_argument("--out", default="out/demo")
     p.set_defaults(func=_demo)
 
+    # Store commands take --config before or after their sub-command (``relay db --config
+    # X upgrade`` and ``relay db upgrade --config X``). The sub-command's copy defaults to
+    # SUPPRESS: argparse copies a sub-parser's defaults over the namespace, and a default of
+    # None there would silently drop a --config given before the sub-command.
     def store_command(name: str, help_text: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text)
         sp.add_argument("--config", help="path to relay.toml (environment overrides apply)")
@@ -323,16 +389,16 @@ def main(argv: list[str] | None = None) -> int:
         ("rotate-key", "re-encrypt stored secrets with the first security.encryption_key"),
     ):
         q = dbs.add_parser(name, help=text)
-        q.add_argument("--config", help="path to relay.toml")
+        q.add_argument("--config", default=argparse.SUPPRESS, help="path to relay.toml")
     p.set_defaults(func=_db)
 
     p = store_command("tenants", "tenants of this relay")
     ts = p.add_subparsers(dest="tenants_command", required=True)
     q = ts.add_parser("create", help="create a tenant and print its first API key")
     q.add_argument("name")
-    q.add_argument("--config", help="path to relay.toml")
+    q.add_argument("--config", default=argparse.SUPPRESS, help="path to relay.toml")
     q = ts.add_parser("list", help="list tenants")
-    q.add_argument("--config", help="path to relay.toml")
+    q.add_argument("--config", default=argparse.SUPPRESS, help="path to relay.toml")
     p.set_defaults(func=_tenants)
 
     p = store_command("keys", "a tenant's API keys")
@@ -340,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("create", "list", "revoke"):
         q = ks.add_parser(name, help=f"{name} API keys")
         q.add_argument("--tenant", default="default", help="tenant id (default: default)")
-        q.add_argument("--config", help="path to relay.toml")
+        q.add_argument("--config", default=argparse.SUPPRESS, help="path to relay.toml")
         if name == "create":
             q.add_argument("--name", help="a label for the key")
         if name == "revoke":
@@ -355,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         q = ns.add_parser(name, help=text)
         q.add_argument("--tenant", default="default", help="tenant id (default: default)")
-        q.add_argument("--config", help="path to relay.toml")
+        q.add_argument("--config", default=argparse.SUPPRESS, help="path to relay.toml")
         q.add_argument("--public-url", help="the https:// URL Twilio reaches this relay at")
     p.set_defaults(func=_numbers)
 
@@ -367,13 +433,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cursor", help="continue a listing")
     p.set_defaults(func=_calls)
 
+    p = store_command("call", "place an outbound call answered by an agent (Twilio REST)")
+    p.add_argument("to", help="the number to call, E.164 (+14155551234)")
+    p.add_argument("--from", dest="from_", required=True, help="one of the tenant's numbers")
+    p.add_argument("--agent", required=True, help="agent id (or relay.toml name)")
+    p.add_argument("--tenant", default="default", help="tenant id (default: default)")
+    p.add_argument("--greeting", help="what the agent says first (overrides its greeting)")
+    p.add_argument("--max-call-seconds", type=float, help="this call's cap")
+    p.add_argument("--machine-detection", choices=["Enable", "DetectMessageEnd"])
+    p.add_argument("--public-url", help="the https:// URL Twilio reaches this relay at")
+    p.set_defaults(func=_call)
+
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(
+        args.log_level or ("info" if args.command in ("serve", "demo", "simulate") else "warning")
+    )
     try:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"relay: configuration error: {exc}", file=sys.stderr)
         return 2
+    except RelayError as exc:  # the store, a secret, Twilio: one line, not a traceback
+        print(f"relay: {exc.kind}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ class ServerConfig:
     #: honour X-Forwarded-Proto/Host (first value) when computing the URL Twilio signed
     trust_forwarded: bool = False
     max_calls: int = 1000
+    #: on SIGTERM: how long active calls may go on before relay ends them (relay/http/drain.py)
+    drain_timeout_s: float = 30.0
 
 
 @dataclass
@@ -64,6 +66,12 @@ class SecurityConfig:
     #: Fernet key(s) for secrets at rest, comma-separated, newest first (see
     #: relay/control/secretbox.py); empty = a key file beside an SQLite store
     encryption_key: str = ""
+    #: let every agent's prep_webhook / post_call_webhook reach private, loopback and
+    #: link-local addresses (per agent: the allow_private_urls option)
+    allow_private_urls: bool = False
+    #: the post-call webhook signing secret of a relay without a store (store.url = memory);
+    #: with a store each tenant has its own (GET /api/v1/settings/webhook-secret)
+    webhook_secret: str = ""
 
 
 @dataclass
@@ -90,6 +98,16 @@ class CallsConfig:
     default_agent: str = "parrot"
     max_duration_s: float = 3600.0
     records_kept: int = 1000
+    #: a warm agent session (opened at the voice webhook) whose stream has not started
+    #: within this many seconds is closed (relay/control/warm.py)
+    warm_start_ttl_s: float = 15.0
+    #: call recordings (record = true); empty: "recordings" next to the SQLite database,
+    #: or ./relay-data/recordings
+    recordings_dir: str = ""
+    #: post-call webhook: attempts per call (1 + retries) and the first retry's delay
+    #: (doubled for each later one)
+    post_call_attempts: int = 5
+    post_call_backoff_s: float = 2.0
 
 
 @dataclass

@@ -104,6 +104,8 @@ class Metrics:
         self.gaps_filled = 0
         self.late_drops = 0
         self.duplicates = 0
+        #: warm agent sessions (relay/control/warm.py) by outcome
+        self.warm_starts: dict[str, int] = defaultdict(int)
         #: set by the server: () -> (wake-ups, sockets served) of the media reactor
         self.reactor_stats: Callable[[], tuple[int, int]] | None = None
 
@@ -182,6 +184,15 @@ class Metrics:
             [
                 f'relay_webhooks_total{{outcome="{k}"}} {v}'
                 for k, v in sorted(self.webhooks.items())
+            ],
+        )
+        metric(
+            "relay_warm_starts_total",
+            "counter",
+            "Agent sessions opened at the voice webhook, by outcome.",
+            [
+                f'relay_warm_starts_total{{outcome="{k}"}} {v}'
+                for k, v in sorted(self.warm_starts.items())
             ],
         )
         metric(

@@ -7,10 +7,11 @@ stream's start, at the end and on status callbacks. The registry keeps the newes
 
 End reasons (one vocabulary, also in the README): ``caller hung up``, ``agent ended``,
 ``max duration``, ``agent error``, ``agent disconnected``, ``agent connect failed``,
-``agent connect timed out``, ``twilio disconnected``, ``internal error``, a Twilio terminal
-call status (``completed``, ``busy``, ``no-answer``, ``failed``, ``canceled``) for calls
-that never got a stream, and for rejected calls the reject reason (``concurrent limit``,
-``not allowed``, ``no agent``, ``unknown agent``).
+``agent connect timed out``, ``twilio disconnected``, ``internal error``, ``drained`` (a
+graceful drain, relay/http/drain.py), a Twilio terminal call status (``completed``,
+``busy``, ``no-answer``, ``failed``, ``canceled``) for calls that never got a stream, and
+for rejected calls the reject reason (``concurrent limit``, ``not allowed``, ``no agent``,
+``unknown agent``, ``draining``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class CallRecord:
     to_number: str = ""
     direction: str = "inbound"
     agent: str = ""
-    #: incoming -> active -> completed, or rejected
+    #: incoming -> active -> completed, or rejected; an outbound call relay placed:
+    #: initiated -> ringing -> in-progress -> active -> completed (relay/control/outbound.py)
     status: str = "incoming"
     #: why a call was rejected: concurrent_limit, no_agent, agent_connect_failed, ...
     reject_reason: str = ""
@@ -47,6 +49,20 @@ class CallRecord:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     status_callbacks: list[dict[str, str]] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    #: call policies (relay/control/policies.py, outbound.py): machine detection's answer,
+    #: whether the fallback message was said, and what was done to the call through the
+    #: API (hang-up, transfer) with Twilio's answer
+    answered_by: str = ""
+    fallback_message_played: bool = False
+    events: list[dict[str, Any]] = field(default_factory=list)
+    #: call features (relay/control/features.py): whether the agent session was opened at
+    #: the webhook (warm start), the caller context the prep webhook answered and how that
+    #: went, the recording, and the post-call webhook's delivery attempts
+    warm_start: bool = False
+    caller_profile: str = ""
+    prep: dict[str, Any] = field(default_factory=dict)
+    recording: dict[str, Any] = field(default_factory=dict)
+    post_call_webhook: dict[str, Any] = field(default_factory=dict)
 
     @property
     def duration_s(self) -> float | None:

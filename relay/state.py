@@ -11,6 +11,11 @@ from typing import TYPE_CHECKING
 
 from .config import Config
 from .control.plane import ControlPlane, open_control_plane
+from .control.policies import CallPolicies
+from .control.postcall import PostCallSender
+from .control.warm import WarmStarts
+from .media.hold import HoldLibrary
+from .media.recording import RecordingWriter, default_directory
 from .metrics import Metrics
 from .protocol.signature import StreamTokens
 from .records import CallRegistry
@@ -34,8 +39,32 @@ class RelayState:
     reactor: Reactor | None = None
     #: store, directory (accounts, agents, numbers), call history writer
     control: ControlPlane = field(init=False)
+    #: per-agent call slots and the voice webhook's per-call plans (relay/control/policies.py)
+    policies: CallPolicies = field(init=False)
+    #: hold audio/music decoded once per file (relay/media/hold.py)
+    hold_library: HoldLibrary = field(default_factory=HoldLibrary)
+    #: agent sessions opened at the voice webhook, waiting for their stream (warm start)
+    warm: WarmStarts = field(init=False)
+    #: call recordings (record = true), written off the loop (relay/media/recording.py)
+    recordings: RecordingWriter = field(init=False)
+    #: post-call webhook deliveries (relay/control/postcall.py)
+    postcall: PostCallSender = field(init=False)
+    #: SIGTERM: no new calls, the active ones finish (relay/http/drain.py)
+    draining: bool = False
 
     def __post_init__(self) -> None:
         self.control = open_control_plane(self.cfg, self.metrics)
         self.tokens = StreamTokens(self.cfg.token_secret_bytes(), self.cfg.security.token_ttl_s)
         self.records.keep = self.cfg.calls.records_kept
+        self.policies = CallPolicies(self.cfg.security.token_ttl_s)
+        self.warm = WarmStarts(
+            self.metrics, limit=self.cfg.server.max_calls, ttl_s=self.cfg.calls.warm_start_ttl_s
+        )
+        history = self.control.history
+        self.recordings = RecordingWriter(
+            default_directory(self.cfg),
+            self.metrics,
+            retention_days=self.cfg.store.retention_days,
+            on_complete=None if history is None else lambda r: history.save(r, r.tenant_id),
+        )
+        self.postcall = PostCallSender(self)

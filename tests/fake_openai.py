@@ -28,6 +28,8 @@ Usage::
         item_id = await session.send_response(ms=300)
 
 Also :func:`silent_server`: a TCP listener that accepts and never answers (timeouts).
+Server plumbing and test audio (``tone``, ``ulaw_encode``, re-exported here):
+tests/fake_vendor_ws.py.
 """
 
 from __future__ import annotations
@@ -37,17 +39,22 @@ import binascii
 import itertools
 import math
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
-from urllib.parse import parse_qsl
 
-import numpy as np
 import orjson
 import trio
-from trio_websocket import ConnectionClosed as WSConnectionClosed
-from trio_websocket import WebSocketConnection, WebSocketRequest, serve_websocket
+from fake_vendor_ws import (
+    Notifier,
+    WSConnectionClosed,
+    request_parts,
+    serve_trio_fake,
+    tone,
+    ulaw_encode,
+)
+from trio_websocket import WebSocketConnection, WebSocketRequest
 
 __all__ = [
     "FakeOpenAIServer",
@@ -81,29 +88,6 @@ NAMES = {
 }
 
 
-# --- audio ---------------------------------------------------------------------------
-def ulaw_encode(pcm: bytes | np.ndarray) -> bytes:
-    """G.711 μ-law encoding of PCM16 (numpy, for generated test audio)."""
-    x = np.frombuffer(pcm, dtype="<i2") if isinstance(pcm, bytes | bytearray) else pcm
-    x = x.astype(np.int32)
-    sign = np.where(x < 0, 0x80, 0)
-    mag = np.minimum(np.abs(x), 32635) + 0x84
-    exp = np.clip(np.floor(np.log2(mag)).astype(np.int32) - 7, 0, 7)
-    mant = (mag >> (exp + 3)) & 0x0F
-    return (~(sign | (exp << 4) | mant) & 0xFF).astype(np.uint8).tobytes()
-
-
-def tone(
-    ms: int, fmt: str, hz: float = 440.0, amplitude: float = 0.3, phase_ms: float = 0.0
-) -> bytes:
-    """``ms`` of a sine tone in ``fmt`` ("pcmu" = μ-law 8 kHz, "pcm24k" = PCM16 24 kHz)."""
-    rate = 8000 if fmt == "pcmu" else 24000
-    n = rate * ms // 1000
-    t = (np.arange(n) + phase_ms * rate / 1000) / rate
-    pcm = (np.sin(2 * math.pi * hz * t) * amplitude * 32767).astype("<i2")
-    return ulaw_encode(pcm) if fmt == "pcmu" else pcm.tobytes()
-
-
 # --- configuration ----------------------------------------------------------------------
 @dataclass
 class FakeOptions:
@@ -134,6 +118,11 @@ class FakeOptions:
     tone_hz: float = 440.0
     #: Include ``name`` in response.function_call_arguments.done (some versions omit it).
     name_in_args_done: bool = True
+    #: Realistic latency (bench/warmstart.py): seconds before the handshake is answered
+    #: (TLS + upgrade to a distant region), and before an automatic response (``response_ms``)
+    #: starts (the model's time to first audio).
+    handshake_delay_s: float = 0.0
+    response_delay_s: float = 0.0
 
 
 # --- per-connection state ---------------------------------------------------------------
@@ -146,7 +135,7 @@ class FakeItem:
 
 
 @dataclass
-class FakeSession:
+class FakeSession(Notifier):
     server: FakeOpenAIServer
     ws: WebSocketConnection
     headers: dict[str, str]
@@ -214,17 +203,11 @@ class FakeSession:
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}_{next(self._ids):04d}"
 
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
     async def wait_for(
         self, predicate: Callable[[FakeSession], bool], timeout: float = 5.0
     ) -> None:
         """Wait until ``predicate(session)`` holds (re-checked on every state change)."""
-        with trio.fail_after(timeout):
-            while not predicate(self):
-                await self._changed.wait()
+        await self._wait_until(lambda: predicate(self), timeout)
 
     async def wait_for_event(
         self, etype: str, count: int = 1, timeout: float = 5.0
@@ -641,6 +624,8 @@ class FakeSession:
 
     async def _respond_safely(self, ms: int) -> None:
         try:
+            if self.options.response_delay_s:
+                await trio.sleep(self.options.response_delay_s)
             await self.send_response(ms)
         except WSConnectionClosed:
             pass
@@ -715,7 +700,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
 
 # --- server ----------------------------------------------------------------------------
 @dataclass
-class FakeOpenAIServer:
+class FakeOpenAIServer(Notifier):
     options: FakeOptions
     port: int = 0
     sessions: list[FakeSession] = field(default_factory=list)
@@ -731,20 +716,12 @@ class FakeOpenAIServer:
     def api_key(self) -> str:
         return self.options.api_key
 
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
     async def wait_for_session(self, index: int = 0, timeout: float = 5.0) -> FakeSession:
-        with trio.fail_after(timeout):
-            while len(self.sessions) <= index:
-                await self._changed.wait()
+        await self._wait_until(lambda: len(self.sessions) > index, timeout)
         return self.sessions[index]
 
     async def wait_for_rejection(self, timeout: float = 5.0) -> dict[str, Any]:
-        with trio.fail_after(timeout):
-            while not self.rejected:
-                await self._changed.wait()
+        await self._wait_until(lambda: bool(self.rejected), timeout)
         return self.rejected[-1]
 
     async def _reject(
@@ -761,11 +738,11 @@ class FakeOpenAIServer:
 
     async def handler(self, request: WebSocketRequest) -> None:
         opts = self.options
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
-        path, _, query_s = request.path.partition("?")
-        query = dict(parse_qsl(query_s, keep_blank_values=True))
+        headers, path, query = request_parts(request)
         if opts.hang_handshake:
             await trio.sleep_forever()
+        if opts.handshake_delay_s:
+            await trio.sleep(opts.handshake_delay_s)
         if opts.reject_status is not None:
             await self._reject(request, opts.reject_status, "rejected by test", headers)
             return
@@ -789,37 +766,14 @@ class FakeOpenAIServer:
             session._notify()
 
 
-@asynccontextmanager
-async def fake_openai_server(
+def fake_openai_server(
     options: FakeOptions | None = None, **kwargs: Any
-) -> AsyncIterator[FakeOpenAIServer]:
+) -> AbstractAsyncContextManager[FakeOpenAIServer]:
     """Run a fake Realtime server on 127.0.0.1 (random port) for the ``async with`` body.
     Keyword arguments are :class:`FakeOptions` fields."""
-    opts = options if options is not None else FakeOptions(**kwargs)
-    server = FakeOpenAIServer(opts)
-    body_error: Exception | None = None
-    async with trio.open_nursery() as nursery:
-        ws_server = await nursery.start(
-            partial(
-                serve_websocket,
-                server.handler,
-                "127.0.0.1",
-                0,
-                None,
-                max_message_size=16 * 1024 * 1024,
-                connect_timeout=5,
-                disconnect_timeout=1,
-            )
-        )
-        server.port = ws_server.port
-        try:
-            yield server
-        except Exception as exc:  # re-raised below, outside the nursery: no ExceptionGroup
-            body_error = exc
-        finally:
-            nursery.cancel_scope.cancel()
-    if body_error is not None:
-        raise body_error
+    return serve_trio_fake(
+        FakeOpenAIServer(options if options is not None else FakeOptions(**kwargs))
+    )
 
 
 @asynccontextmanager

@@ -33,6 +33,17 @@ and the codes of Twilio's error dictionary (https://www.twilio.com/docs/api/erro
   400/21220 "Call is not in-progress. Cannot redirect." (Twilio's answer, seen in the
   wild). ``canceled`` only affects queued/ringing calls, as documented.
 
+Placing calls back (:meth:`FakeTwilioRest.answer_calls` with a :class:`Callee`): a created
+call with a ``Url`` is then run like Twilio runs it: status callbacks ``initiated``,
+``ringing``, ``in-progress``, ``completed`` (or ``busy``/``no-answer``/``failed``) signed
+with the account's token, carrying ``SequenceNumber`` and filtered by
+``StatusCallbackEvent``; on answer the signed voice webhook at ``Url`` (query string
+included), ``AnsweredBy`` when ``MachineDetection`` was asked, and the media stream the
+TwiML names, played by ``relay.sim.simulator`` (signed upgrade, 20 ms media, mark echoes,
+``<Connect action>`` followed). A REST ``Status=completed`` or a ``Twiml``/``Url`` redirect
+ends the stream (``stop``, close) like Twilio; a redirect's ``<Dial>`` target is kept in
+``_dialed``. :meth:`FakeTwilioRest.wait_done` waits for a placed call's end.
+
 Failure injection per route (:data:`ROUTES`): :meth:`FakeTwilioRest.fail_next`,
 :meth:`~FakeTwilioRest.stall` (read the request, never answer), :meth:`~FakeTwilioRest.garbage`
 (200 with an HTML body), :meth:`~FakeTwilioRest.fail_number` (updates of one number).
@@ -54,10 +65,12 @@ import argparse
 import base64
 import itertools
 import json
+import math
 import re
 import secrets
 import signal
 import sys
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
@@ -190,6 +203,11 @@ class FakeTwilioRest:
         self.port = 0
         self._injections: dict[str, list[_Injection]] = {}
         self._failing_numbers: dict[str, Refusal] = {}
+        #: set by serve(): where placed calls run
+        self.nursery: trio.Nursery | None = None
+        self.callback_errors: list[str] = []
+        self._callee: Callee | None = None
+        self._callees: list[Callee] = []
 
     @property
     def url(self) -> str:
@@ -258,6 +276,33 @@ class FakeTwilioRest:
     @property
     def writes(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.method == "POST"]
+
+    # --- placing calls back ---------------------------------------------------------------
+    def answer_calls(self, callee: Callee | None = None, *, once: bool = False) -> Callee:
+        """Place every created call (with a ``Url``) back at its Url like Twilio would;
+        ``once``: only the next call (queued before the default)."""
+        callee = callee or Callee()
+        if once:
+            self._callees.append(callee)
+        else:
+            self._callee = callee
+        return callee
+
+    def _next_callee(self) -> Callee | None:
+        return self._callees.pop(0) if self._callees else self._callee
+
+    def call(self, sid: str) -> dict[str, Any]:
+        for acct in self.accounts.values():
+            if sid in acct.calls:
+                return acct.calls[sid]
+        raise KeyError(sid)
+
+    async def wait_done(self, sid: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until the placed call ``sid`` has ended (its last callback sent)."""
+        call = self.call(sid)
+        with trio.fail_after(timeout):
+            await call["_done"].wait()
+        return call
 
     # --- failure injection ----------------------------------------------------------------
     def _inject(self, route: str, injection: _Injection) -> None:
@@ -517,7 +562,12 @@ class FakeTwilioRest:
         # fmt: on
         acct.calls[sid] = call
         # Underscored keys are the fake's bookkeeping; they are stripped from answers.
-        call.update(_seq=next(_SEQ), _params=f, _updates=[])
+        call.update(_seq=next(_SEQ), _params=f, _updates=[], _end=trio.Event(), _done=trio.Event())
+        callee = self._next_callee()
+        if callee is not None and form.get("Url") and self.nursery is not None:
+            self.nursery.start_soon(_place_back, self, acct, call, form, callee)
+        else:
+            call["_done"].set()
         return 201, _public(call)
 
     def _call(self, acct: FakeAccount, m: re.Match[str]) -> dict[str, Any]:
@@ -546,6 +596,10 @@ class FakeTwilioRest:
         if status == "completed" or (status == "canceled" and call["status"] != "in-progress"):
             call["status"] = "completed" if call["status"] == "in-progress" else "canceled"
             call["end_time"] = _now()
+            call["_end"].set()
+        elif form.get("Twiml") or form.get("Url"):
+            call["_redirects"] = [*call.get("_redirects", []), form.get("Twiml") or form["Url"]]
+            call["_end"].set()  # the stream gets `stop`; the new TwiML runs
         call["date_updated"] = _now()
         return 200, _public(call)
 
@@ -650,8 +704,141 @@ async def serve(
     """Serve ``fake`` on 127.0.0.1:``port`` (0 = ephemeral); reports the port to ``start``."""
     listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
     fake.port = listeners[0].socket.getsockname()[1]
-    task_status.started(fake.port)
-    await trio.serve_listeners(partial(_serve_connection, fake), listeners)
+    async with trio.open_nursery() as nursery:
+        fake.nursery = nursery
+        task_status.started(fake.port)
+        await trio.serve_listeners(
+            partial(_serve_connection, fake), listeners, handler_nursery=nursery
+        )
+
+
+# --- the callee: Twilio placing a created call -----------------------------------------------
+@dataclass
+class Callee:
+    """How the called party behaves when the fake places a created call.
+
+    ``outcome``: ``answer`` (the voice webhook at the call's Url, then the media stream the
+    TwiML names, played by relay's own Twilio simulator: connected/start/media every 20 ms,
+    marks echoed as played), or ``busy`` / ``no-answer`` / ``failed`` (no webhook, a
+    terminal status callback). ``answered_by`` is sent as ``AnsweredBy`` when the call was
+    created with ``MachineDetection`` (default ``human``). The callee hangs up after
+    ``duration_s`` of stream (None: stays until relay or a REST update ends the call).
+    """
+
+    outcome: str = "answer"
+    answered_by: str = "human"
+    duration_s: float | None = 10.0
+    ring_s: float = 0.05
+    audio: bytes | None = None
+    #: every placed call's simulator result, by CallSid
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+async def _status_callback(
+    fake: FakeTwilioRest,
+    acct: FakeAccount,
+    call: dict[str, Any],
+    form: dict[str, str],
+    events: list[str],
+    status: str,
+    seq: int,
+    **extra: str,
+) -> None:
+    from relay.sim import simulator
+
+    event = {"queued": "initiated", "in-progress": "answered"}.get(status, status)
+    if event in ("busy", "no-answer", "failed", "canceled"):
+        event = "completed"
+    url = form.get("StatusCallback")
+    if not url or (events and event not in events):
+        return
+    params = {
+        "CallSid": call["sid"], "AccountSid": acct.sid, "From": call["from"], "To": call["to"],
+        "Direction": "outbound-api", "ApiVersion": "2010-04-01", "CallStatus": status,
+        "SequenceNumber": str(seq), "CallbackSource": "call-progress-events",
+        "Timestamp": _now(), **extra,
+    }  # fmt: skip
+    try:
+        await simulator.http_post_form(url, params, auth_token=acct.auth_token, timeout=5.0)
+    except (OSError, trio.TooSlowError, h11.ProtocolError) as exc:
+        fake.callback_errors.append(f"{status}: {exc!r}")
+
+
+async def _place_back(
+    fake: FakeTwilioRest,
+    acct: FakeAccount,
+    call: dict[str, Any],
+    form: dict[str, str],
+    callee: Callee,
+) -> None:
+    from relay.sim import simulator
+
+    events = [w for e in call["_params"].get("StatusCallbackEvent", []) for w in e.split()]
+    seq = 0
+
+    async def status(value: str, **extra: str) -> None:
+        nonlocal seq
+        await _status_callback(fake, acct, call, form, events, value, seq, **extra)
+        seq += 1
+
+    try:
+        for value in ("initiated", "ringing"):
+            call["status"] = value
+            await status(value)
+            if value == "ringing":
+                with trio.move_on_after(callee.ring_s):
+                    await call["_end"].wait()
+            if call["status"] == "canceled":  # hung up through the API while ringing
+                await status("canceled", CallDuration="0")
+                return
+        if callee.outcome != "answer":
+            call["status"] = callee.outcome
+            await status(callee.outcome, CallDuration="0")
+            return
+        call["status"] = "in-progress"
+        call["start_time"] = _now()
+        extra: dict[str, str] = {}
+        if form.get("MachineDetection"):
+            extra["AnsweredBy"] = callee.answered_by
+            call["answered_by"] = callee.answered_by
+        await status("in-progress", **extra)
+        url = form["Url"]
+        parts = urlsplit(url)
+        limit = float(form.get("TimeLimit") or 14400)
+        result = await simulator.place_call(
+            f"{parts.scheme}://{parts.netloc}",
+            acct.auth_token,
+            audio=callee.audio,
+            to=call["to"],
+            from_=call["from"],
+            call_sid=call["sid"],
+            account_sid=acct.sid,
+            duration_s=callee.duration_s,
+            max_duration_s=limit,
+            status_callback=None,
+            webhook_url=url,
+            direction="outbound-api",
+            extra_params=extra,
+            end_event=call["_end"],
+        )
+        callee.results[call["sid"]] = result
+        call["_result"] = result
+        for twiml in call.get("_redirects", []):  # e.g. a transfer: <Dial> the target
+            try:
+                dial = ET.fromstring(twiml).find("Dial")
+            except ET.ParseError:
+                dial = None
+            if dial is not None:
+                number = dial.find("Number")
+                target = number.text if number is not None else dial.text
+                call["_dialed"] = (target or "").strip()
+                call["_dial_caller_id"] = dial.get("callerId")
+        if call["status"] == "in-progress":
+            call["status"] = "completed"
+            call["end_time"] = _now()
+        await status("completed", CallDuration=str(math.ceil(result.duration_s)))
+    finally:
+        call["_done"].set()
 
 
 @asynccontextmanager

@@ -17,6 +17,9 @@ from bench import genfast
 from bench.loadgen import UP_LEVEL_B64, UP_REST_B64, Uplink
 from bench.netio import Reactor, enable_rx_stamps, frame, recv_stamped
 
+# timing measurements: run alone, after the parallel part of the suite (.ci/run)
+pytestmark = pytest.mark.serial
+
 
 @pytest.fixture(scope="module")
 def engine():
@@ -126,20 +129,29 @@ def test_uplink_hands_a_backlog_to_the_stream(engine):
 
 
 def test_recv_stamped_gives_the_arrival_time_not_the_read_time():
-    srv = socket.create_server(("127.0.0.1", 0))
-    cli = socket.create_connection(srv.getsockname())
-    conn, _ = srv.accept()
-    enable_rx_stamps(conn)
-    t_send = time.monotonic_ns()
-    cli.sendall(b"x" * 100)
-    time.sleep(0.05)  # the reader is "busy" for 50 ms before it reads
-    buf = bytearray(1024)
-    n, t_arrival = recv_stamped(conn, buf)
-    t_read = time.monotonic_ns()
-    assert n == 100
-    assert t_send <= t_arrival < t_send + 40_000_000 < t_read
-    for s in (cli, conn, srv):
-        s.close()
+    # On a loaded VM the kernel may itself deliver (and stamp) the segment late once in a
+    # while; the property is that the stamp *can* precede the read by the reader's delay,
+    # which a read-time stamp never does. Three tries tell the two apart.
+    gaps = []
+    for _ in range(3):
+        srv = socket.create_server(("127.0.0.1", 0))
+        cli = socket.create_connection(srv.getsockname())
+        conn, _ = srv.accept()
+        enable_rx_stamps(conn)
+        t_send = time.monotonic_ns()
+        cli.sendall(b"x" * 100)
+        time.sleep(0.05)  # the reader is "busy" for 50 ms before it reads
+        buf = bytearray(1024)
+        n, t_arrival = recv_stamped(conn, buf)
+        t_read = time.monotonic_ns()
+        for s in (cli, conn, srv):
+            s.close()
+        assert n == 100
+        assert t_send <= t_arrival <= t_read
+        gaps.append(t_read - t_arrival)
+        if t_arrival < t_send + 40_000_000 < t_read:
+            return
+    raise AssertionError(f"arrival stamps were never ahead of the read: {gaps} ns")
 
 
 @pytest.mark.parametrize("kind", ["python", "compiled"])

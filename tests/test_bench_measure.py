@@ -35,6 +35,10 @@ from bench.stats import (
     summarize_ns,
 )
 
+# timing measurements: run alone, after the parallel part of the suite (.ci/run)
+pytestmark = pytest.mark.serial
+
+
 TOKEN = "test-auth-token"
 FAST = Timings(settle_s=0.2, window_s=1.2, barge_s=0.3, drain_s=1.5, ramp_timeout_s=10)
 

@@ -83,6 +83,23 @@ def test_invalid_config_gives_clear_error(tmp_path: Path, text: str, message: st
         cfg.validate()
 
 
-def test_serve_refuses_without_auth_token() -> None:
+def test_serve_refuses_without_auth_token_when_no_store_can_hold_accounts() -> None:
     with pytest.raises(ConfigError, match="auth_token"):
-        config.load(None, {}).validate()
+        config.load(None, {"RELAY_STORE_URL": "memory"}).validate()
+    # with a store, tenants' accounts may be the only ones: it starts (and warns)
+    config.load(None, {}).validate()
+
+
+def test_store_and_new_twilio_keys_load_from_the_environment() -> None:
+    cfg = config.load(
+        None,
+        {
+            "RELAY_STORE_URL": "postgresql://relay@db/relay",
+            "RELAY_STORE_RETENTION_DAYS": "30",
+            "RELAY_TWILIO_API_BASE_URL": "http://127.0.0.1:9",
+            "RELAY_SECURITY_ENCRYPTION_KEY": "k1,k2",
+        },
+    )
+    assert cfg.store.url == "postgresql://relay@db/relay" and cfg.store.retention_days == 30.0
+    assert cfg.twilio.api_base_url == "http://127.0.0.1:9"
+    assert "k1" not in str(cfg.describe())  # secrets masked

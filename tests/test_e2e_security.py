@@ -115,7 +115,8 @@ async def test_stream_token_is_checked_before_any_agent_session(
 ):
     with trio.fail_after(10):
         async with fake_openai_server() as oai:
-            relay_ = await start_relay(openai_config(make_config, e2e, oai))
+            # cold start: a warm session opens at the (signed) webhook, see test_warm_start.py
+            relay_ = await start_relay(openai_config(make_config, e2e, oai, warm_start=False))
             call_sid = e2e.sid("CA")
             response, twiml = await relay_.voice(call_sid)
             assert response.status == 200 and twiml is not None
@@ -338,7 +339,7 @@ async def test_malformed_input_closes_only_its_own_call(
 async def test_malformed_first_message_is_refused_without_an_agent(start_relay, make_config, e2e):
     with trio.fail_after(10):
         async with fake_openai_server() as oai:
-            relay_ = await start_relay(openai_config(make_config, e2e, oai))
+            relay_ = await start_relay(openai_config(make_config, e2e, oai, warm_start=False))
             fake = await relay_.dial(start=False)
             await fake.send_connected()
             await fake.send_raw("this is not JSON")

@@ -131,7 +131,7 @@ def test_schemas_and_decorator_and_subset() -> None:
 
 async def test_builtin_get_time() -> None:
     reg = default_registry()
-    assert reg.names() == ["get_time"]
+    assert reg.names() == ["get_time", "transfer_call"]  # transfer_call: relay/control/transfer.py
     out = json.loads(await reg.call("get_time", "{}"))
     assert out["timezone"] == "UTC" and "T" in out["iso"] and out["iso"].endswith("+00:00")
     paris = json.loads(await reg.call("get_time", '{"timezone": "Europe/Paris"}'))

@@ -87,6 +87,18 @@ def test_fragmented_message_with_interleaved_ping() -> None:
         (masked(OP_TEXT, b"x" * 2000), CLOSE_TOO_BIG),
         (bytes([0x81, 0xFF]) + struct.pack("!Q", 1 << 40), CLOSE_TOO_BIG),  # announced only
     ],
+    # stable ids: the frames carry random mask keys, and parallel workers must collect
+    # the same test names
+    ids=[
+        "unmasked",
+        "rsv1",
+        "reserved-opcode",
+        "stray-continuation",
+        "long-control",
+        "bad-utf8",
+        "too-big",
+        "announced-too-big",
+    ],
 )
 def test_garbage_is_a_violation_with_the_right_code(wire: bytes, code: int) -> None:
     parser = FrameParser(expect_masked=True, max_message=1024)

@@ -21,15 +21,11 @@ base64, a binary frame) raises :class:`relay.errors.RemoteProtocolError` with ki
 from __future__ import annotations
 
 import binascii
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlsplit
 
-import orjson
-
-from ..errors import ConfigError, RemoteProtocolError
+from ..errors import ConfigError
 from .base import (
     AgentAudio,
     AgentErrorEvent,
@@ -39,6 +35,21 @@ from .base import (
     AgentSpeechStopped,
     AgentToolCall,
     AgentTranscript,
+)
+from .wire import (
+    AudioMessage,
+    EventDispatcher,
+    bad_event,
+    check_header_secret,
+    check_ws_url,
+    deep_merge,
+    dumps,
+    mask_secret,
+    normalize_tool,
+    opt_str,
+    refuse_binary,
+    str_field,
+    with_query,
 )
 
 __all__ = [
@@ -80,47 +91,6 @@ _AUDIO_FORMATS = ("pcmu", "pcm24k")
 _APIS = ("ga", "beta")
 
 
-def mask_secret(secret: str) -> str:
-    """``sk-…abcd``: enough to tell keys apart in logs, never enough to use one."""
-    if not secret:
-        return "<unset>"
-    if len(secret) <= 12:
-        return "…" + secret[-2:] if len(secret) > 6 else "…"
-    return secret[:3] + "…" + secret[-4:]
-
-
-def _normalize_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
-    """A Realtime function tool ``{"type":"function","name","description","parameters"}``.
-
-    The Chat Completions shape (``{"type":"function","function":{...}}``) is flattened,
-    since Realtime tools are flat (reference: session.update ``tools``).
-    """
-    if not isinstance(tool, Mapping):
-        raise ConfigError(f"tool schema must be a mapping, got {type(tool).__name__}")
-    inner = tool.get("function")
-    src: Mapping[str, Any] = inner if isinstance(inner, Mapping) else tool
-    name = src.get("name")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"tool schema without a name: {dict(tool)!r}")
-    out: dict[str, Any] = {"type": "function", "name": name}
-    out["description"] = str(src.get("description") or "")
-    params = src.get("parameters")
-    out["parameters"] = (
-        dict(params) if isinstance(params, Mapping) else {"type": "object", "properties": {}}
-    )
-    return out
-
-
-def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    for key, value in extra.items():
-        cur = base.get(key)
-        if isinstance(cur, dict) and isinstance(value, Mapping):
-            _deep_merge(cur, value)
-        else:
-            base[key] = value
-    return base
-
-
 @dataclass(frozen=True, slots=True)
 class OpenAIOptions:
     """Everything an OpenAI Realtime session is configured with.
@@ -155,17 +125,14 @@ class OpenAIOptions:
             raise ConfigError(f"openai audio must be one of {_AUDIO_FORMATS}, got {self.audio!r}")
         if self.api not in _APIS:
             raise ConfigError(f"openai api must be one of {_APIS}, got {self.api!r}")
-        scheme = urlsplit(self.url).scheme
-        if scheme not in ("ws", "wss"):
-            raise ConfigError(f"openai url must be ws:// or wss://, got {self.url!r}")
+        check_ws_url(self.url)
         if not self.model:
             raise ConfigError("openai model must not be empty")
         if not (self.connect_timeout_s > 0 and self.send_timeout_s > 0):
             raise ConfigError("openai connect_timeout_s and send_timeout_s must be > 0")
-        if any(not (0x20 < ord(c) < 0x7F) for c in self.api_key):
-            # It goes into an HTTP header: no spaces, controls (header injection) or non-ASCII.
-            raise ConfigError("openai api_key contains whitespace or non-printable characters")
-        object.__setattr__(self, "tools", tuple(_normalize_tool(t) for t in self.tools))
+        check_header_secret(self.api_key)
+        # Realtime tools are flat (reference: session.update ``tools``).
+        object.__setattr__(self, "tools", tuple(normalize_tool(t) for t in self.tools))
 
     def __repr__(self) -> str:
         return (
@@ -175,37 +142,14 @@ class OpenAIOptions:
         )
 
 
-def _dumps(obj: Any) -> str:
-    return orjson.dumps(obj).decode("utf-8")
+_APPEND = AudioMessage(lambda b64: {"type": "input_audio_buffer.append", "audio": b64})
 
 
-def _bad(etype: str, what: str) -> RemoteProtocolError:
-    return RemoteProtocolError(f"agent event {etype!r}: {what}", kind="agent_protocol")
-
-
-def _str_field(msg: Mapping[str, Any], key: str, etype: str) -> str:
-    value = msg.get(key)
-    if type(value) is not str:
-        raise _bad(etype, f"field {key!r} must be a string")
-    return value
-
-
-def _opt_str(value: Any) -> str:
-    """A string field we only display: tolerate absence and odd types."""
-    if value is None:
-        return ""
-    return value if type(value) is str else str(value)
-
-
-# input_audio_buffer.append is built by concatenation: base64 needs no JSON escaping.
-_APPEND_HEAD = '{"type":"input_audio_buffer.append","audio":"'
-_APPEND_TAIL = '"}'
-
-
-class OpenAIRealtimeProtocol:
+class OpenAIRealtimeProtocol(EventDispatcher):
     """State of one Realtime session as seen from the relay (sans-IO)."""
 
     def __init__(self, options: OpenAIOptions) -> None:
+        super().__init__()
         self.options = options
         self.bytes_per_ms = BYTES_PER_MS[options.audio]
         #: True once ``session.updated`` arrived (our configuration is in effect).
@@ -216,9 +160,6 @@ class OpenAIRealtimeProtocol:
         self.session: dict[str, Any] | None = None
         #: Set when the server rejected our session.update (error.event_id matched).
         self.session_error: AgentErrorEvent | None = None
-        self.events_in = 0
-        self.ignored = 0
-        self.ignored_types: Counter[str] = Counter()
         # item_id -> audio bytes generated (insertion ordered, bounded)
         self._item_bytes: dict[str, int] = {}
         self._done: set[str] = set()
@@ -226,7 +167,7 @@ class OpenAIRealtimeProtocol:
         # call_id/item_id -> function name (the .done event may omit ``name``)
         self._function_names: dict[str, str] = {}
         self._tool_calls: dict[str, None] = {}
-        h = self._handlers = dict[str, Callable[[dict[str, Any], str], list[AgentEvent]]]()
+        h = self._handlers
         for name in ("response.output_audio.delta", "response.audio.delta"):
             h[name] = self._on_audio_delta
         for name in ("response.output_audio.done", "response.audio.done"):
@@ -251,15 +192,7 @@ class OpenAIRealtimeProtocol:
     # -- client messages ---------------------------------------------------------------
     def ws_url(self) -> str:
         """The endpoint with ``?model=`` appended (an existing query, incl. model, is kept)."""
-        url = self.options.url
-        parts = urlsplit(url)
-        if any(k == "model" for k, _ in parse_qsl(parts.query, keep_blank_values=True)):
-            return url
-        base, _, frag = url.partition("#")
-        sep = "&" if parts.query else ("" if base.endswith("?") else "?")
-        return f"{base}{sep}model={quote(self.options.model, safe='')}" + (
-            f"#{frag}" if frag else ""
-        )
+        return with_query(self.options.url, "model", self.options.model)
 
     def handshake_headers(self) -> list[tuple[str, str]]:
         """``Authorization: Bearer <key>``; beta also needs ``OpenAI-Beta: realtime=v1``."""
@@ -315,8 +248,8 @@ class OpenAIRealtimeProtocol:
             session["tools"] = [dict(t) for t in o.tools]
             session["tool_choice"] = o.tool_choice
         if o.session_extra:
-            _deep_merge(session, o.session_extra)
-        return _dumps(
+            deep_merge(session, o.session_extra)
+        return dumps(
             {"type": "session.update", "event_id": SESSION_UPDATE_EVENT_ID, "session": session}
         )
 
@@ -334,24 +267,17 @@ class OpenAIRealtimeProtocol:
             "content": [{"type": "input_text", "text": prompt}],
         }
         return [
-            _dumps({"type": "conversation.item.create", "item": item}),
-            _dumps({"type": "response.create"}),
+            dumps({"type": "conversation.item.create", "item": item}),
+            dumps({"type": "response.create"}),
         ]
 
     def append_audio_b64(self, payload: str) -> str:
-        """``input_audio_buffer.append`` for caller audio already in base64 (hot path).
-
-        Base64 (A-Z a-z 0-9 + / =) never needs JSON escaping, so this is concatenation; a
-        payload with a quote or backslash (not base64, maybe hostile) is escaped properly.
-        """
-        if '"' in payload or "\\" in payload:
-            return _dumps({"type": "input_audio_buffer.append", "audio": payload})
-        return _APPEND_HEAD + payload + _APPEND_TAIL
+        """``input_audio_buffer.append`` for caller audio already in base64 (hot path:
+        concatenation, see :class:`~relay.agents.wire.AudioMessage`)."""
+        return _APPEND.b64(payload)
 
     def append_audio(self, audio: bytes) -> str:
-        return (
-            _APPEND_HEAD + binascii.b2a_base64(audio, newline=False).decode("ascii") + _APPEND_TAIL
-        )
+        return _APPEND.raw(audio)
 
     def generated_ms(self, item_id: str) -> int:
         """Milliseconds of audio the agent generated for ``item_id`` (whole ms, floor)."""
@@ -370,7 +296,7 @@ class OpenAIRealtimeProtocol:
         if item_id in self._item_bytes:
             self._item_bytes[item_id] = ms * self.bytes_per_ms
             self._truncated.add(item_id)
-        return _dumps(
+        return dumps(
             {
                 "type": "conversation.item.truncate",
                 "item_id": item_id,
@@ -383,46 +309,21 @@ class OpenAIRealtimeProtocol:
         """``function_call_output`` item, then ``response.create`` so the model answers."""
         item = {"type": "function_call_output", "call_id": call_id, "output": output}
         return [
-            _dumps({"type": "conversation.item.create", "item": item}),
-            _dumps({"type": "response.create"}),
+            dumps({"type": "conversation.item.create", "item": item}),
+            dumps({"type": "response.create"}),
         ]
 
     def cancel_response(self) -> str:
-        return _dumps({"type": "response.cancel"})
+        return dumps({"type": "response.cancel"})
 
     # -- server messages -----------------------------------------------------------------
     def parse_message(self, message: str | bytes) -> list[AgentEvent]:
         """A WebSocket message as received: OpenAI sends only text frames."""
-        if type(message) is not str:
-            raise RemoteProtocolError(
-                f"agent sent a binary frame ({len(message)} bytes); OpenAI Realtime is JSON text",
-                kind="agent_protocol",
-            )
-        return self.parse(message)
+        return self.dispatch(refuse_binary(message, "OpenAI Realtime"))
 
     def parse(self, text: str | bytes) -> list[AgentEvent]:
         """One server event (JSON text) -> zero or more agent events."""
-        try:
-            msg = orjson.loads(text)
-        except orjson.JSONDecodeError as exc:
-            raise RemoteProtocolError(
-                f"agent sent malformed JSON: {exc}", kind="agent_protocol"
-            ) from None
-        if type(msg) is not dict:
-            raise RemoteProtocolError("agent event is not a JSON object", kind="agent_protocol")
-        self.events_in += 1
-        etype = msg.get("type")
-        handler = self._handlers.get(etype) if type(etype) is str else None
-        if handler is None:
-            self._ignore(etype)
-            return []
-        return handler(msg, etype)  # type: ignore[arg-type]
-
-    def _ignore(self, etype: Any) -> None:
-        self.ignored += 1
-        key = etype if type(etype) is str else "<no type>"
-        if key in self.ignored_types or len(self.ignored_types) < 64:
-            self.ignored_types[key[:80]] += 1
+        return self.dispatch(text)
 
     # bookkeeping ---------------------------------------------------------------------
     def _track(self, item_id: str) -> None:
@@ -456,11 +357,11 @@ class OpenAIRealtimeProtocol:
         delta = msg.get("delta")
         item_id = msg.get("item_id")
         if type(delta) is not str or type(item_id) is not str:
-            raise _bad(etype, "delta and item_id must be strings")
+            raise bad_event(etype, "delta and item_id must be strings")
         try:
             audio = binascii.a2b_base64(delta)
         except (binascii.Error, ValueError):
-            raise _bad(etype, "delta is not valid base64") from None
+            raise bad_event(etype, "delta is not valid base64") from None
         items = self._item_bytes
         n = items.get(item_id)
         if n is None:
@@ -474,17 +375,17 @@ class OpenAIRealtimeProtocol:
         return [AgentAudio(audio, item_id)]
 
     def _on_audio_done(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
-        return self._finish(_str_field(msg, "item_id", etype))
+        return self._finish(str_field(msg, "item_id", etype))
 
     def _on_response_done(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
         resp = msg.get("response")
         if type(resp) is not dict:
-            raise _bad(etype, "response must be an object")
+            raise bad_event(etype, "response must be an object")
         output = resp.get("output")
         if output is None:
             output = []
         if type(output) is not list:
-            raise _bad(etype, "response.output must be a list")
+            raise bad_event(etype, "response.output must be a list")
         status = resp.get("status")
         events: list[AgentEvent] = []
         for item in output:
@@ -503,12 +404,12 @@ class OpenAIRealtimeProtocol:
             err = details.get("error") if type(details) is dict else None
             if type(err) is not dict:
                 err = {}
-            code = _opt_str(err.get("code") or err.get("type")) or "response_failed"
+            code = opt_str(err.get("code") or err.get("type")) or "response_failed"
             events.append(
                 AgentErrorEvent(
                     code,
-                    _opt_str(err.get("message")) or "response failed",
-                    fatal=self._is_fatal(code, _opt_str(err.get("type"))),
+                    opt_str(err.get("message")) or "response failed",
+                    fatal=self._is_fatal(code, opt_str(err.get("type"))),
                 )
             )
         return events
@@ -520,22 +421,22 @@ class OpenAIRealtimeProtocol:
         return [AgentSpeechStopped()]
 
     def _on_agent_transcript_delta(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
-        delta = _str_field(msg, "delta", etype)
+        delta = str_field(msg, "delta", etype)
         return [AgentTranscript("agent", delta, final=False)] if delta else []
 
     def _on_agent_transcript_done(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
-        return [AgentTranscript("agent", _str_field(msg, "transcript", etype))]
+        return [AgentTranscript("agent", str_field(msg, "transcript", etype))]
 
     def _on_caller_delta(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
-        delta = _str_field(msg, "delta", etype)
+        delta = str_field(msg, "delta", etype)
         return [AgentTranscript("caller", delta, final=False)] if delta else []
 
     def _on_caller_done(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
-        return [AgentTranscript("caller", _str_field(msg, "transcript", etype))]
+        return [AgentTranscript("caller", str_field(msg, "transcript", etype))]
 
     def _on_caller_failed(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
         err = msg.get("error")
-        message = _opt_str(err.get("message")) if type(err) is dict else ""
+        message = opt_str(err.get("message")) if type(err) is dict else ""
         return [AgentErrorEvent("transcription_failed", message or "caller transcription failed")]
 
     def _on_output_item(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
@@ -567,8 +468,8 @@ class OpenAIRealtimeProtocol:
         return [AgentToolCall(call_id, name, arguments)]
 
     def _on_function_args_done(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
-        call_id = _str_field(msg, "call_id", etype)
-        arguments = _str_field(msg, "arguments", etype)
+        call_id = str_field(msg, "call_id", etype)
+        arguments = str_field(msg, "arguments", etype)
         name = msg.get("name")
         if type(name) is not str or not name:
             # Some API versions omit ``name`` here; it came with response.output_item.added.
@@ -589,10 +490,10 @@ class OpenAIRealtimeProtocol:
         # an error report must never itself become a protocol error.
         err = msg.get("error")
         if type(err) is not dict:
-            err = {"message": _opt_str(err)}
-        etype_ = _opt_str(err.get("type"))
-        code = _opt_str(err.get("code")) or etype_ or "unknown"
-        message = _opt_str(err.get("message"))
+            err = {"message": opt_str(err)}
+        etype_ = opt_str(err.get("type"))
+        code = opt_str(err.get("code")) or etype_ or "unknown"
+        message = opt_str(err.get("message"))
         fatal = self._is_fatal(code, etype_)
         if err.get("event_id") == SESSION_UPDATE_EVENT_ID:
             # Our configuration was refused: audio format, voice or tools would be wrong.

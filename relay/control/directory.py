@@ -29,6 +29,13 @@ log = logging.getLogger("relay.control.directory")
 
 CACHE_TTL_S = 5.0
 
+#: Agent types whose adapter reads the vendor API key from the relay's environment
+#: (OPENAI_API_KEY, GEMINI_API_KEY, ELEVENLABS_API_KEY) when the option is missing. That
+#: fallback is for relay.toml agents only: a stored (tenant's) agent of these types must
+#: carry its own ``api_key``, or its calls would run on the deployer's key, and a tenant
+#: choosing the agent's ``url`` would be sent that key.
+ENV_KEYED_TYPES = frozenset({"openai", "gemini", "elevenlabs", "assemblyai", "deepgram"})
+
 
 @dataclass(frozen=True)
 class Account:
@@ -121,7 +128,12 @@ class Directory:
         store = self.store
         agent_id: str | None = None
         if store is not None:
-            agent_id = await store.run(store.agent_for_number, tenant_id, to_number)
+            found, agent_id = self._cached(("number", f"{tenant_id}|{to_number}"))
+            if not found:
+                agent_id = self._remember(
+                    ("number", f"{tenant_id}|{to_number}"),
+                    await store.run(store.agent_for_number, tenant_id, to_number),
+                )
         if agent_id:
             route = await self.agent(tenant_id, agent_id)
             if route is not None:
@@ -134,7 +146,7 @@ class Directory:
         rows = await store.run(store.list_agents, tenant_id)
         if not rows:
             return None
-        return Route(rows[0].id, agent_options(store, rows[0]))
+        return await self.agent(tenant_id, rows[0].id)  # the same checks as a mapped agent
 
     async def agent(self, tenant_id: str, agent: str) -> Route | None:
         """Options of a tenant's agent by id (or, for the default tenant, relay.toml name)."""
@@ -148,7 +160,16 @@ class Directory:
             return value  # type: ignore[no-any-return]
         try:
             row = await store.run(store.get_agent, tenant_id, agent)
-            route = Route(row.id, agent_options(store, row)) if row is not None else None
+            # a stored (tenant's) agent never falls back to the deployer's environment keys
+            route = (
+                Route(row.id, {**agent_options(store, row), "env_fallback": False})
+                if row is not None
+                else None
+            )
+            if route is not None and route.options["type"] in ENV_KEYED_TYPES:
+                if not str(route.options.get("api_key") or "").strip():
+                    log.error("agent %s of tenant %s has no api_key: refused", agent, tenant_id)
+                    route = None
         except RelayError as exc:
             log.error("agent %s of tenant %s unusable: %s", agent, tenant_id, exc)
             route = None

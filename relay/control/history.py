@@ -64,8 +64,30 @@ def record_values(record: CallRecord, tenant_id: str) -> dict[str, Any]:
             "dtmf": list(record.dtmf),
             "tool_calls": list(record.tool_calls),
             "stats": dict(record.stats),
+            "answered_by": record.answered_by,
+            "fallback_message_played": record.fallback_message_played,
+            "events": list(record.events),
+            "warm_start": record.warm_start,
+            "caller_profile": record.caller_profile,
+            "prep": dict(record.prep),
+            "recording": dict(record.recording),
+            "post_call_webhook": dict(record.post_call_webhook),
         },
     }
+
+
+class _Save:
+    """A queued snapshot of one call row (callable, so a batch can run it alone)."""
+
+    __slots__ = ("store", "values")
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+        self.store: Store | None = None
+
+    def __call__(self) -> None:
+        assert self.store is not None
+        self.store.save_call(self.values)
 
 
 class HistoryWriter:
@@ -80,6 +102,8 @@ class HistoryWriter:
         self._dropping = False
         self.written = 0
         self.failed = 0
+        #: snapshots replaced by a newer one of the same call within a batch (never written)
+        self.superseded = 0
         metrics.store_queue = lambda: self._pending
 
     # -- producers (synchronous, never block) -----------------------------------------------
@@ -99,8 +123,9 @@ class HistoryWriter:
 
     def save(self, record: CallRecord, tenant_id: str) -> None:
         """Queue an upsert of ``record`` as it is now (a snapshot: later edits don't leak)."""
-        values = record_values(record, tenant_id)
-        self.submit(lambda: self.store.save_call(values))
+        op = _Save(record_values(record, tenant_id))
+        op.store = self.store
+        self.submit(op)
 
     def status_callback(
         self, call_sid: str, tenant_id: str, entry: dict[str, str], terminal: str | None
@@ -134,7 +159,27 @@ class HistoryWriter:
                 self._idle.set()
 
     def _apply(self, batch: list[Callable[[], None]]) -> None:
+        # Snapshots of one call supersede each other (each carries every column): keep the
+        # newest per call and write them all in one transaction; other writes (status
+        # callbacks: read-modify-write) go one by one, in order, after them.
+        latest: dict[str, _Save] = {}
+        others: list[Callable[[], None]] = []
         for op in batch:
+            if isinstance(op, _Save):
+                if latest.pop(op.values["call_sid"], None) is not None:
+                    self.superseded += 1
+                latest[op.values["call_sid"]] = op
+            else:
+                others.append(op)
+        saves = list(latest.values())
+        if saves:
+            try:
+                self.store.save_calls([s.values for s in saves])
+                self.written += len(saves)
+                self._dropping = False
+            except Exception:  # isolate the bad row: the others must still land
+                others[:0] = saves
+        for op in others:
             try:
                 op()
                 self.written += 1

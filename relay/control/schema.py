@@ -112,3 +112,17 @@ calls = sa.Table(
     sa.Index("ix_calls_tenant_created", "tenant_id", "created_at", "call_sid"),
     sa.Index("ix_calls_created", "created_at"),
 )
+
+#: one webhook signing secret per tenant (relay/control/signing.py): post-call and prep
+#: webhooks carry ``X-Relay-Signature`` made with it
+webhook_secrets = sa.Table(
+    "webhook_secrets",
+    metadata,
+    sa.Column("tenant_id", sa.String(40), sa.ForeignKey("tenants.id"), primary_key=True),
+    #: Fernet token of the secret (relay/control/secretbox.py); never stored in clear
+    sa.Column("secret_enc", sa.Text, nullable=False),
+    sa.Column("secret_tail", sa.String(8), nullable=False),
+    #: shown in full once (the first GET after it was made); masked afterwards
+    sa.Column("revealed", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)

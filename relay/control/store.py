@@ -562,27 +562,35 @@ class Store:
 
     def save_call(self, values: Mapping[str, Any]) -> None:
         """Insert or update one call row; only the columns given are written."""
+        self.save_calls([values])
+
+    def save_calls(self, batch: Sequence[Mapping[str, Any]]) -> None:
+        """Upsert several call rows in one transaction (the history writer's batches)."""
+        with self._tx() as c:
+            for values in batch:
+                self._upsert_call(c, values)
+
+    def _upsert_call(self, c: Connection, values: Mapping[str, Any]) -> None:
         values = {k: v for k, v in values.items() if k in self._CALL_COLUMNS}
         sid = values["call_sid"]
-        with self._tx() as c:
-            update = {k: v for k, v in values.items() if k != "call_sid"}
-            if update:
-                result = c.execute(t.calls.update().where(t.calls.c.call_sid == sid).values(update))
-                if result.rowcount:
-                    return
-            row = {
-                "tenant_id": DEFAULT_TENANT,
-                "status": "incoming",
-                "created_at": now_ms(),
-                "details": {},
-                "status_callbacks": [],
-                **values,
-            }
-            try:
-                with c.begin_nested():
-                    c.execute(t.calls.insert().values(row))
-            except IntegrityError:  # inserted by another process meanwhile: update it
-                c.execute(t.calls.update().where(t.calls.c.call_sid == sid).values(update))
+        update = {k: v for k, v in values.items() if k != "call_sid"}
+        if update:
+            result = c.execute(t.calls.update().where(t.calls.c.call_sid == sid).values(update))
+            if result.rowcount:
+                return
+        row = {
+            "tenant_id": DEFAULT_TENANT,
+            "status": "incoming",
+            "created_at": now_ms(),
+            "details": {},
+            "status_callbacks": [],
+            **values,
+        }
+        try:
+            with c.begin_nested():
+                c.execute(t.calls.insert().values(row))
+        except IntegrityError:  # inserted by another process meanwhile: update it
+            c.execute(t.calls.update().where(t.calls.c.call_sid == sid).values(update))
 
     def add_status_callback(
         self, call_sid: str, tenant_id: str, entry: Mapping[str, str], terminal: str | None
@@ -685,7 +693,9 @@ class Store:
                     .values(secrets_enc=self.box.rotate(row.secrets_enc))
                 )
                 count += 1
-        return count
+        from .signing import reencrypt_all  # the tenants' webhook signing secrets
+
+        return count + reencrypt_all(self)
 
 
 def sequence_number(entry: Mapping[str, Any]) -> int:
@@ -705,7 +715,11 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, sid = raw.split("|", 1)
-        return int(created), sid
+        value = int(created)
+        # a BigInteger column: anything outside it would fail in the driver (500), not here
+        if not 0 <= value < 2**63 or not 0 < len(sid) <= 64:
+            raise ValueError(cursor)
+        return value, sid
     except (ValueError, UnicodeDecodeError):
         raise ValueError("cursor is not one this API returned") from None
 
@@ -734,5 +748,13 @@ def call_json(row: Mapping[str, Any]) -> dict[str, Any]:
         "dtmf": details.get("dtmf", []),
         "tool_calls": details.get("tool_calls", []),
         "stats": details.get("stats", {}),
+        "answered_by": details.get("answered_by", ""),
+        "fallback_message_played": details.get("fallback_message_played", False),
+        "events": details.get("events", []),
+        "warm_start": details.get("warm_start", False),
+        "caller_profile": details.get("caller_profile", ""),
+        "prep": details.get("prep", {}),
+        "recording": details.get("recording", {}),
+        "post_call_webhook": details.get("post_call_webhook", {}),
         "status_callbacks": list(row.get("status_callbacks") or []),
     }

@@ -30,11 +30,12 @@ from werkzeug.exceptions import HTTPException
 from ..agents.registry import validate_agent
 from ..config import is_secret_key, mask
 from ..control import tenancy, twilio_rest
-from ..control.directory import agent_options
+from ..control.directory import ENV_KEYED_TYPES, agent_options
 from ..control.phone import is_e164
-from ..control.secretbox import masked
+from ..control.secretbox import masked, tail
 from ..control.store import DEFAULT_TENANT, AgentRow, Conflict, Store
 from ..errors import ConfigError, RelayError
+from . import api_calls, api_features
 
 if TYPE_CHECKING:
     from ..state import RelayState
@@ -48,6 +49,7 @@ TOKEN_CHARS = re.compile(r"^[\x21-\x7e]{8,128}$")
 NAME_MAX = 200
 MAX_NUMBERS = 1000
 MAX_PAGE = 200
+ACCOUNT_TAKEN = "this account_sid is already configured for another tenant"
 
 
 class ApiError(Exception):
@@ -134,15 +136,56 @@ def _config_field(message: str, keys: list[str]) -> str:
 
 
 def split_secrets(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Options to store in clear, and secrets to store encrypted (write-only).
+
+    HTTP tools may carry credentials in ``headers``: then the whole ``tools`` list is kept
+    encrypted, and the clear copy (what the API shows) has every header value masked.
+    """
     plain = {k: v for k, v in options.items() if not is_secret_key(k)}
     secret = {k: v for k, v in options.items() if is_secret_key(k)}
+    tools = options.get("tools")
+    if isinstance(tools, list) and any(
+        isinstance(tool, Mapping) and tool.get("headers") for tool in tools
+    ):
+        secret["tools"] = tools
+        plain["tools"] = [
+            {
+                **tool,
+                "headers": {k: masked(tail(str(v))) for k, v in tool["headers"].items()},
+            }
+            if isinstance(tool, Mapping) and isinstance(tool.get("headers"), Mapping)
+            else tool
+            for tool in tools
+        ]
     return plain, secret
 
 
-def agent_json(row: AgentRow, secret_keys: list[str]) -> dict[str, Any]:
+def refuse_private_targets(options: Mapping[str, Any]) -> None:
+    """A tenant cannot open its tools or webhooks to private addresses: the relay's own
+    network (metadata services, databases) is the deployer's, who alone may allow it in
+    relay.toml."""
+    for key, value in options.items():
+        if key.startswith("allow_private") and value:
+            raise ApiError(
+                400, "invalid_field", f"{key}: only agents in relay.toml may allow it", key
+            )
+    tools = options.get("tools")
+    if isinstance(tools, list):
+        for tool in tools:
+            if isinstance(tool, Mapping) and tool.get("allow_private"):
+                raise ApiError(
+                    400,
+                    "invalid_field",
+                    "tools: allow_private is only for tools defined in relay.toml",
+                    "tools",
+                )
+
+
+def agent_json(row: AgentRow, secrets: Mapping[str, Any]) -> dict[str, Any]:
     options = dict(row.options)
-    for key in secret_keys:
-        options[key] = "…****"
+    for key, value in secrets.items():  # masked like the Twilio token: …abcd
+        if key != "tools":  # tools: the clear copy already has its header values masked
+            options[key] = masked(tail(str(value)))
     return {
         "id": row.id,
         "name": row.name,
@@ -299,6 +342,9 @@ def register(app: Quart, state: RelayState) -> None:
             raise ApiError(
                 400, "invalid_field", "account_sid: AC followed by 32 hex digits", "account_sid"
             )
+        # Twilio's SIDs are lower-case hex, and webhooks carry them so: one spelling per
+        # account, or "AC…ABC" would slip past the one-tenant-per-account constraint.
+        sid = "AC" + sid[2:].lower()
         token = data["auth_token"]
         if not TOKEN_CHARS.match(token):
             raise ApiError(
@@ -325,6 +371,26 @@ def register(app: Quart, state: RelayState) -> None:
             raise ApiError(
                 400, "invalid_field", f"edge: one of {', '.join(twilio_rest.EDGES)}", "edge"
             )
+        if sid == cfg.twilio.account_sid:
+            # relay.toml's account is the default tenant's: its webhooks are checked with
+            # the configured token, so another tenant's copy would never answer a call.
+            raise ApiError(409, "conflict", ACCOUNT_TAKEN, "account_sid")
+        # Credentials Twilio positively refuses are not saved: otherwise anyone could claim
+        # an Account SID they do not hold (and have its webhooks checked with their token).
+        # Twilio unreachable or slow is not a refusal: the settings are saved and the
+        # numbers report says what failed.
+        probe = tenancy.TenantTwilio(sid, token, region, edge, [])
+        async with probe.client(cfg) as rest:
+            try:
+                await rest.fetch_account()
+            except twilio_rest.TwilioRestError as exc:
+                if exc.kind in ("twilio_auth", "twilio_not_found"):
+                    raise ApiError(
+                        400,
+                        "invalid_credentials",
+                        f"Twilio refused this account_sid and auth_token ({exc.message})",
+                        "auth_token",
+                    ) from None
         db = store()
         try:
             await db.run(
@@ -338,7 +404,7 @@ def register(app: Quart, state: RelayState) -> None:
                 )
             )
         except Conflict as exc:
-            raise ApiError(409, "conflict", str(exc), exc.field) from None
+            raise ApiError(409, "conflict", ACCOUNT_TAKEN, exc.field) from None
         control.directory.forget()
         log.info("tenant %s saved Twilio account %s (token %s)", tenant, sid, mask(token))
         report = await sync(tenant)
@@ -414,8 +480,18 @@ def register(app: Quart, state: RelayState) -> None:
 
     # -- agents -----------------------------------------------------------------------------
     def check_agent(options: dict[str, Any]) -> None:
+        refuse_private_targets(options)
+        if options.get("type") in ENV_KEYED_TYPES and not str(options.get("api_key") or "").strip():
+            # The adapter would fall back to the relay's own OPENAI_API_KEY (etc.): a
+            # stored agent would run on the deployer's key and could send it to any url.
+            raise ApiError(
+                400,
+                "invalid_field",
+                "api_key: required for an agent stored through the API",
+                "api_key",
+            )
         try:
-            validate_agent(options, where="agents.agent")
+            validate_agent(options, where="agents.agent", env_fallback=False)
         except ConfigError as exc:
             message = str(exc).replace("agents.agent.", "").replace("agents.agent: ", "")
             field = _config_field(str(exc), list(options))
@@ -425,7 +501,9 @@ def register(app: Quart, state: RelayState) -> None:
         out = []
         for name, opts in cfg.agents.items():
             options = {
-                k: ("…****" if is_secret_key(k) else v) for k, v in opts.items() if k != "type"
+                k: (masked(tail(str(v))) if is_secret_key(k) else v)
+                for k, v in opts.items()
+                if k != "type"
             }
             out.append(
                 {
@@ -461,7 +539,7 @@ def register(app: Quart, state: RelayState) -> None:
             row = await db.run(db.create_agent, tenant, name, kind, plain, secret)
         except Conflict as exc:
             raise ApiError(409, "conflict", str(exc), exc.field) from None
-        return _json(agent_json(row, list(secret)), 201)
+        return _json(agent_json(row, secret), 201)
 
     @app.get("/api/v1/agents")
     @endpoint()
@@ -469,7 +547,7 @@ def register(app: Quart, state: RelayState) -> None:
         db = store()
         rows = await db.run(db.list_agents, tenant)
         out = config_agents_json() if tenant == DEFAULT_TENANT else []
-        out += [agent_json(r, list(db.agent_secrets(r))) for r in rows]
+        out += [agent_json(r, db.agent_secrets(r)) for r in rows]
         return _json({"agents": out})
 
     @app.get("/api/v1/agents/<agent_id>")
@@ -478,7 +556,7 @@ def register(app: Quart, state: RelayState) -> None:
         if tenant == DEFAULT_TENANT and agent_id in cfg.agents:
             return _json(next(a for a in config_agents_json() if a["id"] == agent_id))
         row = await stored_agent(tenant, agent_id)
-        return _json(agent_json(row, list(store().agent_secrets(row))))
+        return _json(agent_json(row, store().agent_secrets(row)))
 
     @app.patch("/api/v1/agents/<agent_id>")
     @endpoint()
@@ -505,7 +583,7 @@ def register(app: Quart, state: RelayState) -> None:
         if updated is None:
             raise not_found("agent")
         control.directory.forget()
-        return _json(agent_json(updated, list(secret)))
+        return _json(agent_json(updated, secret))
 
     @app.delete("/api/v1/agents/<agent_id>")
     @endpoint()
@@ -516,6 +594,9 @@ def register(app: Quart, state: RelayState) -> None:
             raise not_found("agent")
         control.directory.forget()
         return Response("", status=204)
+
+    api_calls.register(app, state, endpoint)  # placing, hanging up, transferring calls
+    api_features.register(app, state, endpoint)  # webhook signing secret, recordings
 
     # -- call history -----------------------------------------------------------------------
     @app.get("/api/v1/calls")

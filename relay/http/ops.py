@@ -32,6 +32,8 @@ def register(app: Quart, state: RelayState) -> None:
 
     @app.get("/healthz")
     async def healthz() -> Any:
+        if state.draining:  # SIGTERM (relay/http/drain.py): send new calls elsewhere
+            return {"status": "draining", "active_calls": metrics.active_calls}, 503
         return {"status": "ok", "active_calls": metrics.active_calls}
 
     @app.get("/metrics")

@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import socket
+import sys
 from typing import Any
 
 import trio
@@ -26,6 +27,7 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
 from ..config import Config
+from ..control import background
 from ..errors import RemoteProtocolError
 from ..media.call import Call
 from ..media.reactor import Reactor
@@ -53,6 +55,10 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
+    # The store's worker threads (relay/control/store.py) run Python code too; when one
+    # holds the GIL, the Trio loop waits up to the switch interval (5 ms by default) for
+    # it. 1 ms keeps a burst of call-history writes from showing in the media latency.
+    sys.setswitchinterval(0.001)
     if os.environ.get("RELAY_GC_LOG"):
         import time as _time
 
@@ -122,6 +128,15 @@ class RelayServer:
         self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         lifespan = Lifespan(self._app_wrapper, self._hconfig, self._lifespan_state)
+        try:
+            await self._serve(lifespan, task_status)
+        finally:
+            # Only once every task (the store's worker threads included: a thread hop is
+            # waited for, not abandoned) has ended: disposing the engine under a running
+            # query crashes the driver.
+            self.state.control.close()
+
+    async def _serve(self, lifespan: Lifespan, task_status: trio.TaskStatus[list[int]]) -> None:
         async with trio.open_nursery() as lifespan_nursery:
             if self.cfg.media.reactor and Reactor.available():
                 reactor = self.state.reactor = Reactor()
@@ -132,6 +147,8 @@ class RelayServer:
             history = self.state.control.history
             if history is not None:
                 await lifespan_nursery.start(history.run)
+            # warm agent sessions, recordings, post-call webhooks (relay/control/background.py)
+            await lifespan_nursery.start(background.run, self.state)
             await lifespan_nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
             listeners = await trio.open_tcp_listeners(
@@ -156,10 +173,12 @@ class RelayServer:
                         await lifespan.wait_for_shutdown()
                     except (trio.ClosedResourceError, trio.BrokenResourceError):
                         pass  # the lifespan task was already cancelled with us
+                    # recordings of the calls that just ended (their records follow)
+                    if not await self.state.recordings.flush(1.0):
+                        log.error("recordings: writes still queued at shutdown were lost")
                     if history is not None and not await history.flush(5.0):
                         log.error("call history: writes still queued at shutdown were lost")
                 lifespan_nursery.cancel_scope.cancel()
-                self.state.control.close()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         # trio.serve_listeners lets a handler's exception end the whole server. Peer input

@@ -21,8 +21,12 @@ from typing import TYPE_CHECKING, Any
 from quart import Quart, Response, request
 from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
 
+from ..control import outbound, postcall, warm
 from ..control.directory import Account
+from ..control.outbound import ctx_plan
+from ..control.policies import CallPlan
 from ..control.store import DEFAULT_TENANT, sequence_number
+from ..media.hold import add_prelude
 from ..protocol.signature import validate_signature
 
 if TYPE_CHECKING:
@@ -113,6 +117,33 @@ def register(app: Quart, state: RelayState) -> None:
         response.reject(reason=twiml_reason)
         return _xml(str(response))
 
+    def after_stream_action(plan: CallPlan) -> dict[str, str]:
+        if not plan.policy.fallback_message:
+            return {}
+        return {"action": f"{cfg.public_url}/twilio/stream-ended", "method": "POST"}
+
+    @app.post("/twilio/stream-ended")
+    async def stream_ended() -> Any:
+        # <Connect action>: the stream ended. At the cap, Twilio says the fallback message
+        # (its own text-to-speech), then hangs up; any other end simply hangs up.
+        checked = await signed_form("stream_ended")
+        if isinstance(checked, Response):
+            return checked
+        params, account = checked
+        call_sid = params.get("CallSid", "")
+        response = VoiceResponse()
+        fallback = state.policies.after_stream.pop(call_sid, None)
+        record = state.records.get(call_sid)
+        if fallback is not None and record is not None and record.tenant_id == account.tenant_id:
+            message, voice = fallback
+            response.say(message, **({"voice": voice} if voice else {}))
+            record.fallback_message_played = True
+            if history is not None:
+                history.save(record, account.tenant_id)
+        response.hangup()
+        metrics.webhooks["stream_ended_ok"] += 1
+        return _xml(str(response))
+
     @app.post("/twilio/voice")
     async def voice() -> Any:
         checked = await signed_form("voice")
@@ -136,16 +167,35 @@ def register(app: Quart, state: RelayState) -> None:
             to_number=to_number,
             direction=params.get("Direction", "inbound")[:20],
         )
+        if state.draining:  # SIGTERM: this process takes no new calls (relay/http/drain.py)
+            metrics.webhooks["voice_rejected_draining"] += 1
+            log.info("call %s rejected: draining", call_sid)
+            return reject(record, tenant_id, "draining", "draining", "busy")
         if metrics.active_calls >= cfg.server.max_calls:
             metrics.webhooks["voice_rejected_busy"] += 1
             log.warning("call %s rejected: %d active calls", call_sid, metrics.active_calls)
             return reject(record, tenant_id, "concurrent_limit", "concurrent limit", "busy")
-        route = await directory.route(tenant_id, to_number)
+        # An outbound call relay placed carries its signed context (relay/control/outbound.py)
+        ctx, ctx_ok = outbound.webhook_context(state, request.args, record, params)
+        if not ctx_ok:
+            return reject(record, tenant_id, "invalid_context", "invalid context", "rejected")
+        if ctx is not None:
+            route = await directory.agent(tenant_id, ctx.agent)
+        else:
+            route = await directory.route(tenant_id, to_number)
         if route is None:
             metrics.webhooks["voice_rejected_no_agent"] += 1
             log.warning("call %s to %s rejected: tenant has no agent", call_sid, to_number)
             return reject(record, tenant_id, "no_agent", "no agent", "rejected")
         record.agent = route.agent
+        # Per-agent policies (relay/control/policies.py): allowlist, concurrency, cap.
+        plan, denied = state.policies.screen(
+            call_sid, tenant_id, route.agent, route.options, record.from_number, **ctx_plan(ctx)
+        )
+        if plan is None:
+            metrics.webhooks[f"voice_rejected_{denied}"] += 1
+            log.warning("call %s from %s rejected: %s", call_sid, record.from_number, denied)
+            return reject(record, tenant_id, denied, denied.replace("_", " "), "busy")
         if history is not None:
             history.save(record, tenant_id)
         token = state.tokens.issue(f"{call_sid}|{tenant_id}|{route.agent}")
@@ -157,9 +207,15 @@ def register(app: Quart, state: RelayState) -> None:
         stream.parameter(name="token", value=token)
         stream.parameter(name="agent", value=route.agent)
         stream.parameter(name="tenant", value=tenant_id)
-        connect = Connect()
+        # warm start (relay/control/warm.py): the agent session opens now, in the background
+        params = {"token": token, "agent": route.agent, "tenant": tenant_id}
+        warm.begin_for_webhook(state, plan, route.options, record, params)
+        # With a fallback message, Twilio asks what to do once the stream ends (say it
+        # when the call ended at its cap, else hang up).
+        connect = Connect(**after_stream_action(plan))
         connect.append(stream)
         response = VoiceResponse()
+        add_prelude(response, plan.policy.hold)  # hold = text: <Say> before the stream
         response.append(connect)
         metrics.webhooks["voice_ok"] += 1
         log.info(
@@ -186,15 +242,27 @@ def register(app: Quart, state: RelayState) -> None:
         call_status = params.get("CallStatus", "")
         terminal = call_status if call_status in TERMINAL_CALL_STATUSES else None
         record = state.records.get(call_sid)
-        if record is None:
-            record = state.records.create(call_sid, tenant_id=account.tenant_id)
+        if record is None:  # e.g. an outbound call placed by another process (relay call)
+            record = state.records.create(
+                call_sid,
+                tenant_id=account.tenant_id,
+                direction=params.get("Direction", "inbound")[:20],
+                from_number=params.get("From", "")[:40],
+                to_number=params.get("To", "")[:40],
+            )
+        if terminal:  # a call that never got its stream gives its agent slot back
+            state.policies.release_pending(call_sid)
+            state.warm.discard(call_sid, account.tenant_id)  # and its warm agent session
         if record.tenant_id == account.tenant_id:  # never another tenant's record
             record.status_callbacks.append(entry)
             # Callbacks may arrive out of order: keep them ordered by SequenceNumber.
             record.status_callbacks.sort(key=sequence_number)
+            outbound.on_status(state, record, params)
             if terminal and record.status == "incoming":
                 record.status = "completed"
                 record.end_reason = record.end_reason or terminal
+            if terminal and record.started_at is None and record.direction.startswith("outbound"):
+                await postcall.call_ended(state, record, None)  # busy, no-answer, ...
         if history is not None:
             history.status_callback(call_sid, account.tenant_id, entry, terminal)
         if params.get("StreamEvent") == "stream-error":

@@ -38,6 +38,7 @@ import math
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 import trio
@@ -54,7 +55,8 @@ from ..agents.base import (
     AgentTranscript,
     CallInfo,
 )
-from ..agents.registry import create_agent
+from ..control import transfer, warm
+from ..control.policies import CallPlan
 from ..errors import AgentError, ConnectionClosed, RelayError
 from ..protocol.twilio import (
     Dtmf,
@@ -66,7 +68,7 @@ from ..protocol.twilio import (
     TwilioStream,
 )
 from ..tools import ToolRegistry
-from . import codec
+from . import codec, hold, recording
 from .websocket import CLOSE_NORMAL, CLOSE_POLICY, OP_TEXT, SendTimedOut, WebSocket, build_frame
 
 if TYPE_CHECKING:
@@ -113,6 +115,10 @@ class Call:
         self._started_at = 0.0
         self._first_audio_seen = False
         self.record: Any = None
+        self.plan: CallPlan | None = None
+        self._hold: hold.HoldPlayer | None = None
+        #: record = true (relay/media/recording.py): the call's stereo WAV
+        self._recorder: recording.CallRecorder | None = None
 
     # -- lifecycle --------------------------------------------------------------------
     async def run(self) -> None:
@@ -143,12 +149,17 @@ class Call:
             await self._run_started(start, agent_name)
         finally:
             self.metrics.active_calls -= 1
+            self.state.policies.release(self.call_sid)
+            if self._recorder is not None:
+                self._recorder.close()  # the writer finishes the file off the loop
             record.status = "completed"
             record.end_reason = record.end_reason or self.end_reason or "completed"
             record.ended_at = time.time()
             record.stats = self._stats()
             if history is not None:
                 history.save(record, self.tenant_id)
+            if self.plan is not None:  # post_call_webhook (relay/control/postcall.py)
+                self.state.postcall.submit(record, self.plan.policy.features)
             log.info(
                 "call %s ended: %s (%.1f s)",
                 self.call_sid,
@@ -163,7 +174,9 @@ class Call:
             route = await self.state.control.directory.agent(self.tenant_id, agent_name)
             if route is None:
                 raise AgentError(f"unknown agent {agent_name!r}")
-            self.agent = create_agent(route.options)
+            # The webhook's plan (relay/control/policies.py): cap, per-call option overrides.
+            self.plan = self.state.policies.plan_for_stream(start.call_sid, route.options)
+            self._recorder = recording.start_for_call(self)
             info = CallInfo(
                 call_sid=start.call_sid,
                 stream_sid=start.stream_sid,
@@ -172,7 +185,12 @@ class Call:
                 custom_parameters=start.custom_parameters,
             )
             with trio.fail_after(self.cfg.media.agent_connect_timeout_s):
-                await self.agent.connect(info)
+                # hold audio (relay/media/hold.py) plays while the agent connects
+                self._hold = await hold.player_for(self, self.plan.policy.hold)
+                # the warm session the webhook opened (relay/control/warm.py), or a new one
+                connect = partial(warm.open_agent, self, route.options, info)
+                await hold.while_connecting(self._hold, self, connect)
+                assert self.agent is not None
             self._setup_transcoding(self.agent)
         except (RelayError, OSError, trio.TooSlowError) as exc:
             # The adapter's own connect timeout (AgentError kind agent_connect_timeout) is a
@@ -188,15 +206,19 @@ class Call:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.cancel_scope.deadline = trio.current_time() + self.cfg.calls.max_duration_s
+                cap = min(self.cfg.calls.max_duration_s, self.plan.max_call_seconds)
+                nursery.cancel_scope.deadline = trio.current_time() + cap
                 self.ws.on_backlog = self._twilio_backlog
                 await nursery.start(self._agent_runner)
                 await nursery.start(self._twilio_reader)
                 await nursery.start(self._agent_reader)
                 await nursery.start(self._playout)
+                if self._hold is not None:
+                    nursery.start_soon(self._hold.pump, self)
             if nursery.cancel_scope.cancelled_caught and not self.end_reason:
                 log.info("call %s: maximum duration reached", self.call_sid)
                 self.end_reason = "max duration"
+                self.state.policies.ended_at_cap(self.call_sid)  # -> fallback_message
         finally:
             self.ws.on_backlog = None
             self._unregister_all()
@@ -327,6 +349,7 @@ class Call:
         parse = self.proto.parse
         uplink = self.uplink
         metrics = self.metrics
+        recorder = self._recorder
         payloads: list[str] = []
         for msg in batch:
             if type(msg) is not str:
@@ -341,6 +364,8 @@ class Call:
                     payloads.append(
                         cast(str, payload) if payload is not None else self._silence(dur)
                     )
+                    if recorder is not None:
+                        recorder.caller(_ts, payloads[-1])
             elif type(event) is MarkEcho:
                 self.downlink.on_mark(event.name, trio.current_time() * 1000.0)
                 if self._ending:
@@ -487,6 +512,11 @@ class Call:
         for ev in events:
             kind = type(ev)
             if kind is AgentAudio:
+                if self._hold is not None:  # the agent's first audio ends the hold at once
+                    self._hold.stop(self)
+                    self._hold = None
+                    if self._recorder is not None:  # what Twilio still held was not heard
+                        self._recorder.cut(self._elapsed_ms())
                 rid = ev.response_id  # type: ignore[union-attr]
                 self._current_rid = rid
                 audio = ev.audio  # type: ignore[union-attr]
@@ -536,13 +566,15 @@ class Call:
         frames = self.downlink.pull(trio.current_time() * 1000.0)
         if not frames:
             return 0
+        if self._recorder is not None:
+            self._recorder.agent(frames, self._elapsed_ms())
         media = self.proto.media_message
         mark = self.proto.mark_message
         out = []
         for ulaw, mark_name, _rid in frames:
             out.append(build_frame(OP_TEXT, media(ulaw)))
             out.append(build_frame(OP_TEXT, mark(mark_name)))
-        if not self._first_audio_seen:
+        if not self._first_audio_seen and frames[-1][2] != hold.HOLD_RID:
             self._first_audio_seen = True
             self.record.first_agent_audio_ms = (trio.current_time() - self._started_at) * 1000.0
         try:
@@ -556,6 +588,8 @@ class Call:
     def _barge_in(self, t_event: float) -> None:
         # Synchronous from the agent's event to the clear on the wire: no other task can
         # send a frame of the interrupted answer in between.
+        if self._hold is not None:  # hold audio is not the agent's: nothing to interrupt
+            return
         if self.downlink.idle:
             # Nothing queued here and every frame sent was echoed as played: Twilio holds
             # nothing either, so the caller interrupts nothing. Not a barge-in: no clear,
@@ -569,6 +603,8 @@ class Call:
             return
         now_ms = trio.current_time() * 1000.0
         rid, heard_ms, dropped_ms = self.downlink.clear(now_ms)
+        if self._recorder is not None:
+            self._recorder.cut(self._elapsed_ms())
         # Audio of the interrupted response may still be in flight from the agent.
         for stale in {rid, self._current_rid} - {None}:
             self.downlink.drop_response(stale)  # type: ignore[arg-type]
@@ -611,7 +647,10 @@ class Call:
         tools = getattr(self.agent, "tools", None)
         if not isinstance(tools, ToolRegistry) or ev.name not in tools:
             tools = self.state.tools
-        output = await tools.call(ev.name, ev.arguments)
+        if ev.name == transfer.TOOL_NAME:  # built-in: needs this call (control/transfer.py)
+            output = await transfer.run_tool(self, ev.arguments)
+        else:
+            output = await tools.call(ev.name, ev.arguments)
         self.record.tool_calls.append(
             {"name": ev.name, "call_id": ev.call_id, "ms": round((_perf() - started) * 1000, 1)}
         )
@@ -682,6 +721,9 @@ class Call:
     # -- records ------------------------------------------------------------------------
     def _elapsed(self) -> float:
         return round(trio.current_time() - self._started_at, 3)
+
+    def _elapsed_ms(self) -> float:
+        return (trio.current_time() - self._started_at) * 1000.0
 
     def _stats(self) -> dict[str, Any]:
         up = self.uplink

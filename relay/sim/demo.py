@@ -44,6 +44,11 @@ def demo_config() -> Config:
     return cfg
 
 
+def cfg_store_url(server: RelayServer) -> str:
+    store = server.state.control.store
+    return store.describe() if store is not None else "memory (not persisted)"
+
+
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
 
@@ -113,9 +118,22 @@ async def run_demo(calls: int, out_dir: Path) -> tuple[list[Any], RelayServer]:
     return results, server
 
 
-def main(calls: int = 3, out_dir: Path = Path("out/demo")) -> int:
+def main(calls: int = 3, out_dir: Path = Path("out/demo"), agent: str = "local") -> int:
+    status = _inbound(calls, out_dir, agent)
+    # then an outbound call and a caller not on an allowlist (relay/sim/policy_demo.py)
+    from .policy_demo import main as policy_main
+
+    return policy_main() or status
+
+
+def _inbound(calls: int, out_dir: Path, agent: str) -> int:
+    if agent == "local":  # spoken conversations with the offline voice agent
+        from .conversation_demo import main as conversation_main
+
+        return conversation_main(calls, out_dir)
     results, server = trio.run(run_demo, calls, out_dir)
     print(format_timelines(results, server))
     heard_ok = bool(results) and all(r.ok and r.media_received > 0 for r in results)
+    print(f"\ncall history saved in {cfg_store_url(server)}: see it with `relay calls`")
     print("\nOK: every caller heard the parrot" if heard_ok else "\nFAILED: a caller heard nothing")
     return 0 if heard_ok else 1

@@ -220,6 +220,7 @@ class TwimlPlan:
     status_callback: str | None = None
     status_callback_method: str = "POST"
     after_connect: list[str] = field(default_factory=list)  # verbs run once the stream ends
+    connect_action: str | None = None  # <Connect action>: fetched once the stream ends
     rejected: str | None = None  # why no bidirectional stream will be opened
     warnings: list[str] = field(default_factory=list)
 
@@ -239,6 +240,7 @@ def parse_twiml(text: str | bytes) -> TwimlPlan:
     for index, verb in enumerate(root):
         if verb.tag == "Connect":
             _parse_connect(verb, plan)
+            plan.connect_action = verb.get("action")
             plan.after_connect = plan.verbs[index + 1 :]
             break
         if verb.tag == "Reject":  # must be the first verb; the caller hears busy/not in service
@@ -325,6 +327,8 @@ class CallResult:
     invalid_messages: int = 0  # Twilio warning 31951
     binary_frames: int = 0  # Twilio warning 31950
     first_agent_audio_s: float | None = None  # `start` sent -> first media received
+    after_twiml: str = ""  # what the <Connect action> URL answered once the stream ended
+    said: list[str] = field(default_factory=list)  # <Say> texts of that answer
     wav_path: str | None = None
     warnings: list[str] = field(default_factory=list)
     timeline: list[tuple[float, str, str]] = field(default_factory=list)
@@ -578,6 +582,14 @@ class CallOptions:
     status_callback: str | None
     dial_stream_host: bool
     opener: Opener
+    #: the voice URL to request (default ``url_base/twilio/voice``); an outbound call's
+    #: carries the query string its creator put in ``Url``
+    webhook_url: str | None = None
+    direction: str = "inbound"
+    extra_params: dict[str, str] = field(default_factory=dict)
+    #: set from outside to end the call the way Twilio does (``stop``, close): a REST
+    #: hang-up or redirect of the live call
+    end_event: trio.Event | None = None
 
 
 class _Call:
@@ -588,7 +600,7 @@ class _Call:
         self.result = CallResult(
             call_sid=opts.call_sid, account_sid=opts.account_sid, from_=opts.from_, to=opts.to
         )
-        self.webhook_url = opts.url_base.rstrip("/") + "/twilio/voice"
+        self.webhook_url = opts.webhook_url or opts.url_base.rstrip("/") + "/twilio/voice"
         self.plan = TwimlPlan()
 
     def _base_params(self) -> dict[str, str]:
@@ -601,7 +613,8 @@ class _Call:
             "Caller": o.from_,
             "Called": o.to,
             "ApiVersion": "2010-04-01",
-            "Direction": "inbound",
+            "Direction": o.direction,
+            **o.extra_params,
         }
 
     async def run(self) -> CallResult:
@@ -609,6 +622,8 @@ class _Call:
         try:
             if await self._webhook():
                 await self._stream()
+            if r.hung_up_by == "relay" and self.plan.connect_action:
+                await self._connect_action()
         except* (OSError, trio.TooSlowError, trio.BrokenResourceError, h11.ProtocolError) as group:
             r.error = _describe(group)
         if r.hung_up_by is not None and self.o.status_callback:
@@ -723,6 +738,27 @@ class _Call:
             else "31920: connection closed during handshake"
         )
         return None
+
+    async def _connect_action(self) -> None:
+        """The relay closed the stream: Twilio requests ``<Connect action>`` and runs its
+        answer (here: the ``<Say>`` texts are kept, as what the caller heard)."""
+        assert self.plan.connect_action
+        params = self._base_params() | {"CallStatus": "in-progress"}
+        response = await http_post_form(
+            urljoin(self.webhook_url, self.plan.connect_action),
+            params,
+            auth_token=self.o.auth_token,
+            opener=self.o.opener,
+            timeout=self.o.connect_timeout,
+        )
+        r = self.result
+        r.after_twiml = response.body.decode("utf-8", "replace")
+        try:
+            root = ET.fromstring(response.body)
+        except ET.ParseError:
+            r.warnings.append("12100: <Connect action> answered invalid TwiML")
+            return
+        r.said = [(verb.text or "").strip() for verb in root if verb.tag == "Say"]
 
     async def _post_callback(self, url: str, params: dict[str, str]) -> None:
         """Status callbacks are fire-and-forget for Twilio: failures are only warnings."""
@@ -875,6 +911,8 @@ class _Session:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receiver)
                     nursery.start_soon(self._ticker)
+                    if o.end_event is not None:
+                        nursery.start_soon(self._ended_by_twilio, o.end_event)
         except* trio_websocket.ConnectionClosed:
             self._closed_by_relay()
         except* trio.TooSlowError:
@@ -923,6 +961,13 @@ class _Session:
         reason = self.ws.closed
         r.close_code = reason.code if reason else 1000
         self.scope.cancel()
+
+    async def _ended_by_twilio(self, event: trio.Event) -> None:
+        """A REST hang-up or redirect: Twilio sends ``stop`` and closes the stream."""
+        await event.wait()
+        if self.r.hung_up_by is None:
+            await self._hang_up()
+            self.r.hung_up_by = "twilio"
 
     # --- the 20 ms clock ------------------------------------------------------------------
     async def _ticker(self) -> None:
@@ -1116,6 +1161,10 @@ async def place_call(
     status_callback: str | None = "/twilio/status",
     dial_stream_host: bool = False,
     opener: Opener | None = None,
+    webhook_url: str | None = None,
+    direction: str = "inbound",
+    extra_params: Mapping[str, str] | None = None,
+    end_event: trio.Event | None = None,
 ) -> CallResult:
     """Place one simulated inbound call to the relay at ``url_base`` and return what happened.
 
@@ -1127,6 +1176,11 @@ async def place_call(
     to stream start. ``on_event(call_sid, t, kind, detail)`` sees timeline events live.
     ``status_callback`` (relative to ``url_base`` or absolute; None: off) gets the
     ``completed`` call status, as when configured on a Twilio number.
+
+    The callee side of an outbound call (the relay placed it through the REST API):
+    ``webhook_url`` is the ``Url`` it gave (query string included, signed as is),
+    ``direction`` ``outbound-api``, ``extra_params`` e.g. ``AnsweredBy``; ``end_event``
+    set ends the call the way a REST hang-up or redirect does (``stop``, then close).
 
     Network, protocol and handshake failures do not raise: they are reported in the result
     (``rejected``, ``refused``, ``error``), so one bad call never takes a batch down.
@@ -1155,6 +1209,10 @@ async def place_call(
         status_callback=status_callback,
         dial_stream_host=dial_stream_host,
         opener=opener or open_tcp,
+        webhook_url=webhook_url,
+        direction=direction,
+        extra_params=dict(extra_params or {}),
+        end_event=end_event,
     )
     return await _Call(opts).run()
 
