@@ -113,8 +113,7 @@ def test_plan_makes_one_variant_per_agent_and_gemini_runs_pcm16k():
         ("relay[elevenlabs]", "pcmu"),
         ("relay[gemini]", "pcm16k"),
         ("relay", "pcm24k"),
-        ("fastapi", "pcmu"),
-    ]
+    ] + ([("fastapi", "pcmu")] if TARGETS["fastapi"].available() is None else [])
     assert sum("μ-law only" in s for s in skipped) == 3  # no pcm24k for the μ-law fakes
     only = plan(SuiteOptions(targets=("fastapi",), agents=("gemini",)))
     assert only[0] == [] and "OpenAI Realtime" in only[1][0]
