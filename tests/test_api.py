@@ -925,3 +925,22 @@ async def test_tenant_tools_cannot_reach_private_addresses_and_hide_their_header
         row = await store.run(store.get_agent, _tenant, body["id"])
         assert "crm-secret-token-1234" not in orjson.dumps(row.options).decode()
         assert store.agent_secrets(row)["tools"][0]["headers"]["Authorization"].endswith("1234")
+
+
+async def test_tenant_agent_endpoints_cannot_point_at_private_addresses(
+    start_relay, make_config, store_url
+):
+    with trio.fail_after(20):
+        relay_ = await start(start_relay, make_config, store_url)
+        api = Client(relay_)
+        _tenant, key, _ = await new_tenant(api)
+        base = {"name": "desk", "type": "openai", "api_key": "sk-test-key-0000"}
+        for field, url in (
+            ("url", "ws://127.0.0.1:9/v1/realtime"),
+            ("url", "wss://169.254.169.254/latest"),
+            ("url", "ws://localhost:8080/"),
+        ):
+            status, body = await api("POST", "/api/v1/agents", key, {**base, field: url})
+            assert status == 400 and err(body) == ("invalid_field", field), body
+        status, body = await api("GET", "/api/v1/agents", key)
+        assert body["agents"] == []  # nothing written

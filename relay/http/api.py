@@ -19,11 +19,14 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from functools import wraps
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 import orjson
+import trio
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
@@ -35,6 +38,7 @@ from ..control.phone import is_e164
 from ..control.secretbox import masked, tail
 from ..control.store import DEFAULT_TENANT, AgentRow, Conflict, Store
 from ..errors import ConfigError, RelayError
+from ..tools import is_public_address
 from . import api_calls, api_features
 
 if TYPE_CHECKING:
@@ -479,6 +483,36 @@ def register(app: Quart, state: RelayState) -> None:
         return _json(next(r.to_json() for r in rows if r.number == number))
 
     # -- agents -----------------------------------------------------------------------------
+    async def refuse_private_endpoints(options: Mapping[str, Any]) -> None:
+        """A tenant's agent endpoints (``url``, ``llm_url``, ``stt_url``, ``prep_webhook``…)
+        must resolve to public addresses: the relay's own network is the deployer's. Checked
+        when saved; [security] allow_private_urls lifts it for installs that need it."""
+        if cfg.security.allow_private_urls:
+            return
+        for key, value in options.items():
+            if not isinstance(value, str) or not (
+                key == "url" or key.endswith(("_url", "_webhook"))
+            ):
+                continue
+            parts = urlsplit(value)
+            host = parts.hostname
+            if not host:
+                continue  # the adapter's own validation names a malformed URL
+            try:
+                port = parts.port or (443 if parts.scheme in ("https", "wss") else 80)
+                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (OSError, ValueError):
+                raise ApiError(
+                    400, "invalid_field", f"{key}: cannot resolve {host!r}", key
+                ) from None
+            if not infos or not all(is_public_address(str(info[4][0])) for info in infos):
+                raise ApiError(
+                    400,
+                    "invalid_field",
+                    f"{key}: {host!r} is a private, loopback or link-local address",
+                    key,
+                )
+
     def check_agent(options: dict[str, Any]) -> None:
         refuse_private_targets(options)
         if options.get("type") in ENV_KEYED_TYPES and not str(options.get("api_key") or "").strip():
@@ -532,6 +566,7 @@ def register(app: Quart, state: RelayState) -> None:
         name = _name(data)
         options = {k: v for k, v in data.items() if k != "name" and v is not None}
         check_agent(options)
+        await refuse_private_endpoints(options)
         kind = options.pop("type")
         plain, secret = split_secrets(options)
         db = store()
@@ -573,6 +608,7 @@ def register(app: Quart, state: RelayState) -> None:
             else:
                 merged[key] = value
         check_agent(merged)
+        await refuse_private_endpoints(merged)
         kind = merged.pop("type")
         name = _name(data) if "name" in data else row.name
         plain, secret = split_secrets(merged)
