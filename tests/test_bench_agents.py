@@ -116,7 +116,8 @@ def test_plan_makes_one_variant_per_agent_and_gemini_runs_pcm16k():
     ] + ([("fastapi", "pcmu")] if TARGETS["fastapi"].available() is None else [])
     assert sum("μ-law only" in s for s in skipped) == 3  # no pcm24k for the μ-law fakes
     only = plan(SuiteOptions(targets=("fastapi",), agents=("gemini",)))
-    assert only[0] == [] and "OpenAI Realtime" in only[1][0]
+    # the FastAPI peer speaks only OpenAI Realtime (or is not installed at all)
+    assert only[0] == [] and ("OpenAI Realtime" in only[1][0] or "not importable" in only[1][0])
     assert "unknown agent" in plan(SuiteOptions(targets=("relay",), agents=("nope",)))[1][0]
 
 
