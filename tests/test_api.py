@@ -148,7 +148,7 @@ async def test_tenants_are_created_with_the_admin_key_only(start_relay, make_con
         assert "key" not in body["keys"][0] and body["keys"][0]["prefix"] == key[:10]
         assert not any(key.encode() in b for b in api.bodies[seen:])
         # and the database holds its hash only
-        with store_of(relay_).engine.connect() as c:
+        with store_of(relay_).connect() as c:
             rows = [dict(r._mapping) for r in c.execute(sa.select(schema.api_keys))]
         assert rows and all(key not in str(r) for r in rows)
 
@@ -406,7 +406,7 @@ async def test_twilio_settings_configure_numbers_and_never_show_the_token(
                 assert secret not in caplog.text
                 assert all(secret not in str(r.args) for r in caplog.records)
             # at rest it is encrypted
-            with store_of(relay_).engine.connect() as c:
+            with store_of(relay_).connect() as c:
                 rows = [dict(r._mapping) for r in c.execute(sa.select(schema.twilio_accounts))]
             assert len(rows) == 1 and new_token not in str(rows[0]) and token not in str(rows[0])
 
@@ -596,7 +596,7 @@ async def test_agents_crud_validates_like_the_toml_and_keeps_secrets(
         }
         # stored encrypted, decrypts to what was sent
         store = store_of(relay_)
-        with store.engine.connect() as c:
+        with store.connect() as c:
             rows = [dict(r._mapping) for r in c.execute(sa.select(schema.agents))]
         assert len(rows) == 1 and OPENAI_SECRET not in str(rows[0])
         assert store.agent_secrets(store.get_agent(_tenant, agent_id)) == {"api_key": OPENAI_SECRET}

@@ -27,7 +27,7 @@ KEY = SecretBox.new_key()
 
 
 def raw_rows(store: Store, table: sa.Table) -> list[dict]:
-    with store.engine.connect() as c:
+    with store.connect() as c:
         return [dict(r._mapping) for r in c.execute(sa.select(table))]
 
 
@@ -301,3 +301,37 @@ async def test_history_writer_survives_a_failing_write(store_url):
         assert writer.failed == 1 and metrics.errors["store"] == 1
     finally:
         store.close()
+
+
+def test_in_memory_store_serves_several_threads_at_once():
+    """The in-memory database is one shared connection: a transaction on one thread must
+    never be rolled back by another thread returning the connection (a regression: a key
+    created on the event-loop thread vanished while a worker thread wrote a record)."""
+    import threading
+
+    store = open_store("sqlite://")
+    tenant, _, _ = store.create_tenant("a")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        try:
+            while not stop.is_set():
+                store.create_tenant("x")
+                store.list_keys(tenant.id)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn) for _ in range(3)]
+    for th in threads:
+        th.start()
+    try:
+        lost = 0
+        for _ in range(200):
+            _key, plain = store.create_key(tenant.id, "k")
+            lost += store.tenant_for_key(plain) != tenant.id
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    assert errors == [] and lost == 0

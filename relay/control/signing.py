@@ -103,7 +103,7 @@ class SecretView:
 
 
 def _row(store: Store, tenant_id: str) -> sa.Row | None:
-    with store.engine.connect() as c:
+    with store.connect() as c:
         return c.execute(
             sa.select(t.webhook_secrets).where(t.webhook_secrets.c.tenant_id == tenant_id)
         ).first()

@@ -20,8 +20,10 @@ import base64
 import hashlib
 import logging
 import secrets
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -209,6 +211,13 @@ class Store:
         self.box = box
         self.dialect = self.engine.dialect.name
         self.limiter = trio.CapacityLimiter(1 if self.dialect == "sqlite" else 4)
+        # An in-memory SQLite database is one connection shared by every thread
+        # (StaticPool). Two threads inside a transaction at once interleave on it, and the
+        # pool's rollback-on-return of one undoes the other's uncommitted insert (seen as a
+        # just-created API key that "does not exist"). One user at a time; files and
+        # PostgreSQL have a connection per thread and need no lock.
+        memory = self.dialect == "sqlite" and self.engine.url.database in (None, "", ":memory:")
+        self._serial: AbstractContextManager[Any] = threading.RLock() if memory else nullcontext()
 
     def describe(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
@@ -220,8 +229,18 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        with self._serial, self.engine.connect() as c:
+            yield c
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        with self._serial, self.engine.begin() as c:
+            yield c
+
     def _tx(self) -> Any:
-        return self.engine.begin()
+        return self.transaction()
 
     # -- migrations -------------------------------------------------------------------------
     def upgrade(self) -> str:
@@ -233,10 +252,10 @@ class Store:
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
         try:
-            with self.engine.begin() as conn:
+            with self.transaction() as conn:
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
-            with self.engine.connect() as conn:
+            with self.connect() as conn:
                 revision = MigrationContext.configure(conn).get_current_revision()
         except SQLAlchemyError as exc:
             raise StoreError(
@@ -262,12 +281,12 @@ class Store:
         return tenant, key, plain
 
     def get_tenant(self, tenant_id: str) -> Tenant | None:
-        with self.engine.connect() as c:
+        with self.connect() as c:
             row = c.execute(sa.select(t.tenants).where(t.tenants.c.id == tenant_id)).first()
         return Tenant(**row._mapping) if row else None
 
     def list_tenants(self) -> list[Tenant]:
-        with self.engine.connect() as c:
+        with self.connect() as c:
             rows = c.execute(sa.select(t.tenants).order_by(t.tenants.c.created_at)).all()
         return [Tenant(**r._mapping) for r in rows]
 
@@ -289,7 +308,7 @@ class Store:
 
     def list_keys(self, tenant_id: str) -> list[ApiKey]:
         cols = [t.api_keys.c[n] for n in ApiKey.__dataclass_fields__]
-        with self.engine.connect() as c:
+        with self.connect() as c:
             rows = c.execute(
                 sa.select(*cols)
                 .where(t.api_keys.c.tenant_id == tenant_id)
@@ -313,7 +332,7 @@ class Store:
     def tenant_for_key(self, plain: str) -> str | None:
         if not plain.startswith(KEY_PREFIX) or len(plain) > 200:
             return None
-        with self.engine.connect() as c:
+        with self.connect() as c:
             row = c.execute(
                 sa.select(t.api_keys.c.tenant_id).where(
                     t.api_keys.c.key_hash == hash_key(plain), t.api_keys.c.revoked_at.is_(None)
@@ -391,14 +410,14 @@ class Store:
             ) from None
 
     def get_twilio(self, tenant_id: str) -> TwilioAccount | None:
-        with self.engine.connect() as c:
+        with self.connect() as c:
             row = c.execute(
                 sa.select(t.twilio_accounts).where(t.twilio_accounts.c.tenant_id == tenant_id)
             ).first()
         return TwilioAccount(**row._mapping) if row else None
 
     def account_by_sid(self, account_sid: str) -> TwilioAccount | None:
-        with self.engine.connect() as c:
+        with self.connect() as c:
             row = c.execute(
                 sa.select(t.twilio_accounts).where(t.twilio_accounts.c.account_sid == account_sid)
             ).first()
@@ -408,7 +427,7 @@ class Store:
         return self.box.decrypt(account.auth_token_enc)
 
     def list_numbers(self, tenant_id: str) -> list[NumberRow]:
-        with self.engine.connect() as c:
+        with self.connect() as c:
             rows = c.execute(
                 sa.select(
                     t.numbers.c.number,
@@ -442,7 +461,7 @@ class Store:
                 )
 
     def agent_for_number(self, tenant_id: str, number: str) -> str | None:
-        with self.engine.connect() as c:
+        with self.connect() as c:
             row = c.execute(
                 sa.select(t.numbers.c.agent_id).where(
                     t.numbers.c.tenant_id == tenant_id, t.numbers.c.number == number
@@ -495,7 +514,7 @@ class Store:
         return c.execute(query).first() is not None
 
     def list_agents(self, tenant_id: str) -> list[AgentRow]:
-        with self.engine.connect() as c:
+        with self.connect() as c:
             rows = c.execute(
                 sa.select(t.agents)
                 .where(t.agents.c.tenant_id == tenant_id)
@@ -504,7 +523,7 @@ class Store:
         return [AgentRow(**r._mapping) for r in rows]
 
     def get_agent(self, tenant_id: str, agent_id: str) -> AgentRow | None:
-        with self.engine.connect() as c:
+        with self.connect() as c:
             row = c.execute(
                 sa.select(t.agents).where(
                     t.agents.c.tenant_id == tenant_id, t.agents.c.id == agent_id
@@ -647,7 +666,7 @@ class Store:
                 )
             )
         query = query.order_by(t.calls.c.created_at.desc(), t.calls.c.call_sid.desc())
-        with self.engine.connect() as c:
+        with self.connect() as c:
             rows = c.execute(query.limit(limit + 1)).all()
         page = CallPage(calls=[call_json(dict(r._mapping)) for r in rows[:limit]])
         if len(rows) > limit:
@@ -659,7 +678,7 @@ class Store:
         query = sa.select(t.calls).where(t.calls.c.call_sid == call_sid)
         if tenant_id is not None:
             query = query.where(t.calls.c.tenant_id == tenant_id)
-        with self.engine.connect() as c:
+        with self.connect() as c:
             row = c.execute(query).first()
         return call_json(dict(row._mapping)) if row else None
 
