@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import inspect
-import ipaddress
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -37,7 +36,8 @@ from urllib.parse import urlsplit
 import orjson
 import trio
 
-from .errors import ConfigError
+from .errors import ConfigError, RelayError
+from .netguard import AddressRefused, http_target, is_public_address
 
 __all__ = [
     "HttpTool",
@@ -285,7 +285,6 @@ MAX_RESPONSE_BYTES = 256 * 1024
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 _QUERY_METHODS = frozenset({"GET", "DELETE"})
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _HTTP_KEYS = frozenset(
     {
         "name",
@@ -300,25 +299,6 @@ _HTTP_KEYS = frozenset(
         "type",
     }
 )
-
-
-def is_public_address(address: str) -> bool:
-    """True for a globally routable unicast address. Private, loopback, link-local,
-    shared (CGNAT), reserved, multicast and unspecified addresses are not; nor are IPv6
-    forms that embed one of those (IPv4-mapped, 6to4, NAT64)."""
-    try:
-        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
-            address.split("%", 1)[0]
-        )
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is None and ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None and not is_public_address(str(embedded)):
-            return False
-    return ip.is_global and not ip.is_multicast
 
 
 def _url_for_display(url: str) -> str:
@@ -480,36 +460,23 @@ class HttpTool:
         import httpx  # imported on first use: most deployments never call an HTTP tool
 
         spec = self.spec
-        parts = urlsplit(spec.url)
-        host = parts.hostname or ""
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        url = httpx.URL(spec.url)
-        headers = dict(spec.headers)
-        extensions: dict[str, Any] = {}
-        if not spec.allow_private:
-            try:
-                infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
-            except OSError as exc:
-                return error_json(f"tool {spec.name}: cannot resolve {host}: {exc}")
-            addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-            refused = [a for a in addresses if not is_public_address(a)]
-            if refused or not addresses:
-                log.warning(
-                    "tool %s refused: %s resolves to a non-public address %s",
-                    spec.name,
-                    host,
-                    refused[0] if refused else "(none)",
-                )
-                return error_json(
-                    f"tool {spec.name} refused: {host} resolves to a private or local "
-                    "address (set allow_private = true for internal services)"
-                )
-            if addresses[0] != host:
-                # Connect to the address just checked; the name stays in Host and SNI.
-                headers.setdefault("Host", parts.netloc.rpartition("@")[2])
-                url = url.copy_with(host=addresses[0])
-                if parts.scheme == "https":
-                    extensions["sni_hostname"] = host
+        host = urlsplit(spec.url).hostname or ""
+        try:
+            # relay.netguard: the request goes to the address just checked (Host and SNI
+            # keep the name), so DNS cannot swap in another between check and connect
+            url, headers, extensions = await http_target(
+                spec.url,
+                spec.headers,
+                what=f"tool {spec.name}",
+                refuse_private=not spec.allow_private,
+            )
+        except AddressRefused:
+            return error_json(
+                f"tool {spec.name} refused: {host} resolves to a private or local "
+                "address (set allow_private = true for internal services)"
+            )
+        except RelayError as exc:  # the name does not resolve
+            return error_json(str(exc))
         params: dict[str, str] | None = None
         content: bytes | None = None
         if spec.method in _QUERY_METHODS:

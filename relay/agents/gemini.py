@@ -50,6 +50,7 @@ from ..errors import (
     RemoteProtocolError,
 )
 from ..media import websocket
+from ..netguard import AddressRefused
 from ..tools import ToolRegistry
 from .base import Agent, AgentEvent, CallInfo
 from .gemini_protocol import (
@@ -255,7 +256,9 @@ class GeminiLiveAgent(SocketAgent):
             raise _SetupFailed("Gemini Live handshake timed out", retry=True) from None
         except (OSError, RelayError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _SetupFailed(
-                f"Gemini Live connect failed: {exc}", retry=not _refused_for_good(exc)
+                f"Gemini Live connect failed: {exc}",
+                retry=not _refused_for_good(exc) and not isinstance(exc, AddressRefused),
+                kind=exc.kind if isinstance(exc, AddressRefused) else "agent_connect",
             ) from exc
         except ValueError as exc:
             raise _SetupFailed(f"Gemini Live connect failed: {exc}", retry=False) from None

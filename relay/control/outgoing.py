@@ -1,7 +1,7 @@
 """Requests relay makes to deployers' URLs (prep webhook, post-call webhook), made safe.
 
 The URL's host is resolved first; unless private targets are allowed, every address must
-be public (``relay.tools.is_public_address``, the check HTTP tools use: private,
+be public (``relay.netguard``, the check HTTP tools use: private,
 loopback, link-local, CGNAT, reserved, multicast and their IPv6 embeddings are refused),
 and the request then goes to the address just checked (``Host`` and TLS SNI keep the
 name), so a DNS answer cannot change between the check and the connection. Redirects are
@@ -19,12 +19,13 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import trio
 
-from ..tools import is_public_address
+from .. import netguard
+from ..errors import RelayError
 from .store import DEFAULT_TENANT
 
 if TYPE_CHECKING:
@@ -106,33 +107,19 @@ async def _post(
     host = parts.hostname or ""
     if parts.scheme not in ("http", "https") or not host:
         return Answer("error", detail="not an http(s) URL")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    target: Any = httpx.URL(url)
-    extensions: dict[str, Any] = {}
-    if not allow_private:
-        try:
-            infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
-        except OSError as exc:
-            return Answer("error", detail=f"cannot resolve {host}: {exc}")
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        refused = [a for a in addresses if not is_public_address(a)]
-        if refused or not addresses:
-            log.warning(
-                "request to %s refused: %s resolves to a non-public address",
-                display_url(url),
-                host,
-            )
-            return Answer(
-                "refused",
-                detail=f"{host} resolves to a private, loopback or link-local address "
-                "(allow_private_urls)",
-            )
-        if addresses[0] != host:
-            # Connect to the address just checked; the name stays in Host and SNI.
-            headers.setdefault("Host", parts.netloc.rpartition("@")[2])
-            target = target.copy_with(host=addresses[0])
-            if parts.scheme == "https":
-                extensions["sni_hostname"] = host
+    try:
+        # relay.netguard: resolved once, checked, and the request goes to that address
+        target, headers, extensions = await netguard.http_target(
+            url, headers, what=f"request to {display_url(url)}", refuse_private=not allow_private
+        )
+    except netguard.AddressRefused:
+        return Answer(
+            "refused",
+            detail=f"{host} resolves to a private, loopback or link-local address "
+            "(allow_private_urls)",
+        )
+    except RelayError as exc:  # the name does not resolve
+        return Answer("error", detail=f"cannot resolve {host}: {exc}"[:300])
     headers.setdefault("User-Agent", USER_AGENT)
     data = bytearray()
     try:

@@ -15,10 +15,12 @@ call ends, signed, retried with exponential backoff, every attempt kept in the r
 
 The secret is the tenant's (relay/control/signing.py); each attempt is signed anew.
 
-Sent for every call that had a media stream (whatever ended it), and for outbound calls
-that ended without one (``busy``, ``no-answer``, ``failed``, ``canceled``). A call that
-records is sent once its file is finished (at most :data:`RECORDING_WAIT_S`), so the
-record carries the recording's final size.
+Sent for every call that had a media stream (whatever ended it), for outbound calls
+that ended without one (``busy``, ``no-answer``, ``failed``, ``canceled``), and for calls
+refused at the voice webhook (``status`` ``rejected``, ``reject_reason`` such as
+``not_allowed``, ``concurrent_limit``, ``draining``, ``overloaded``, and ``end_reason``).
+A call that records is sent once its file is finished (at most :data:`RECORDING_WAIT_S`),
+so the record carries the recording's final size.
 
 Delivery: an answer 2xx is delivered. Timeouts (:data:`ATTEMPT_TIMEOUT_S` each),
 connection failures, 408, 429 and 5xx are retried, ``calls.post_call_backoff_s`` after the
@@ -130,6 +132,41 @@ class PostCallSender:
         self.pending += 1
         self._nursery.start_soon(self._deliver, record, url, features, delivery_id)
         return True
+
+    def submit_rejected(self, record: CallRecord) -> bool:
+        """A call refused at the voice webhook (``<Reject>``: ``allowed_callers``, a limit,
+        draining, overload): deliver it too, its ``status`` ``rejected`` with the
+        ``reject_reason`` and ``end_reason``. Its agent's options are looked up here, off
+        the webhook's path (a refusal may come before the agent is known)."""
+        if self._nursery is None or record.call_sid in self._seen:
+            return False
+        if self.pending >= MAX_PENDING:
+            self.state.metrics.error("post_call_backlog")
+            return False
+        self.pending += 1
+        self._nursery.start_soon(self._rejected, record)
+        return True
+
+    async def _rejected(self, record: CallRecord) -> None:
+        from ..errors import RelayError
+        from .policies import CallPolicy
+
+        directory = self.state.control.directory
+        try:
+            if record.agent:
+                route = await directory.agent(record.tenant_id, record.agent)
+            elif record.direction.startswith("outbound"):
+                return  # placed by another process: its To is the callee, not our number
+            else:
+                route = await directory.route(record.tenant_id, record.to_number)
+        except RelayError as exc:
+            log.warning("call %s: rejected call not reported: %s", record.call_sid, exc)
+            return
+        finally:
+            self.pending -= 1
+        if route is not None:
+            record.agent = record.agent or route.agent  # the agent that would have answered
+            self.submit(record, CallPolicy.lenient(route.options).features)
 
     def _save(self, record: CallRecord) -> None:
         history = self.state.control.history

@@ -33,8 +33,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .. import netguard
 from ..agents.base import Agent, CallInfo
 from ..agents.registry import create_agent
+from ..errors import AgentError, ConfigError
 from ..metrics import Metrics
 from . import prep
 from .store import DEFAULT_TENANT
@@ -142,7 +144,7 @@ class WarmStarts:
         info: CallInfo,
     ) -> None:
         try:
-            with entry._scope:
+            with entry._scope, netguard.guarding(net_guard(state, record)):
                 try:
                     merged = await prep.agent_options(state, plan, options, record)
                     entry.agent = _create(state, record, merged)
@@ -190,11 +192,29 @@ class WarmStarts:
         return entry
 
 
+def _from_file(state: RelayState, record: CallRecord) -> bool:
+    """The call's agent is the deployer's own (relay.toml), not a tenant's stored one."""
+    return record.tenant_id == DEFAULT_TENANT and record.agent in state.cfg.agents
+
+
 def _create(state: RelayState, record: CallRecord, options: Mapping[str, Any]) -> Agent:
     """The call's agent; only relay.toml's agents may take their vendor key from the
-    relay's environment (relay/agents/registry.py, ``env_fallback``)."""
-    from_file = record.tenant_id == DEFAULT_TENANT and record.agent in state.cfg.agents
-    return create_agent(options, env_fallback=from_file)
+    relay's environment (relay/agents/registry.py, ``env_fallback``). A stored agent whose
+    options no longer hold (no key of its own, say) fails the call as an AgentError."""
+    try:
+        return create_agent(options, env_fallback=_from_file(state, record))
+    except ConfigError as exc:
+        raise AgentError(f"agent {record.agent}: {exc}", kind="agent_config") from None
+
+
+def net_guard(state: RelayState, record: CallRecord) -> netguard.Guard:
+    """The connection policy of the call's agent (relay/netguard.py), the save-time one of
+    relay/http/api.py: a tenant's stored agent reaches public addresses only, checked at
+    every connection, unless ``[security] allow_private_urls``; relay.toml's agents may
+    point anywhere (a local model server, a test double)."""
+    refuse = not _from_file(state, record) and not state.cfg.security.allow_private_urls
+    who = f"call {record.call_sid}, agent {record.agent} of tenant {record.tenant_id}"
+    return netguard.Guard(refuse, state.metrics, who)
 
 
 async def _close(agent: Agent | None, call_sid: str) -> None:

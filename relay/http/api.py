@@ -19,17 +19,16 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-import socket
 from collections.abc import Awaitable, Callable, Mapping
 from functools import wraps
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
-import trio
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
+from .. import netguard
 from ..agents.registry import validate_agent
 from ..config import is_secret_key, mask
 from ..control import tenancy, twilio_rest
@@ -38,7 +37,7 @@ from ..control.phone import is_e164
 from ..control.secretbox import masked, tail
 from ..control.store import DEFAULT_TENANT, AgentRow, Conflict, Store
 from ..errors import ConfigError, RelayError
-from ..tools import is_public_address
+from ..netguard import is_public_address
 from . import api_calls, api_features
 
 if TYPE_CHECKING:
@@ -500,12 +499,12 @@ def register(app: Quart, state: RelayState) -> None:
                 continue  # the adapter's own validation names a malformed URL
             try:
                 port = parts.port or (443 if parts.scheme in ("https", "wss") else 80)
-                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                addresses = await netguard.resolve(host, port)  # checked again at connect
             except (OSError, ValueError):
                 raise ApiError(
                     400, "invalid_field", f"{key}: cannot resolve {host!r}", key
                 ) from None
-            if not infos or not all(is_public_address(str(info[4][0])) for info in infos):
+            if not addresses or not all(is_public_address(a) for a in addresses):
                 raise ApiError(
                     400,
                     "invalid_field",

@@ -5,7 +5,10 @@
    ``/healthz`` answers 503 ``{"status": "draining"}`` so a load balancer moves on. The
    port stays open: streams of calls already answered, status callbacks and the
    ``<Connect action>`` requests of ending calls still need it.
-2. Let the active calls finish, for at most ``server.drain_timeout_s``.
+2. Let the active calls finish, for at most ``server.drain_timeout_s``. Calls the voice
+   webhook answered just before (their TwiML is on its way, their stream not connected
+   yet) count as active: their streams are let in and those calls run like the others,
+   within the same bound (``CallPolicies.awaiting_stream``).
 3. End the rest: each call's stream is closed with end reason ``drained``; an agent with
    a ``fallback_message`` has it said by Twilio (the same ``<Connect action>`` path as at
    the ``max_call_seconds`` cap), so nobody is cut off mid-sentence without a word. Relay
@@ -43,27 +46,40 @@ async def drain(server: RelayServer, timeout_s: float | None = None) -> dict[str
     state = server.state
     timeout = server.cfg.server.drain_timeout_s if timeout_s is None else timeout_s
     state.draining = True
-    at_start = len(state.calls)
-    log.info("draining: no new calls; %d active, waiting up to %g s", at_start, timeout)
+    pending = state.policies.awaiting_stream()
+    # calls whose stream has started, now and (calls_total) from now on: the drain's count
+    started = sum(1 for c in state.calls if c.record is not None)
+    calls_total = state.metrics.calls_total
+    log.info(
+        "draining: no new calls; %d active, %d answered awaiting their stream, waiting up to %g s",
+        len(state.calls),
+        pending,
+        timeout,
+    )
     with trio.move_on_after(timeout):
-        while state.calls:
-            await trio.sleep(0.05)
-    rest = [c for c in state.calls if not c._finished]
+        while state.calls or state.policies.awaiting_stream():
+            await trio.sleep(0.05)  # streams of answered calls still come in
     ended: list[str] = []
-    for call in rest:
-        if call.plan is not None:
-            state.policies.ended_at_cap(call.call_sid)  # -> fallback_message, if any
-        call._end(END_REASON)
-        ended.append(call.call_sid)
+
+    def end_the_rest() -> None:
+        for call in [c for c in state.calls if not c._finished]:
+            if call.plan is not None:
+                state.policies.ended_at_cap(call.call_sid)  # -> fallback_message, if any
+            call._end(END_REASON)
+            ended.append(call.call_sid)
+
+    end_the_rest()
     if ended:
         log.info("draining: ended %d call(s) still active after %g s", len(ended), timeout)
     with trio.move_on_after(ACTION_WAIT_S):
         while state.calls or any(sid in state.policies.after_stream for sid in ended):
+            end_the_rest()  # a stream that arrived past the bound ends at once too
             await trio.sleep(0.05)
     with trio.move_on_after(POSTCALL_WAIT_S):
         while state.postcall.pending:
             await trio.sleep(0.05)
-    counts = {"finished": max(0, at_start - len(ended)), "ended": len(ended)}
+    started += state.metrics.calls_total - calls_total
+    counts = {"finished": max(0, started - len(ended)), "ended": len(ended)}
     log.info("drained: %(finished)d call(s) finished, %(ended)d ended", counts)
     return counts
 

@@ -268,18 +268,20 @@ async def fetch(url: str) -> bytes:
     """GET a hold file: public addresses only, bounded in size and time."""
     import httpx
 
-    from ..tools import is_public_address
+    from .. import netguard
+    from ..errors import RelayError
 
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
-    addresses = {str(info[4][0]) for info in infos}
-    if not addresses or not all(is_public_address(a) for a in addresses):
-        raise ValueError(f"{host} resolves to a non-public address")
+    try:  # connect to the address just checked (relay.netguard): no DNS rebinding
+        target, headers, extensions = await netguard.http_target(
+            url, {}, what=f"hold audio {urlsplit(url).hostname or ''}", refuse_private=True
+        )
+    except RelayError as exc:
+        raise ValueError(str(exc)) from None
     with trio.fail_after(FETCH_TIMEOUT_S):
         async with httpx.AsyncClient(follow_redirects=False, timeout=FETCH_TIMEOUT_S) as client:
-            async with client.stream("GET", url) as response:
+            async with client.stream(
+                "GET", target, headers=headers, extensions=extensions
+            ) as response:
                 if response.status_code != 200:
                     raise ValueError(f"HTTP {response.status_code}")
                 body = bytearray()

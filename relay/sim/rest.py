@@ -5,8 +5,14 @@ with HTTP Basic auth (the account's SID and token), answered ``201`` with a ``qu
 Call; then, like Twilio, signed status callbacks (``initiated``, ``ringing``,
 ``in-progress``, ``completed``, with ``SequenceNumber``) and, once "answered", the signed
 voice webhook at the call's ``Url`` and its media stream, played by relay's own Twilio
-simulator (``relay.sim.simulator.place_call``, the callee side). Anything else is answered
-404 in Twilio's error shape. The test suite has a complete fake (tests/fake_twilio_rest.py:
+simulator (``relay.sim.simulator.place_call``, the callee side). How the callee answers is
+scripted (:data:`OUTCOMES`, taken in turn, the last one repeating): ``human`` and
+``machine`` answer (``AnsweredBy`` ``human`` / ``machine_start`` in the ``in-progress``
+callback and the voice webhook when the call asked for ``MachineDetection``; the machine
+then plays its greeting), ``busy``, ``no-answer`` and ``failed`` never answer: no webhook,
+one terminal callback with that status. ``relay simulate --outbound`` serves this for a
+running relay (``[twilio] api_base_url`` pointed at it). Anything else is answered 404 in
+Twilio's error shape. The test suite has a complete fake (tests/fake_twilio_rest.py:
 validation, errors, hang-ups, redirects); this one exists so the demo runs from an
 installed package.
 """
@@ -28,6 +34,11 @@ import trio
 
 from . import simulator
 
+#: how the callee of a placed call behaves (RestSim.callee)
+OUTCOMES = ("human", "machine", "busy", "no-answer", "failed")
+#: AnsweredBy per answering outcome (Twilio's values with MachineDetection=Enable)
+ANSWERED_BY = {"human": "human", "machine": "machine_start"}
+
 _CALLS = re.compile(r"^/2010-04-01/Accounts/(?P<account>AC[0-9a-f]{32})/Calls\.json$")
 
 
@@ -37,6 +48,7 @@ class PlacedCall:
     to: str
     from_: str
     params: dict[str, list[str]]
+    outcome: str = "human"
     result: Any = None
     statuses: list[str] = field(default_factory=list)
     done: trio.Event = field(default_factory=trio.Event)
@@ -49,7 +61,19 @@ class RestSim:
     callee_seconds: float = 4.0
     port: int = 0
     calls: list[PlacedCall] = field(default_factory=list)
+    #: the callees' outcomes, one per placed call in turn (the last repeats), see OUTCOMES
+    callee: tuple[str, ...] = ("human",)
+    #: what a ``machine`` callee plays once answered (μ-law 8 kHz; None: the default audio)
+    machine_audio: bytes | None = None
     _nursery: trio.Nursery | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [o for o in self.callee if o not in OUTCOMES]
+        if unknown or not self.callee:
+            raise ValueError(f"callee outcomes: one or more of {', '.join(OUTCOMES)}")
+
+    def next_outcome(self) -> str:
+        return self.callee[min(len(self.calls), len(self.callee)) - 1]
 
     @property
     def url(self) -> str:
@@ -59,7 +83,7 @@ class RestSim:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             listeners = await nursery.start(
-                partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
+                partial(trio.serve_tcp, self._handle, self.port, host="127.0.0.1")
             )
             self.port = listeners[0].socket.getsockname()[1]
             task_status.started()
@@ -134,6 +158,7 @@ class RestSim:
             return 400, orjson.dumps({"code": 21205, "message": "To/From/Url", "status": 400})
         call = PlacedCall("CA" + secrets.token_hex(16), first["To"], first["From"], params)
         self.calls.append(call)
+        call.outcome = self.next_outcome()
         assert self._nursery is not None
         self._nursery.start_soon(self._place_back, call)
         return 201, orjson.dumps(
@@ -178,7 +203,13 @@ class RestSim:
             await status("initiated")
             await status("ringing")
             await trio.sleep(0.3)
-            await status("in-progress")
+            if call.outcome not in ANSWERED_BY:  # busy, no-answer, failed: never answered
+                await status(call.outcome, CallDuration="0")
+                return
+            extra: dict[str, str] = {}
+            if first.get("MachineDetection"):
+                extra["AnsweredBy"] = ANSWERED_BY[call.outcome]
+            await status("in-progress", **extra)
             url = first["Url"]
             parts = urlsplit(url)
             call.result = await simulator.place_call(
@@ -192,7 +223,55 @@ class RestSim:
                 status_callback=None,
                 webhook_url=url,
                 direction="outbound-api",
+                extra_params=extra,
+                audio=self.machine_audio if call.outcome == "machine" else None,
             )
             await status("completed", CallDuration=str(math.ceil(call.result.duration_s)))
         finally:
             call.done.set()
+
+
+def describe(call: PlacedCall) -> str:
+    """One line per placed call (``relay simulate --outbound``)."""
+    line = f"{call.sid}  {call.from_} -> {call.to}  {call.outcome}: {' -> '.join(call.statuses)}"
+    result = call.result
+    if result is not None:
+        first = result.first_agent_audio_s
+        heard = (
+            f"agent first heard {first * 1000:.0f} ms after the stream started"
+            if first
+            else ("agent not heard")
+        )
+        line += f"; {heard}, {result.heard_ms:.0f} ms heard, hung up by {result.hung_up_by}"
+    return line
+
+
+async def serve_callees(
+    account_sid: str,
+    auth_token: str,
+    *,
+    port: int = 0,
+    callee: tuple[str, ...] = ("human",),
+    calls: int = 0,
+    callee_seconds: float = 4.0,
+    report: Any = print,
+) -> list[PlacedCall]:
+    """``relay simulate --outbound``: the Twilio REST API on 127.0.0.1:``port`` placing the
+    calls a relay creates back at it, callees answering as scripted; returns once ``calls``
+    calls (0: never) have ended, ``report`` getting a line for each."""
+    sim = RestSim(account_sid, auth_token, callee_seconds, port=port, callee=callee)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sim.serve)
+        report(
+            f"Twilio REST simulator at {sim.url} (account {account_sid}): set the relay's "
+            f"[twilio] api_base_url to it; callees answer: {', '.join(callee)}"
+        )
+        done = 0
+        while not calls or done < calls:
+            while len(sim.calls) <= done:
+                await trio.sleep(0.05)
+            await sim.calls[done].done.wait()
+            report(describe(sim.calls[done]))
+            done += 1
+        nursery.cancel_scope.cancel()
+    return sim.calls

@@ -182,6 +182,9 @@ class ChatCompletionsBrain:
     ) -> BrainTurn:
         import httpx
 
+        from ...errors import RelayError
+        from ...netguard import http_target
+
         body = orjson.dumps(self.request_body(messages, tools))
         parser = SSEParser()
         acc = ChatStream()
@@ -190,8 +193,13 @@ class ChatCompletionsBrain:
         completed = False
         try:
             turn.t_request = time.perf_counter()
+            # a tenant's agent (relay.netguard): the endpoint's host resolved and checked
+            # public at every request, and that address is the one connected to
+            url, headers, extensions = await http_target(
+                self.options.endpoint, self.headers(), what="chat model"
+            )
             async with self._client.stream(
-                "POST", self.options.endpoint, content=body, headers=self.headers()
+                "POST", url, content=body, headers=headers, extensions=extensions
             ) as response:
                 if response.status_code != 200:
                     detail = b""
@@ -212,6 +220,8 @@ class ChatCompletionsBrain:
                         break
             completed = True
         except ChatStreamError as exc:
+            raise LLMError(str(exc)) from None
+        except RelayError as exc:  # refused (private address) or not resolvable
             raise LLMError(str(exc)) from None
         except httpx.TimeoutException as exc:
             raise LLMError(f"timed out ({type(exc).__name__})") from None

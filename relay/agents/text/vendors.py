@@ -36,8 +36,9 @@ import trio
 
 from ...errors import AgentError, ConfigError, ConnectionClosed, RelayError
 from ...media import codec, websocket
+from ...netguard import AddressRefused, http_target
 from ..liveness import LivenessOptions, run_connection
-from ..options import api_key, option_int, option_str
+from ..options import api_key, env_fallback, env_fallback_allowed, option_int, option_str
 from .speech import (
     EventQueue,
     SpeechToText,
@@ -81,6 +82,8 @@ async def _open(url: str, headers: list[tuple[str, str]], timeout: float) -> web
         return await websocket.connect(url, headers, timeout=timeout, send_timeout=2.0)
     except trio.TooSlowError:
         raise AgentError(f"{_safe(url)}: connect timed out", kind="agent_connect_timeout") from None
+    except AddressRefused:  # relay.netguard: a tenant's agent aimed at a private address
+        raise
     except (OSError, RelayError, trio.BrokenResourceError, ValueError) as exc:
         raise AgentError(f"{_safe(url)}: connect failed: {exc}", kind="agent_connect") from exc
 
@@ -790,15 +793,20 @@ class OpenAITTS(TextToSpeech):
         to_ulaw = codec.PcmToUlaw(24000)
         odd = b""
         self.requests += 1
+        # a tenant's agent (relay.netguard): checked at every request, connected to the
+        # address checked; a refusal (AddressRefused, an AgentError) ends the agent
+        url, headers, extensions = await http_target(
+            self.endpoint,
+            {"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"},
+            what="openai speech",
+        )
         try:
             async with self._client.stream(
                 "POST",
-                self.endpoint,
+                url,
                 content=orjson.dumps(body),
-                headers={
-                    "Authorization": f"Bearer {self.api_key}",
-                    "Content-Type": "application/json",
-                },
+                headers=headers,
+                extensions=extensions,
             ) as response:
                 if response.status_code != 200:
                     detail = (await response.aread())[:200].decode("utf-8", "replace")
@@ -848,9 +856,21 @@ Factory = Callable[[Mapping[str, Any]], tuple[Callable[[], Any], frozenset[str]]
 def _cloud(cls: Any, keys: frozenset[str]) -> Factory:
     def make(options: Mapping[str, Any]) -> tuple[Callable[[], Any], frozenset[str]]:
         cls(options)  # validate now: a bad config fails at load, not at the first call
-        return partial(cls, dict(options)), keys
+        # The per-call instance is built later, outside the registry's env_fallback scope:
+        # carry the agent's own rule (a stored agent never takes a key from the environment).
+        return partial(_per_call, cls, dict(options), env_fallback_allowed()), keys
 
     return make
+
+
+def _per_call(cls: Any, options: dict[str, Any], fallback: bool) -> Any:
+    """A call's STT/TTS of a validated config, under the agent's key rule
+    (relay.agents.options.api_key); a config that no longer holds is the agent's failure."""
+    with env_fallback(fallback):
+        try:
+            return cls(options)
+        except ConfigError as exc:
+            raise AgentError(f"{cls.name}: {exc}", kind="agent_config") from None
 
 
 def _local_stt(options: Mapping[str, Any]) -> tuple[Callable[[], Any], frozenset[str]]:
