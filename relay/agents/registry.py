@@ -37,6 +37,7 @@ ADAPTERS = {
     "gemini": "relay.agents.gemini:GeminiLiveAgent",
     "cascaded": "relay.agents.text.factory:CascadedPipelineAgent",
     "local": "relay.agents.text.factory:LocalVoiceAgent",
+    "twilio-speech": "relay.agents.twilio_speech.config:TwilioSpeechAgent",
 }
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from quart_trio import QuartTrio
 
-from . import api, ops, twilio_hooks
+from . import api, ops, twilio_hooks, twilio_speech_hooks
 
 if TYPE_CHECKING:
     from ..state import RelayState
@@ -28,6 +28,7 @@ def create_app(state: RelayState) -> QuartTrio:
     app = QuartTrio("relay")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     twilio_hooks.register(app, state)
+    twilio_speech_hooks.register(app, state)  # ConversationRelay / <Gather> agents
     ops.register(app, state)
     api.register(app, state)
     return app
