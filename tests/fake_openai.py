@@ -10,9 +10,16 @@ means beta, and the ``session.update`` shape must then match, as with the real s
 * everything received is recorded: events, session config, caller audio (decoded),
   truncates (validated: ``audio_end_ms`` beyond the generated audio is an error, as
   documented), tool outputs, ``response.create``;
+* ``conversation.item.create`` is checked as the real API does: an ``error`` (recorded in
+  ``item_errors``) for an unknown item type, role or content type (user: ``input_text`` /
+  ``input_audio``; assistant: ``output_text``, beta ``text``, "it cannot populate
+  assistant audio messages"; system: ``input_text``), text that is not a string, or a
+  ``function_call_output`` whose ``call_id`` this session never issued;
 * scripted from a test through :class:`FakeSession` methods: audio responses (tone or
   given bytes, in the session's output format), speech started/stopped, transcripts,
-  function calls, errors, raw/malformed/binary frames, close, stall;
+  function calls, errors, raw/malformed/binary frames, and the ways a connection dies:
+  ``close`` (close frame), ``abort`` (TCP gone without one), ``stall`` (stops reading:
+  no more pongs once buffers fill) and ``vanish`` (stops reading and sending, no FIN);
 * automatic modes for relay end-to-end tests: ``response_ms`` answers every
   ``response.create`` (greeting, after a tool output) with that much audio;
   ``auto_reply_after_ms`` answers every N ms of caller audio with VAD events, a caller
@@ -151,6 +158,11 @@ class FakeSession(Notifier):
     truncate_errors: list[dict[str, Any]] = field(default_factory=list)
     tool_outputs: list[dict[str, Any]] = field(default_factory=list)
     items_created: list[dict[str, Any]] = field(default_factory=list)
+    #: refused conversation.item.create: {"item", "problem"}
+    item_errors: list[dict[str, Any]] = field(default_factory=list)
+    #: call_ids of the function calls this session issued (a result needs one of them)
+    call_ids: set[str] = field(default_factory=set)
+    vanished: bool = False
     response_creates: list[dict[str, Any]] = field(default_factory=list)
     session_updates: list[dict[str, Any]] = field(default_factory=list)
     items: dict[str, FakeItem] = field(default_factory=dict)
@@ -221,6 +233,8 @@ class FakeSession(Notifier):
 
     # -- sending ------------------------------------------------------------------------
     async def send(self, event: dict[str, Any]) -> None:
+        if self.vanished:
+            return  # a vanished peer says nothing more
         event.setdefault("event_id", self._new_id("event"))
         self.sent.append(event)
         await self.ws.send_message(orjson.dumps(event).decode())
@@ -251,6 +265,25 @@ class FakeSession(Notifier):
         """Stop reading client messages (TCP backpressure once buffers fill); no replies."""
         if self._resume is None:
             self._resume = trio.Event()
+
+    def vanish(self) -> None:
+        """Stop reading and sending, the TCP connection left open (no FIN, no RST): a peer
+        that is gone (crashed host, dead NAT). A response in progress stops too."""
+        self.vanished = True
+        if self._response_scope is not None:
+            self._response_scope.cancel()
+        self.stall()
+
+    @property
+    def items_seeded(self) -> list[tuple[str, str]]:
+        """(role, text) of the message items the client created (its greeting prompt
+        included), in order."""
+        return [
+            (item.get("role", ""), part.get("text", ""))
+            for item in self.items_created
+            if item.get("type") == "message"
+            for part in item.get("content", [])
+        ]
 
     def resume(self) -> None:
         if self._resume is not None:
@@ -410,6 +443,7 @@ class FakeSession(Notifier):
         rid = self._new_id("resp")
         iid = self._new_id("item")
         cid = call_id or self._new_id("call")
+        self.call_ids.add(cid)
         base = {
             "id": iid,
             "object": "realtime.item",
@@ -603,10 +637,58 @@ class FakeSession(Notifier):
             }
         )
 
+    def _item_problem(self, item: dict[str, Any]) -> str | None:
+        """Why the real API would refuse this item (None: it takes it)."""
+        kind = item.get("type")
+        if kind == "function_call_output":
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str) or not isinstance(item.get("output"), str):
+                return "Missing required parameter: 'item.call_id' or 'item.output'."
+            if call_id not in self.call_ids:
+                return f"Tool call ID '{call_id}' not found in conversation."
+            return None
+        if kind == "function_call":
+            return None
+        if kind != "message":
+            return (
+                f"Invalid value: {kind!r}. Supported values are: 'message', "
+                "'function_call', and 'function_call_output'."
+            )
+        role = item.get("role")
+        allowed = {
+            "user": ("input_text", "input_audio"),
+            "assistant": ("output_text",) if self.api == "ga" else ("text",),
+            "system": ("input_text",),
+        }
+        if role not in allowed:
+            return (
+                f"Invalid value: {role!r}. Supported values are: 'user', 'assistant', and 'system'."
+            )
+        content = item.get("content")
+        if not isinstance(content, list) or not content:
+            return "Missing required parameter: 'item.content'."
+        for i, part in enumerate(content):
+            ctype = part.get("type") if isinstance(part, dict) else None
+            if ctype not in allowed[role]:
+                return (
+                    f"Invalid value: {ctype!r}. Value must be one of {list(allowed[role])} "
+                    f"for role {role!r} ('item.content[{i}].type')."
+                )
+            if ctype in ("input_text", "output_text", "text") and not isinstance(
+                part.get("text"), str
+            ):
+                return f"Invalid type for 'item.content[{i}].text': expected a string."
+        return None
+
     async def _on_item_create(self, event: dict[str, Any]) -> None:
         item = event.get("item")
         if not isinstance(item, dict):
             await self.send_error("invalid_value", "Missing 'item'", event_id=event.get("event_id"))
+            return
+        problem = self._item_problem(item)
+        if problem is not None:
+            self.item_errors.append({"item": item, "problem": problem})
+            await self.send_error("invalid_value", problem, event_id=event.get("event_id"))
             return
         if item.get("type") == "function_call_output":
             self.tool_outputs.append(item)

@@ -23,6 +23,7 @@ from relay.agents.base import (
     AudioFormat,
     CallInfo,
 )
+from relay.agents.liveness import LivenessOptions
 from relay.agents.openai import OpenAIRealtimeAgent
 from relay.agents.openai_protocol import OpenAIOptions
 from relay.errors import AgentError, ConfigError, ConnectionClosed
@@ -482,3 +483,173 @@ async def test_aclose_when_cancelled_still_closes_tcp() -> None:
             stream = agent._ws.stream
             assert isinstance(stream, trio.SocketStream) and stream.socket.fileno() == -1
             await server.sessions[0].wait_closed()
+
+
+# --- reconnect ------------------------------------------------------------------------------
+def reconnecting_agent(url: str, timeout_s: float = 3.0, **kw: Any) -> OpenAIRealtimeAgent:
+    kw.setdefault("api_key", KEY)
+    kw.setdefault("connect_timeout_s", 3.0)
+    return OpenAIRealtimeAgent(
+        OpenAIOptions(url=url, **kw),
+        reconnect=True,
+        reconnect_timeout_s=timeout_s,
+        liveness=LivenessOptions(ping_interval_s=0.2, dead_after_s=1.0),
+    )
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await trio.sleep(0.005)
+
+
+def final_transcripts(events: list[AgentEvent]) -> list[str]:
+    return [e.text for e in events if isinstance(e, AgentTranscript) and e.final]
+
+
+async def test_reactor_fast_path_only_without_reconnect() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server() as server:
+            plain = make_agent(server.url)
+            await plain.connect(CALL)
+            assert plain.reactor_socket() is not None  # the engine reads the socket itself
+            recovering = reconnecting_agent(server.url)
+            await recovering.connect(CALL)
+            assert recovering.reactor_socket() is None  # the socket changes under the engine
+            await plain.aclose()
+            await recovering.aclose()
+
+
+async def test_reconnect_seeds_a_new_session_and_keeps_the_gap_audio() -> None:
+    """The connection drops: a new session gets the same configuration, the conversation
+    so far as text items (no greeting, no response.create), then the caller audio sent
+    meanwhile, in order; a result for the old session's tool call is not sent to it."""
+    registry = default_registry()
+    with trio.fail_after(10):
+        async with fake_openai_server(response_ms=200, response_transcript="Welcome!") as server:
+            agent = reconnecting_agent(
+                server.url,
+                greeting="Welcome!",
+                instructions="Be brief.",
+                tools=registry.schemas_openai(),
+            )
+            await agent.connect(CALL)
+            first = server.sessions[0]
+            events: list[AgentEvent] = []
+
+            async def read() -> None:
+                while True:
+                    events.extend(await agent.receive())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(agent.run)
+                nursery.start_soon(read)
+                await until(lambda: "Welcome!" in final_transcripts(events))
+                user = await first.speech_started()
+                await first.caller_transcript("A table for two.", user)
+                await first.send_response(100, transcript="For what time?")
+                call_id = await first.send_function_call("get_time", {})
+                await until(lambda: any(isinstance(e, AgentToolCall) for e in events))
+                await first.abort()
+                frame = 0
+                while len(server.sessions) < 2 or not server.sessions[1].configured:
+                    agent.send_audio(bytes([frame % 256]) * 160)  # 20 ms, numbered
+                    frame += 1
+                    await trio.sleep(0.01)
+                second = server.sessions[1]
+                agent.send_tool_result(call_id, "{}")  # issued by the lost session: dropped
+                for _ in range(5):
+                    agent.send_audio(bytes([frame % 256]) * 160)
+                    frame += 1
+                last = (frame - 1) % 256
+                await second.wait_for(lambda s: len(s.audio_in) > 0 and s.audio_in[-1] == last)
+                assert second.items_seeded == [
+                    ("assistant", "Welcome!"),
+                    ("user", "A table for two."),
+                    ("assistant", "For what time?"),
+                ]
+                assert not second.item_errors and not second.response_creates
+                update = second.session_updates[0]
+                assert update["instructions"].startswith("Be brief.\n\n")
+                assert update["audio"] == first.session_updates[0]["audio"]
+                assert update["tools"] == first.session_updates[0]["tools"]
+                types = [e["type"] for e in second.received]
+                assert types[:4] == ["session.update"] + ["conversation.item.create"] * 3
+                # the gap's audio first, then what followed: nothing lost, nothing reordered
+                numbers = [second.audio_in[i] for i in range(0, len(second.audio_in), 160)]
+                assert numbers == [n % 256 for n in range(frame - len(numbers), frame)]
+                assert agent.kept_audio >= 1 and agent.reconnects == 1
+                assert agent.protocol.dropped_results == 1 and not second.tool_outputs
+                reply = await second.send_response(100, transcript="At eight?")
+                await until(lambda: "At eight?" in final_transcripts(events))
+                assert audio_of(events, reply) == tone(100, "pcmu", server.options.tone_hz)
+                nursery.cancel_scope.cancel()
+            await agent.aclose()
+
+
+async def test_reconnect_that_fails_ends_the_session() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server() as server:
+            agent = reconnecting_agent(server.url, timeout_s=0.5)
+            await agent.connect(CALL)
+            server.options.reject_status = 503  # no new session to be had
+            await server.sessions[0].abort()
+            ran: list[AgentError] = []
+
+            async def run() -> None:
+                try:
+                    await agent.run()
+                except AgentError as exc:
+                    ran.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                with pytest.raises(AgentError) as info:
+                    while True:
+                        await agent.receive()
+            assert info.value.kind == "agent_disconnected" and ran == [info.value]
+            assert "not recovered within 0.5 s" in str(info.value)
+            with pytest.raises(AgentError):
+                agent.send_audio(b"\xff" * 160)
+            await agent.aclose()
+
+
+async def test_fake_refuses_items_the_real_api_refuses() -> None:
+    with trio.fail_after(5):
+        async with fake_openai_server() as server:
+            agent = make_agent(server.url)
+            await agent.connect(CALL)
+            session = server.sessions[0]
+
+            def message(role: str, ctype: str, text: Any = "x") -> dict[str, Any]:
+                return {"type": "message", "role": role, "content": [{"type": ctype, "text": text}]}
+
+            bad = [
+                message("narrator", "input_text"),
+                message("assistant", "text"),  # beta's name; this is a GA session
+                message("assistant", "output_audio"),  # cannot populate assistant audio
+                message("user", "output_text"),
+                message("user", "input_text", 1),
+                {"type": "function_call_output", "call_id": "call_never_made", "output": "{}"},
+                {"type": "note"},
+            ]
+            for item in bad:
+                agent._socket().send_text_nowait(
+                    json.dumps({"type": "conversation.item.create", "item": item})
+                )
+            events = await collect(agent, lambda ev: len(errors(ev)) >= len(bad))
+            assert len(errors(events)) == len(bad) and not any(e.fatal for e in errors(events))
+            assert [e["item"] for e in session.item_errors] == bad
+            assert session.items_created == []
+            await agent.aclose()
+
+
+def test_from_config_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
+    agent = OpenAIRealtimeAgent.from_config(
+        {"api_key": "sk-x-000000000000", "reconnect": "true", "reconnect_timeout_s": 4}
+    )
+    assert agent.reconnect is True and agent.reconnect_timeout_s == 4.0
+    assert "reconnect=True" in repr(agent)
+    agent = OpenAIRealtimeAgent.from_config({"api_key": "sk-x-000000000000"})
+    assert agent.reconnect is False
+    with pytest.raises(ConfigError):
+        OpenAIRealtimeAgent.from_config({"api_key": "k", "reconnect_timeout_s": -1})

@@ -507,3 +507,132 @@ def test_api_key_must_be_header_safe() -> None:
         with pytest.raises(ConfigError) as info:
             OpenAIOptions(api_key=bad)
         assert bad not in str(info.value)
+
+
+# --- a new session that continues the call (reconnect) ---------------------------------------
+def conversation(p: OpenAIRealtimeProtocol, *, names: str = "ga") -> None:
+    """Greeting reply a1, caller turn u1, reply a2 (200 ms, interrupted by the caller's u2)."""
+    delta = "response.output_audio.delta" if names == "ga" else "response.audio.delta"
+    tdelta = (
+        "response.output_audio_transcript.delta"
+        if names == "ga"
+        else "response.audio_transcript.delta"
+    )
+    tdone = (
+        "response.output_audio_transcript.done"
+        if names == "ga"
+        else "response.audio_transcript.done"
+    )
+    p.parse(ev(type=delta, item_id="a1", delta=b64(b"\xff" * 800)))
+    p.parse(ev(type=tdone, item_id="a1", transcript="Welcome  to the\nline."))
+    p.parse(ev(type="input_audio_buffer.speech_started", audio_start_ms=0, item_id="u1"))
+    p.parse(ev(type=delta, item_id="a2", delta=b64(b"\xff" * 800)))  # before u1's transcript
+    p.parse(ev(type=tdelta, item_id="a2", delta="Let me check "))
+    p.parse(ev(type=delta, item_id="a2", delta=b64(b"\xff" * 800)))
+    p.parse(ev(type=tdelta, item_id="a2", delta="the calendar."))
+    p.parse(
+        ev(
+            type="conversation.item.input_audio_transcription.completed",
+            item_id="u1",
+            content_index=0,
+            transcript="A table for two.",
+        )
+    )
+    p.parse(ev(type="input_audio_buffer.speech_started", audio_start_ms=900, item_id="u2"))
+
+
+def test_history_in_conversation_order_and_cut_to_what_was_heard() -> None:
+    p = proto()
+    conversation(p)
+    assert p.history() == [
+        ("agent", "Welcome to the line."),
+        ("caller", "A table for two."),
+        ("agent", "Let me check the calendar."),
+    ]  # u2 has no transcript (yet): left out
+    json.loads(p.truncate("a2", 100))  # the caller heard half of its 200 ms
+    assert p.history()[-1] == ("agent", "Let me check…")
+    p.note_heard("a2", 150)  # later, larger: what was heard does not grow back
+    assert p.history()[-1] == ("agent", "Let me check…")
+    p.note_heard("a2", 0)
+    assert p.history() == [("agent", "Welcome to the line."), ("caller", "A table for two.")]
+
+
+@pytest.mark.parametrize("api", ["ga", "beta"])
+def test_seed_messages_are_text_items_of_the_api_flavour(api: str) -> None:
+    p = proto(api=api, greeting="Hi!")
+    conversation(p, names=api)
+    msgs = [json.loads(m) for m in p.seed_messages()]
+    assert [m["type"] for m in msgs] == ["conversation.item.create"] * 3
+    agent_type = "output_text" if api == "ga" else "text"
+    assert [m["item"] for m in msgs] == [
+        {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": agent_type, "text": "Welcome to the line."}],
+        },
+        {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": "A table for two."}],
+        },
+        {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": agent_type, "text": "Let me check the calendar."}],
+        },
+    ]  # fmt: skip
+    assert proto().seed_messages() == []
+
+
+def test_seeded_session_update_notes_the_interruption() -> None:
+    from relay.agents.openai_protocol import RECONNECT_NOTE
+
+    p = proto(instructions="Be brief.", tools=[TOOL])
+    first = json.loads(p.session_update())["session"]
+    again = json.loads(p.session_update(seeded=True))["session"]
+    assert again.pop("instructions") == f"Be brief.\n\n{RECONNECT_NOTE}"
+    first.pop("instructions")
+    assert again == first  # voice, tools, formats: the same
+    assert json.loads(proto().session_update(seeded=True))["session"]["instructions"] == (
+        RECONNECT_NOTE
+    )
+
+
+def test_new_connection_forgets_the_old_sessions_items_and_calls() -> None:
+    p = proto()
+    conversation(p)
+    call = ev(
+        type="response.function_call_arguments.done",
+        item_id="f1",
+        call_id="call_1",
+        name="get_time",
+        arguments="{}",
+    )
+    assert p.parse(call) == [AgentToolCall("call_1", "get_time", "{}")]
+    # the connection dies while a2 plays: its reply is over for the engine
+    assert p.connection_lost() == [AgentResponseDone("a1"), AgentResponseDone("a2")]
+    p.begin_connection()
+    assert not p.configured and not p.knows_item("a2")
+    assert p.tool_result("call_1", "{}") == [] and p.dropped_results == 1
+    assert len(p.tool_result("call_2", "{}")) == 2  # not an old call: sent
+    p.note_heard("a2", 100)  # a barge-in on audio of the old session still cuts its turn
+    assert p.history()[-1] == ("agent", "Let me check…")
+    # the same call id again on the new session is a new call
+    assert p.parse(call) == [AgentToolCall("call_1", "get_time", "{}")]
+
+
+@pytest.mark.parametrize(
+    ("heard", "expected"),
+    [
+        (None, "One two three four."),
+        (1000, "One two three four."),
+        (500, "One two…"),
+        (520, "One two…"),  # "three" cut in half: left out
+        (100, ""),  # not even the first word
+        (0, ""),
+    ],
+)
+def test_heard_part(heard: int | None, expected: str) -> None:
+    from relay.agents.openai_protocol import heard_part
+
+    assert heard_part("One two three four.", heard, 1000) == expected

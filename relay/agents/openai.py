@@ -15,10 +15,24 @@ message loses at most one audio chunk, so it becomes a non-fatal
 ``max_protocol_errors`` of them in one session the peer is clearly broken, the socket is
 closed (1002) and :meth:`receive` raises ``AgentError`` (kind ``agent_protocol``).
 
-Liveness: :meth:`run` pings the socket and raises AgentError ``agent_disconnected`` when the
-peer goes silent (``ping_interval_s``, ``dead_after_s``; relay.agents.liveness). A Realtime
-session cannot be resumed: a dead connection ends the call. What every WebSocket adapter
-shares (setup errors, parsing, receiving, closing) is :class:`relay.agents.session.SocketAgent`.
+Liveness: :meth:`run` pings the socket and finds a dead peer (``ping_interval_s``,
+``dead_after_s``; relay.agents.liveness); a reader or a send finds a dropped one.
+
+Recovery (``reconnect = true``, ``reconnect_timeout_s``): a Realtime session cannot be
+resumed, so a lost connection is replaced by a new session with the same
+``session.update`` (instructions, plus a note that the call continues, voice, tools,
+audio formats) seeded with the conversation so far: one ``conversation.item.create`` per
+caller/agent text turn of the transcripts (an interrupted agent turn cut to what the
+caller heard; caller turns need ``transcription_model``). No greeting and no
+``response.create``: the model waits for the caller. Caller audio sent while the new
+session is set up is kept (at most :data:`RECONNECT_BUFFER_MS`) and sent once it is
+seeded; the reply that was playing ends; results of tool calls the old session issued
+are dropped (the new one never made them). The engine sees none of it (it reads through
+:meth:`receive`). Without ``reconnect``, or when no session comes back within
+``reconnect_timeout_s``, :meth:`run` raises AgentError ``agent_disconnected`` and the
+call ends with "agent disconnected". What the WebSocket adapters share (setup errors,
+parsing, receiving, closing, recovery) is :class:`relay.agents.session.SessionSocketAgent`;
+with ``reconnect`` off the engine's reactor reads the socket directly, as before.
 
 The API key is never logged; ``repr`` shows it masked (``sk-…abcd``).
 """
@@ -26,13 +40,21 @@ The API key is never logged; ``repr`` shows it masked (``sk-…abcd``).
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from ..errors import AgentError
+from ..errors import AgentError, ConnectionClosed
+from ..media import websocket
 from ..tools import ToolRegistry
-from .base import Agent, AgentEvent, AudioFormat, CallInfo
-from .liveness import LIVENESS_KEYS, LivenessOptions
+from .base import Agent, AgentEvent, AudioFormat
+from .liveness import (
+    DEFAULT_RECONNECT_TIMEOUT_S,
+    LIVENESS_KEYS,
+    RECONNECT_KEYS,
+    LivenessOptions,
+    reconnect_options,
+)
 from .openai_protocol import DEFAULT_URL, OpenAIOptions, OpenAIRealtimeProtocol
 from .options import (
     api_key,
@@ -42,7 +64,7 @@ from .options import (
     tool_options,
     warn_unknown_keys,
 )
-from .session import SocketAgent, first_fatal, opening
+from .session import SessionSocketAgent, first_fatal, opening
 from .wire import mask_secret
 
 __all__ = ["OpenAIRealtimeAgent", "create", "options_from_config"]
@@ -50,6 +72,9 @@ __all__ = ["OpenAIRealtimeAgent", "create", "options_from_config"]
 log = logging.getLogger("relay.agents.openai")
 
 _FORMATS = {"pcmu": AudioFormat("mulaw", 8000), "pcm24k": AudioFormat("pcm16", 24000)}
+
+#: Caller audio kept while a lost connection is replaced (the newest is kept).
+RECONNECT_BUFFER_MS = 2000
 _KNOWN_KEYS = frozenset(
     {
         "type",
@@ -73,6 +98,7 @@ _KNOWN_KEYS = frozenset(
         "wait_for_session",
         "max_protocol_errors",
         *LIVENESS_KEYS,
+        *RECONNECT_KEYS,
     }
 )
 
@@ -107,7 +133,7 @@ def options_from_config(
     return opts, registry, max_errors
 
 
-class OpenAIRealtimeAgent(SocketAgent):
+class OpenAIRealtimeAgent(SessionSocketAgent):
     name: ClassVar[str] = "openai"
     vendor: ClassVar[str] = "openai"
     label: ClassVar[str] = "OpenAI Realtime"
@@ -121,53 +147,89 @@ class OpenAIRealtimeAgent(SocketAgent):
         tools: ToolRegistry | None = None,
         max_protocol_errors: int = 10,
         liveness: LivenessOptions | None = None,
+        reconnect: bool = False,
+        reconnect_timeout_s: float = DEFAULT_RECONNECT_TIMEOUT_S,
     ) -> None:
-        super().__init__(liveness=liveness, max_protocol_errors=max_protocol_errors)
+        super().__init__(
+            liveness=liveness,
+            reconnect=reconnect,
+            reconnect_timeout_s=reconnect_timeout_s,
+            max_protocol_errors=max_protocol_errors,
+        )
         self.options = options
         self.protocol = OpenAIRealtimeProtocol(options)
         self.input_format = self.output_format = _FORMATS[options.audio]
         #: Registry that can execute the tools announced to the model (None: schemas only).
         self.tools = tools
+        # caller audio (append messages, audio bytes) held while a new session is set up
+        self._backlog: deque[tuple[str, int]] = deque()
+        self._backlog_bytes = 0
+        self._backlog_limit = RECONNECT_BUFFER_MS * self.protocol.bytes_per_ms
+        #: caller audio messages kept during recoveries / dropped from a full backlog
+        self.kept_audio = 0
+        self.dropped_audio = 0
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any]) -> OpenAIRealtimeAgent:
         opts, tools, max_errors = options_from_config(options)
         liveness = LivenessOptions.from_config(options)
-        return cls(opts, tools=tools, max_protocol_errors=max_errors, liveness=liveness)
+        reconnect, reconnect_timeout_s = reconnect_options(options)
+        return cls(
+            opts,
+            tools=tools,
+            max_protocol_errors=max_errors,
+            liveness=liveness,
+            reconnect=reconnect,
+            reconnect_timeout_s=reconnect_timeout_s,
+        )
 
     def __repr__(self) -> str:
         o = self.options
         return (
             f"OpenAIRealtimeAgent(url={o.url!r}, model={o.model!r}, api={o.api!r}, "
-            f"audio={o.audio!r}, voice={o.voice!r}, api_key={mask_secret(o.api_key)!r})"
+            f"audio={o.audio!r}, voice={o.voice!r}, reconnect={self.reconnect!r}, "
+            f"api_key={mask_secret(o.api_key)!r})"
         )
 
-    # -- lifecycle -----------------------------------------------------------------------
-    async def connect(self, call: CallInfo) -> None:
-        self._start(call)
+    # -- sessions --------------------------------------------------------------------------
+    async def _open_session(self, mode: str) -> websocket.WebSocket:
+        """mode "new": configure, then the greeting; "seeded" (after a lost connection):
+        the same configuration, then the conversation so far as items and the caller audio
+        kept meanwhile; no greeting."""
         o = self.options
         proto = self.protocol
+        seeded = mode != "new"
         async with opening(self.label, o.connect_timeout_s) as setup:
-            self._ws = ws = await setup.handshake(
+            ws = await setup.handshake(
                 proto.ws_url(),
                 proto.handshake_headers(),
                 send_timeout_s=o.send_timeout_s,
                 then="session.updated",
             )
-            await ws.send_text(proto.session_update())
+            if seeded:
+                proto.begin_connection()
+            await ws.send_text(proto.session_update(seeded=seeded))
             if o.wait_for_session:
                 await self._read_setup(ws, lambda: proto.configured, self._refused)
-            greeting = proto.greeting_messages()
-            if greeting:
-                await ws.send_texts(greeting)
+            first = proto.seed_messages() if seeded else proto.greeting_messages()
+            if first:
+                await ws.send_texts(first)
+        # No checkpoint from here until the caller swaps the socket in: audio that arrives
+        # meanwhile cannot slip in between the backlog and what follows it.
+        if self._backlog:
+            ws.send_texts_nowait([message for message, _ in self._backlog])
+            self._backlog.clear()
+            self._backlog_bytes = 0
         log.info(
-            "openai session %s configured (model=%s api=%s audio=%s call=%s)",
+            "openai session %s %s (model=%s api=%s audio=%s call=%s)",
             proto.session_id,
+            "re-opened with the conversation so far" if seeded else "configured",
             o.model,
             o.api,
             o.audio,
-            call.call_sid,
+            self.call.call_sid if self.call else "?",
         )
+        return ws
 
     def _refused(self, events: list[AgentEvent]) -> AgentError | None:
         """A rejected session.update or a fatal error fails the connect."""
@@ -178,32 +240,70 @@ class OpenAIRealtimeAgent(SocketAgent):
             f"OpenAI Realtime session failed: {event.code}: {event.message}", kind="agent_session"
         )
 
+    def _session_lost(self) -> list[AgentEvent]:
+        return self.protocol.connection_lost()
+
     # -- sending (non-blocking; see Agent) -------------------------------------------------
+    def _keep(self, messages: list[str], audio_bytes: int) -> None:
+        """Hold caller audio while a new session is set up (bounded: the oldest goes)."""
+        per_message = audio_bytes // max(1, len(messages))
+        for message in messages:
+            self._backlog.append((message, per_message))
+            self._backlog_bytes += per_message
+            self.kept_audio += 1
+        while self._backlog and self._backlog_bytes > self._backlog_limit:
+            _, n = self._backlog.popleft()
+            self._backlog_bytes -= n
+            self.dropped_audio += 1
+
     def send_audio_b64(self, payload: str) -> None:
-        """Passthrough: Twilio's base64 string goes into the append message untouched."""
-        self._socket().send_text_nowait(self.protocol.append_audio_b64(payload))
+        """Passthrough: Twilio's base64 string goes into the append message untouched.
+        While the connection is being replaced (``reconnect``), the audio is kept for the
+        new session instead (hot path: the ``try`` costs nothing until a send fails)."""
+        message = self.protocol.append_audio_b64(payload)
+        try:
+            self._socket().send_text_nowait(message)
+        except ConnectionClosed as exc:
+            self._send_failed(exc)  # re-raised unless a recovery takes over
+            self._keep([message], len(payload) * 3 // 4)
 
     def send_audio_b64_many(self, payloads: list[str]) -> None:
         # Frames that arrived in one read leave in one write (one syscall).
         append = self.protocol.append_audio_b64
-        self._socket().send_texts_nowait([append(p) for p in payloads])
+        messages = [append(p) for p in payloads]
+        try:
+            self._socket().send_texts_nowait(messages)
+        except ConnectionClosed as exc:
+            self._send_failed(exc)
+            self._keep(messages, sum(len(p) for p in payloads) * 3 // 4)
 
     def send_audio(self, audio: bytes) -> None:
-        self._socket().send_text_nowait(self.protocol.append_audio(audio))
+        message = self.protocol.append_audio(audio)
+        try:
+            self._socket().send_text_nowait(message)
+        except ConnectionClosed as exc:
+            self._send_failed(exc)
+            self._keep([message], len(audio))
 
     def truncate(self, response_id: str, audio_end_ms: int) -> None:
         """``conversation.item.truncate`` for the assistant item; ``audio_end_ms`` is clamped
         to the audio generated so far. Items this session never produced audio for are
-        skipped (the server would answer with an error)."""
-        if not self.protocol.knows_item(response_id):
+        skipped (the server would answer with an error); what the caller heard still cuts
+        the turn in the history that seeds a new session."""
+        proto = self.protocol
+        if not proto.knows_item(response_id):
+            proto.note_heard(response_id, audio_end_ms)
             return
-        self._socket().send_text_nowait(self.protocol.truncate(response_id, audio_end_ms))
+        self._send_text(proto.truncate(response_id, audio_end_ms))
 
     def send_tool_result(self, call_id: str, output: str) -> None:
-        self._socket().send_texts_nowait(self.protocol.tool_result(call_id, output))
+        messages = self.protocol.tool_result(call_id, output)
+        if not messages:
+            log.warning("openai: result of tool call %r dropped (lost session)", call_id[:80])
+        self._send_texts(messages)
 
     def cancel_response(self) -> None:
-        self._socket().send_text_nowait(self.protocol.cancel_response())
+        self._send_text(self.protocol.cancel_response())
 
 
 def create(options: Mapping[str, Any]) -> Agent:

@@ -13,6 +13,15 @@ Rules followed (``/work/shared/reference/voice-agent-apis.md``, "OpenAI Realtime
   cap) and a rejected ``session.update`` (the session would run with the wrong audio
   format) are reported with ``fatal=True``.
 
+* A Realtime session cannot be resumed. After a lost connection the adapter opens a new
+  session (same ``session.update``, plus :data:`RECONNECT_NOTE` in the instructions) and
+  seeds it with the conversation so far: :meth:`OpenAIRealtimeProtocol.seed_messages`, one
+  ``conversation.item.create`` per text turn (``input_text`` for the caller,
+  ``output_text``, beta ``text``, for the agent: "it cannot populate assistant audio
+  messages"), built from the transcripts parsed here. An agent turn the caller interrupted
+  is cut to the share of its audio the caller heard (what :meth:`truncate` was told).
+  Caller turns exist only with ``transcription_model`` (no transcripts otherwise).
+
 Malformed agent input (bad JSON, a known event with wrongly typed fields, undecodable
 base64, a binary frame) raises :class:`relay.errors.RemoteProtocolError` with kind
 ``agent_protocol``; the Trio layer decides what that means for the call.
@@ -56,6 +65,8 @@ __all__ = [
     "BYTES_PER_MS",
     "DEFAULT_URL",
     "FATAL_ERROR_CODES",
+    "MAX_HISTORY",
+    "RECONNECT_NOTE",
     "SESSION_UPDATE_EVENT_ID",
     "OpenAIOptions",
     "OpenAIRealtimeProtocol",
@@ -86,6 +97,17 @@ FATAL_ERROR_TYPES = frozenset({"authentication_error", "permission_error"})
 
 #: Per-item bookkeeping is bounded: only recent items can still be playing or truncated.
 MAX_TRACKED_ITEMS = 256
+
+#: Turns kept to seed a new session after a lost connection (the newest are kept).
+MAX_HISTORY = 200
+
+#: Appended to the instructions of a session that continues a call after a lost connection.
+RECONNECT_NOTE = (
+    "This phone call was briefly interrupted by a technical problem and continues now on a "
+    "new connection; the conversation so far is in this session's history. Do not greet the "
+    "caller again and do not mention the interruption unless asked; continue the "
+    "conversation where it stopped."
+)
 
 _AUDIO_FORMATS = ("pcmu", "pcm24k")
 _APIS = ("ga", "beta")
@@ -145,6 +167,48 @@ class OpenAIOptions:
 _APPEND = AudioMessage(lambda b64: {"type": "input_audio_buffer.append", "audio": b64})
 
 
+@dataclass(slots=True)
+class _Turn:
+    """One turn of the conversation, kept to seed a new session."""
+
+    role: str  # "caller" or "agent"
+    text: str = ""  # the final transcript ("" until it arrives)
+    deltas: list[str] = field(default_factory=list)  # agent: transcript so far
+    generated_ms: int = 0  # agent: audio generated (when truncated or the connection ended)
+    heard_ms: int | None = None  # agent: what the caller heard, when interrupted
+    heard_text: str | None = None  # agent: the part of the transcript that was heard
+
+    def seed_text(self) -> str:
+        if self.heard_text is not None:
+            return self.heard_text
+        return " ".join((self.text or "".join(self.deltas)).split())
+
+    def heard(self, heard_ms: int, generated_ms: int) -> None:
+        """Interrupted after ``heard_ms`` of ``generated_ms``: the transcript of the audio
+        generated so far (the deltas; the final transcript when none came) is cut to the
+        same share."""
+        self.generated_ms = max(self.generated_ms, generated_ms)
+        heard = max(0, min(heard_ms, self.generated_ms))
+        if self.heard_ms is not None and heard >= self.heard_ms:
+            return
+        self.heard_ms = heard
+        text = " ".join(("".join(self.deltas) or self.text).split())
+        self.heard_text = heard_part(text, heard, self.generated_ms)
+
+
+def heard_part(text: str, heard_ms: int | None, generated_ms: int) -> str:
+    """The share of ``text`` the caller heard: ``heard_ms`` of ``generated_ms`` of audio
+    (all of it when nothing was cut), cut back to a whole word and marked with "…"."""
+    if heard_ms is None or generated_ms <= 0 or heard_ms >= generated_ms:
+        return text
+    n = len(text) * max(0, heard_ms) // generated_ms
+    cut = text[:n]
+    if n < len(text) and not text[n].isspace():
+        cut = cut.rpartition(" ")[0]  # drop the word that was cut in half
+    cut = cut.rstrip(" ,;:")
+    return f"{cut}…" if cut else ""
+
+
 class OpenAIRealtimeProtocol(EventDispatcher):
     """State of one Realtime session as seen from the relay (sans-IO)."""
 
@@ -167,6 +231,12 @@ class OpenAIRealtimeProtocol(EventDispatcher):
         # call_id/item_id -> function name (the .done event may omit ``name``)
         self._function_names: dict[str, str] = {}
         self._tool_calls: dict[str, None] = {}
+        # tool calls issued on an earlier connection: the current session never saw them
+        self._void_calls: dict[str, None] = {}
+        #: tool results not sent because their call belonged to an earlier connection
+        self.dropped_results = 0
+        # conversation so far, by item id (insertion ordered = conversation order, bounded)
+        self._turns: dict[str, _Turn] = {}
         h = self._handlers
         for name in ("response.output_audio.delta", "response.audio.delta"):
             h[name] = self._on_audio_delta
@@ -209,8 +279,10 @@ class OpenAIRealtimeProtocol(EventDispatcher):
             return None
         return dict(td)
 
-    def session_update(self) -> str:
-        """The ``session.update`` for the configured API flavour."""
+    def session_update(self, *, seeded: bool = False) -> str:
+        """The ``session.update`` for the configured API flavour. ``seeded``: the session
+        continues a call after a lost connection (:data:`RECONNECT_NOTE` is added to the
+        instructions)."""
         o = self.options
         session: dict[str, Any]
         if o.api == "ga":
@@ -242,8 +314,11 @@ class OpenAIRealtimeProtocol(EventDispatcher):
             }
             if o.transcription_model:
                 session["input_audio_transcription"] = {"model": o.transcription_model}
-        if o.instructions:
-            session["instructions"] = o.instructions
+        instructions = o.instructions
+        if seeded:
+            instructions = f"{instructions}\n\n{RECONNECT_NOTE}" if instructions else RECONNECT_NOTE
+        if instructions:
+            session["instructions"] = instructions
         if o.tools:
             session["tools"] = [dict(t) for t in o.tools]
             session["tool_choice"] = o.tool_choice
@@ -271,6 +346,70 @@ class OpenAIRealtimeProtocol(EventDispatcher):
             dumps({"type": "response.create"}),
         ]
 
+    def seed_messages(self) -> list[str]:
+        """One ``conversation.item.create`` per turn of the conversation so far, oldest
+        first, for a new session that continues the call (no ``response.create``: the model
+        waits for the caller, it does not greet again)."""
+        agent_type = "output_text" if self.options.api == "ga" else "text"
+        messages = []
+        for role, text in self.history():
+            if role == "caller":
+                item_role, content_type = "user", "input_text"
+            else:
+                item_role, content_type = "assistant", agent_type
+            item = {
+                "type": "message",
+                "role": item_role,
+                "content": [{"type": content_type, "text": text}],
+            }
+            messages.append(dumps({"type": "conversation.item.create", "item": item}))
+        return messages
+
+    def history(self) -> list[tuple[str, str]]:
+        """The conversation so far as (role, text), role "caller" or "agent"; agent turns
+        the caller interrupted are cut to what was heard, empty turns left out."""
+        turns = [(t.role, t.seed_text()) for t in self._turns.values()]
+        return [(role, text) for role, text in turns if text]
+
+    def _turn(self, item_id: str, role: str) -> _Turn:
+        turn = self._turns.get(item_id)
+        if turn is None:
+            if len(self._turns) >= MAX_HISTORY:
+                del self._turns[next(iter(self._turns))]
+            turn = self._turns[item_id] = _Turn(role)
+        return turn
+
+    # -- connection lifecycle --------------------------------------------------------------
+    def begin_connection(self) -> None:
+        """A new connection (and session) is being opened. Items and tool calls of the old
+        session are unknown to the new one: truncates of its items are not sent (what the
+        caller heard still goes into the history), results of its tool calls are dropped."""
+        self.configured = False
+        self.session_created = False
+        self.session_error = None
+        for item_id, n in self._item_bytes.items():
+            turn = self._turns.get(item_id)
+            if turn is not None and turn.heard_ms is None:
+                turn.generated_ms = n // self.bytes_per_ms
+        self._item_bytes.clear()
+        self._done.clear()
+        self._truncated.clear()
+        self._function_names.clear()
+        for call_id in self._tool_calls:
+            if len(self._void_calls) >= MAX_TRACKED_ITEMS:
+                del self._void_calls[next(iter(self._void_calls))]
+            self._void_calls[call_id] = None
+        self._tool_calls.clear()
+
+    def connection_lost(self) -> list[AgentEvent]:
+        """The connection died: the replies it was sending are over for the engine."""
+        self.configured = False
+        events: list[AgentEvent] = []
+        for item_id in list(self._item_bytes):
+            if item_id not in self._done and item_id not in self._truncated:
+                events += self._finish(item_id)
+        return events
+
     def append_audio_b64(self, payload: str) -> str:
         """``input_audio_buffer.append`` for caller audio already in base64 (hot path:
         concatenation, see :class:`~relay.agents.wire.AudioMessage`)."""
@@ -292,6 +431,7 @@ class OpenAIRealtimeProtocol(EventDispatcher):
         length shrinks to N, as the server's item does, and stops growing (deltas already in
         flight are not added to the server's truncated item), so a later truncate stays valid."""
         generated = self._item_bytes.get(item_id, 0) // self.bytes_per_ms
+        self.note_heard(item_id, audio_end_ms)
         ms = max(0, min(int(audio_end_ms), generated))
         if item_id in self._item_bytes:
             self._item_bytes[item_id] = ms * self.bytes_per_ms
@@ -305,8 +445,21 @@ class OpenAIRealtimeProtocol(EventDispatcher):
             }
         )
 
+    def note_heard(self, item_id: str, audio_end_ms: int) -> None:
+        """The caller heard ``audio_end_ms`` of agent item ``item_id`` (a barge-in): its
+        turn in the history is cut to that. Also for an item of an earlier session, which
+        the current one cannot truncate."""
+        turn = self._turns.get(item_id)
+        if turn is None or turn.role != "agent":
+            return
+        turn.heard(int(audio_end_ms), self._item_bytes.get(item_id, 0) // self.bytes_per_ms)
+
     def tool_result(self, call_id: str, output: str) -> list[str]:
-        """``function_call_output`` item, then ``response.create`` so the model answers."""
+        """``function_call_output`` item, then ``response.create`` so the model answers;
+        nothing for a call issued on an earlier connection (the session never made it)."""
+        if call_id in self._void_calls:
+            self.dropped_results += 1
+            return []
         item = {"type": "function_call_output", "call_id": call_id, "output": output}
         return [
             dumps({"type": "conversation.item.create", "item": item}),
@@ -366,6 +519,7 @@ class OpenAIRealtimeProtocol(EventDispatcher):
         n = items.get(item_id)
         if n is None:
             self._track(item_id)
+            self._turn(item_id, "agent")
             n = 0
         if not audio:
             return []
@@ -415,6 +569,11 @@ class OpenAIRealtimeProtocol(EventDispatcher):
         return events
 
     def _on_speech_started(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
+        item_id = msg.get("item_id")
+        if type(item_id) is str:
+            # the caller's turn takes its place in the conversation now, before the reply
+            # to it; its transcript comes later
+            self._turn(item_id, "caller")
         return [AgentSpeechStarted()]
 
     def _on_speech_stopped(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
@@ -422,17 +581,32 @@ class OpenAIRealtimeProtocol(EventDispatcher):
 
     def _on_agent_transcript_delta(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
         delta = str_field(msg, "delta", etype)
-        return [AgentTranscript("agent", delta, final=False)] if delta else []
+        if not delta:
+            return []
+        item_id = msg.get("item_id")
+        if type(item_id) is str:
+            turn = self._turn(item_id, "agent")
+            if len(turn.deltas) < 1000:
+                turn.deltas.append(delta)
+        return [AgentTranscript("agent", delta, final=False)]
 
     def _on_agent_transcript_done(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
-        return [AgentTranscript("agent", str_field(msg, "transcript", etype))]
+        transcript = str_field(msg, "transcript", etype)
+        item_id = msg.get("item_id")
+        if type(item_id) is str:
+            self._turn(item_id, "agent").text = transcript
+        return [AgentTranscript("agent", transcript)]
 
     def _on_caller_delta(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
         delta = str_field(msg, "delta", etype)
         return [AgentTranscript("caller", delta, final=False)] if delta else []
 
     def _on_caller_done(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
-        return [AgentTranscript("caller", str_field(msg, "transcript", etype))]
+        transcript = str_field(msg, "transcript", etype)
+        item_id = msg.get("item_id")
+        if type(item_id) is str:
+            self._turn(item_id, "caller").text = transcript
+        return [AgentTranscript("caller", transcript)]
 
     def _on_caller_failed(self, msg: dict[str, Any], etype: str) -> list[AgentEvent]:
         err = msg.get("error")
