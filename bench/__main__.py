@@ -10,6 +10,8 @@
     python -m bench warmstart         # stream start -> first greeting audio, warm vs cold
     python -m bench recording         # what recording a call costs per media frame
     python -m bench cascade           # text agents: relay share of reply latency, local CPU
+    python -m bench twilio-speech     # ConversationRelay first token, Gather early answers
+    python -m bench soak --minutes 60 # ~80% of capacity for an hour: leaks, loss, p99 drift
 
 Results: a table on stdout, ``bench/results/load-<mode>.json`` and PNG plots next to it.
 """
@@ -146,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench import cascade  # cascaded/local text agents (bench/cascade.py)
 
         return cascade.main(argv[1:])
+    if argv and argv[0] == "twilio-speech":
+        from bench import twilio_speech  # ConversationRelay / Gather (bench/twilio_speech.py)
+
+        return twilio_speech.main(argv[1:])
+    if argv and argv[0] == "soak":
+        from bench import soak  # long run at steady load (bench/soak.py)
+
+        return soak.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _load_parser(sub)
@@ -154,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("warmstart", help="start -> first greeting audio, warm vs cold start")
     sub.add_parser("recording", help="per-frame cost of recording a call")
     sub.add_parser("cascade", help="text agents: reply latency by stage, local agent CPU")
+    sub.add_parser("twilio-speech", help="ConversationRelay first token, Gather early answers")
+    sub.add_parser("soak", help="calls starting and ending for an hour: leaks, loss, drift")
     args = parser.parse_args(argv)
     if args.command == "load":
         from bench.fake_vendors import PROTOCOLS

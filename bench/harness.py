@@ -321,6 +321,7 @@ def _collect(gen, agent, n, w0, w1, timings, window_s, ramp_s, self_cpu_ns, late
         "n": n,
         "established": gen.established,
         "failed_calls": gen.failed,
+        "refused_calls": gen.refused,
         "dropped_calls": gen.dropped,
         "failures": gen.failures[:10],
         "ramp_s": round(ramp_s, 2),
@@ -442,6 +443,7 @@ def _relay_command(
     tmp: Path,
     store: str = "sqlite",
     agent: str = "openai",
+    admission: bool = False,
 ) -> list[str]:
     cfg = tmp / "relay.toml"
     cfg.write_text(
@@ -450,6 +452,8 @@ host = "127.0.0.1"
 port = {port}
 public_url = "http://127.0.0.1:{port}"
 max_calls = 100000
+# capacity runs measure what happens past the limit; `bench admission` turns it on
+admission = {"true" if admission else "false"}
 
 [store]
 url = "{_store_url(store, tmp)}"
@@ -469,6 +473,8 @@ default_agent = "bench"
         "--log-level",
         "warning",
         "serve",
+        "--workers",
+        "1",
         "--host",
         "127.0.0.1",
         "--port",
@@ -557,6 +563,17 @@ TARGETS: dict[str, Target] = {
         partial(_relay_command, store="memory"),
         _relay_available,
         notes="store.url = memory: call records only in the process (no database)",
+    ),
+    "relay-admission": Target(
+        "relay-admission",
+        "relay, admission control on",
+        ("pcmu", "pcm24k"),
+        "/twilio/voice",
+        "/healthz",
+        partial(_relay_command, admission=True),
+        _relay_available,
+        notes="relay's default: calls past the worker's headroom are refused at the webhook "
+        "(<Reject reason=busy>); offer it more than its capacity",
     ),
     "relay-pg": Target(
         "relay-pg",
@@ -675,12 +692,51 @@ def relay_metrics(port: int) -> dict[str, float]:
             text = r.read().decode()
     except OSError:
         return out
+    return parse_metrics(text)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Unlabelled relay_* samples of a Prometheus text exposition."""
+    out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("relay_") and "{" not in line:
             name, _, value = line.partition(" ")
             with contextlib.suppress(ValueError):
                 out[name] = float(value.split()[0])
     return out
+
+
+def spawn_target(
+    target: Target,
+    port: int,
+    agent_url: str,
+    audio: str,
+    tmp: Path,
+    log: Path,
+    relay_cpu: int | None = None,
+) -> subprocess.Popen:
+    """Start ``target`` on ``port`` (output to ``log``), pinned to ``relay_cpu``; the caller
+    waits for it (``_wait_ready``) and stops it (``_stop``). Also used by bench/soak.py."""
+    env = (
+        os.environ
+        | {
+            "RELAY_TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+            "RELAY_SECURITY_ADMIN_KEY": ADMIN_KEY,
+            "OPENAI_API_KEY": AGENT_KEY,
+            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        }
+        | target.env
+    )
+    with open(log, "wb") as logf:
+        return subprocess.Popen(
+            target.command(port, agent_url, audio, tmp),
+            cwd=REPO,
+            env=env,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_pin(relay_cpu),
+        )
 
 
 def run_target(
@@ -706,29 +762,10 @@ def run_target(
     agent = make_agent(reactor, target.agent, audio)
     port = free_port()
     log = tmp / "target.log"
-    env = (
-        os.environ
-        | {
-            "RELAY_TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-            "RELAY_SECURITY_ADMIN_KEY": ADMIN_KEY,
-            "OPENAI_API_KEY": AGENT_KEY,
-            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        }
-        | target.env
-    )
     proc = None
     phases = {"start": time.monotonic()}
     try:
-        with open(log, "wb") as logf:
-            proc = subprocess.Popen(
-                target.command(port, agent.url, audio, tmp),
-                cwd=REPO,
-                env=env,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=_pin(relay_cpu),
-            )
+        proc = spawn_target(target, port, agent.url, audio, tmp, log, relay_cpu)
         _wait_ready(proc, port, target.health_path, ready_timeout_s, log)
         phases["ready"] = time.monotonic()
         sampler = ProcSampler(proc.pid)

@@ -469,6 +469,7 @@ class LoadGenerator:
         self._await_timer: list | None = None
         self.established = 0
         self.failed = 0
+        self.refused = 0  # webhooks answered <Reject> (admission control)
         self.dropped = 0
         self.open_calls = 0
         self.on_progress: Callable[[], None] | None = None
@@ -500,7 +501,7 @@ class LoadGenerator:
     @property
     def settled(self) -> bool:
         """All queued calls are either established or failed."""
-        return self.established + self.failed >= len(self.calls)
+        return self.established + self.failed + self.refused >= len(self.calls)
 
     def _pump_webhooks(self) -> None:
         while self._webhooks_todo and self._webhooks_inflight < self.webhook_concurrency:
@@ -530,6 +531,9 @@ class LoadGenerator:
         self._pump_webhooks()
         if status != 200:
             self._fail_idx(idx, f"webhook: HTTP {status} {body[:120]!r}")
+            return
+        if b"<Reject" in body:  # admission control said busy: refused, not failed
+            self.refused += 1
             return
         try:
             url, params = parse_twiml(body)

@@ -13,9 +13,12 @@ from .errors import ConfigError, RelayError
 
 
 def _setup_logging(level: str) -> None:
+    # relay serve --workers N: each line says which worker wrote it
+    worker = os.environ.get("RELAY_WORKER_INDEX")
+    where = f"[w{worker}] " if worker and worker.isdigit() else ""
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)-7s {where}%(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     # Hypercorn logs every client disconnect at INFO; keep our one-line-per-event logs legible
@@ -28,8 +31,11 @@ def _serve(args: argparse.Namespace) -> int:
     import trio
 
     from . import config as config_mod
+    from .control.cluster import ENV_INDEX
     from .http.drain import serve_until_signalled
     from .http.server import run_server, tune_gc
+    from .http.workers import resolve_workers, supervise
+    from .media.headroom import fd_soft_limit, raise_fd_limit
 
     cfg = config_mod.load(args.config)
     if args.host:
@@ -42,7 +48,32 @@ def _serve(args: argparse.Namespace) -> int:
         cfg.server.public_url = f"http://{cfg.server.host}:{cfg.server.port}"
     cfg.validate()
     log = logging.getLogger("relay")
+    workers = resolve_workers(args.workers)
+    if workers > 1 and cfg.store.url == "memory":
+        log.warning(
+            "store.url = memory keeps call records inside one process: running 1 worker, "
+            "not %d (use SQLite or PostgreSQL to serve from every core)",
+            workers,
+        )
+        workers = 1
+    if workers > 1 and os.environ.get(ENV_INDEX) is None:
+        # The parent: migrations once, then one relay process per core (relay/http/workers.py)
+        cfg.validate()
+        from .control.plane import open_store
+
+        # migrations and the key file beside an SQLite store, once, before any worker
+        open_store(cfg).close()
+        level = args.log_level or "info"
+        argv = [sys.executable, "-m", "relay", "--log-level", level, "serve"]
+        argv += ["--workers", "1", "--host", cfg.server.host]
+        if cfg.server.public_url:  # else each worker's is http://host:port of the shared port
+            argv += ["--public-url", cfg.server.public_url]
+        if args.config:
+            argv += ["--config", args.config]
+        return supervise(argv, cfg.server.host, cfg.server.port, workers)
+    calls = raise_fd_limit()
     log.info("configuration (secrets masked): %s", cfg.describe())
+    log.info("descriptor limit %d: room for ~%d calls", fd_soft_limit(), calls)
     if not cfg.security.admin_key:
         log.warning(
             "security.admin_key is not set: /metrics, /calls and POST /api/v1/tenants are disabled"
@@ -79,6 +110,34 @@ def _simulate(args: argparse.Namespace) -> int:
             "the simulator signs like Twilio: pass --auth-token or set RELAY_TWILIO_AUTH_TOKEN "
             "to the relay's twilio.auth_token"
         )
+    if args.outbound:  # the callee side of calls relay places (relay/sim/rest.py)
+        from .sim import rest
+
+        account = args.account_sid or os.environ.get("RELAY_TWILIO_ACCOUNT_SID", "")
+        if not account:
+            raise ConfigError("--outbound: pass --account-sid (the relay's twilio.account_sid)")
+        callee = tuple(o.strip() for o in args.callee.split(",") if o.strip())
+        try:
+            trio.run(
+                lambda: rest.serve_callees(
+                    account,
+                    token,
+                    port=args.rest_port,
+                    callee=callee,
+                    calls=args.calls,
+                    callee_seconds=args.duration,
+                    report=lambda line: print(line, flush=True),
+                )
+            )
+        except ValueError as exc:
+            raise ConfigError(f"--callee: {exc}") from None
+        return 0
+    if not args.url:
+        raise ConfigError("relay simulate: --url (the relay to call), or --outbound")
+    if getattr(args, "mode", "stream") != "stream":  # Twilio-native speech agents
+        from .sim import twilio_speech_cli
+
+        return twilio_speech_cli.run(args, token)
     audio = simulator.load_wav(args.audio) if args.audio else None
     results = trio.run(
         lambda: simulator.simulate(
@@ -350,15 +409,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--public-url", help="the https:// URL Twilio reaches this relay at")
+    p.add_argument(
+        "--workers",
+        default=os.environ.get("RELAY_SERVE_WORKERS", "auto"),
+        help="relay processes sharing the port (SO_REUSEPORT): a number, or auto = one per "
+        "core (default)",
+    )
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("simulate", help="place calls against a relay like Twilio would")
-    p.add_argument("--url", required=True, help="relay base URL, e.g. http://127.0.0.1:8080")
-    p.add_argument("--calls", type=int, default=1)
+    p.add_argument("--url", help="relay base URL, e.g. http://127.0.0.1:8080")
+    p.add_argument(
+        "--calls", type=int, default=1, help="calls to place; --outbound: to answer (0: forever)"
+    )
     p.add_argument("--duration", type=float, default=10.0, help="seconds per call")
+    p.add_argument(
+        "--outbound",
+        action="store_true",
+        help="be Twilio for calls the relay places: serve its REST API and answer them",
+    )
+    p.add_argument("--rest-port", type=int, default=0, help="--outbound: the REST API's port")
+    p.add_argument("--account-sid", help="--outbound: the relay's twilio.account_sid (or env)")
+    p.add_argument(
+        "--callee",
+        default="human",
+        help="--outbound: how callees answer, in turn (the last repeats): human, machine, "
+        "busy, no-answer, failed; e.g. human,machine,busy",
+    )
     p.add_argument("--audio", help="caller audio WAV (default: synthetic speech)")
     p.add_argument("--auth-token", help="Twilio auth token the relay checks (or env)")
     p.add_argument("--out", default="out/simulate", help="where heard audio WAVs go")
+    p.add_argument(
+        "--mode",
+        choices=("stream", "conversation-relay", "gather"),
+        default="stream",
+        help="what the agent answers with: a media stream (default), ConversationRelay, <Gather>",
+    )
+    p.add_argument(
+        "--say", action="append", default=[], help="a caller turn (conversation-relay, gather)"
+    )
     p.set_defaults(func=_simulate)
 
     p = sub.add_parser("demo", help="relay + a local agent + simulated callers, all offline")

@@ -45,6 +45,12 @@ class ServerConfig:
     max_calls: int = 1000
     #: on SIGTERM: how long active calls may go on before relay ends them (relay/http/drain.py)
     drain_timeout_s: float = 30.0
+    #: refuse calls at the webhook (reason overloaded) before quality degrades
+    #: (relay/media/headroom.py): projected CPU of this worker with one more call, as a
+    #: fraction of a core, and the event loop's lag
+    admission: bool = True
+    admission_max_cpu: float = 0.8
+    admission_max_lag_ms: float = 20.0
 
 
 @dataclass

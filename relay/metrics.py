@@ -106,6 +106,10 @@ class Metrics:
         self.duplicates = 0
         #: warm agent sessions (relay/control/warm.py) by outcome
         self.warm_starts: dict[str, int] = defaultdict(int)
+        #: agent connections recovered in place (reconnect = true), by adapter class
+        self.agent_reconnects: dict[str, int] = defaultdict(int)
+        #: relay serve --workers N: connections handed between workers, by outcome
+        self.handoffs: dict[str, int] = defaultdict(int)
         #: set by the server: () -> (wake-ups, sockets served) of the media reactor
         self.reactor_stats: Callable[[], tuple[int, int]] | None = None
 
@@ -184,6 +188,24 @@ class Metrics:
             [
                 f'relay_webhooks_total{{outcome="{k}"}} {v}'
                 for k, v in sorted(self.webhooks.items())
+            ],
+        )
+        metric(
+            "relay_agent_reconnects_total",
+            "counter",
+            "Agent connections lost and recovered in place, by adapter.",
+            [
+                f'relay_agent_reconnects_total{{adapter="{k}"}} {v}'
+                for k, v in sorted(self.agent_reconnects.items())
+            ],
+        )
+        metric(
+            "relay_handoffs_total",
+            "counter",
+            "Connections passed to the worker that answered their call, by outcome.",
+            [
+                f'relay_handoffs_total{{outcome="{k}"}} {v}'
+                for k, v in sorted(self.handoffs.items())
             ],
         )
         metric(

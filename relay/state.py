@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .config import Config
+from .control.cluster import WorkerIdentity
 from .control.plane import ControlPlane, open_control_plane
 from .control.policies import CallPolicies
 from .control.postcall import PostCallSender
 from .control.warm import WarmStarts
+from .media.headroom import Headroom
 from .media.hold import HoldLibrary
 from .media.recording import RecordingWriter, default_directory
 from .metrics import Metrics
@@ -49,6 +51,10 @@ class RelayState:
     recordings: RecordingWriter = field(init=False)
     #: post-call webhook deliveries (relay/control/postcall.py)
     postcall: PostCallSender = field(init=False)
+    #: which worker of ``relay serve --workers N`` this process is (relay/http/workers.py)
+    worker: WorkerIdentity = field(default_factory=WorkerIdentity.from_env)
+    #: this worker's load, for admission control at the voice webhook
+    headroom: Headroom = field(init=False)
     #: SIGTERM: no new calls, the active ones finish (relay/http/drain.py)
     draining: bool = False
 
@@ -56,7 +62,8 @@ class RelayState:
         self.control = open_control_plane(self.cfg, self.metrics)
         self.tokens = StreamTokens(self.cfg.token_secret_bytes(), self.cfg.security.token_ttl_s)
         self.records.keep = self.cfg.calls.records_kept
-        self.policies = CallPolicies(self.cfg.security.token_ttl_s)
+        self.headroom = Headroom(self.cfg.server, lambda: self.metrics.active_calls)
+        self.policies = CallPolicies(self.cfg.security.token_ttl_s, self.worker.shared_slots())
         self.warm = WarmStarts(
             self.metrics, limit=self.cfg.server.max_calls, ttl_s=self.cfg.calls.warm_start_ttl_s
         )

@@ -94,7 +94,7 @@ async def test_relay_serve_drains_on_sigterm_and_exits_0(tmp_path: Path) -> None
     config.write_text(
         f'[twilio]\nauth_token = "{AUTH_TOKEN}"\n'
         f'[store]\nurl = "sqlite:///{tmp_path}/relay.db"\n'
-        "[server]\ndrain_timeout_s = 20\n"
+        "[server]\ndrain_timeout_s = 20\nadmission_max_lag_ms = 10000\n"
         '[agents.parrot]\ntype = "parrot"\ngreeting = true\n'
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

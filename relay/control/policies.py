@@ -10,7 +10,8 @@ option's name in the message, and no adapter has to know about them.
 ``allowed_callers``        E.164 numbers allowed to call (empty: everyone); others are
                            answered ``<Reject reason="busy"/>`` before any agent session
                            opens, recorded as rejected with reason ``not_allowed``
-``max_concurrent_calls``   calls this agent serves at once in this process (0: no limit);
+``max_concurrent_calls``   calls this agent serves at once on this machine, across the
+                           workers of ``relay serve --workers N`` (0: no limit);
                            beyond it ``<Reject reason="busy"/>``, reason ``concurrent_limit``
 ``max_call_seconds``       the call's length cap (default 600; ``calls.max_duration_s``
                            stays the process-wide cap); end reason ``max duration``
@@ -41,6 +42,7 @@ from ..errors import ConfigError
 from ..media.hold import HoldSpec, parse_hold
 from .features import FEATURE_OPTIONS, CallFeatures
 from .phone import normalize_e164
+from .shared_slots import SharedSlots
 
 __all__ = [
     "DEFAULT_MAX_CALL_SECONDS",
@@ -214,8 +216,11 @@ class CallPolicies:
     webhook if no stream ever started (its stream token has expired by then anyway).
     """
 
-    def __init__(self, pending_ttl_s: float = 300.0) -> None:
+    def __init__(self, pending_ttl_s: float = 300.0, shared: SharedSlots | None = None) -> None:
         self.pending_ttl_s = pending_ttl_s
+        #: the other workers' counts (relay serve --workers N): limits hold across them
+        self.shared = shared
+        self._shared_held: set[str] = set()
         self._slots: dict[str, tuple[str, str]] = {}  # call_sid -> (tenant, agent)
         self._active: dict[tuple[str, str], int] = {}
         self._pending: dict[str, float] = {}  # call_sid -> admitted at (no stream yet)
@@ -224,6 +229,11 @@ class CallPolicies:
         self.after_stream: dict[str, tuple[str, str]] = {}
 
     # -- slots --------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Calls answered whose streams have not started yet."""
+        return len(self._pending)
+
     def active(self, tenant_id: str, agent: str) -> int:
         return self._active.get((tenant_id, agent), 0)
 
@@ -235,6 +245,10 @@ class CallPolicies:
         key = (tenant_id, agent)
         if limit and self._active.get(key, 0) >= limit:
             return False
+        if limit and self.shared is not None:
+            if not self.shared.admit(key, limit):
+                return False
+            self._shared_held.add(call_sid)
         self._slots[call_sid] = key
         self._active[key] = self._active.get(key, 0) + 1
         self._pending[call_sid] = time.monotonic()
@@ -251,6 +265,9 @@ class CallPolicies:
         key = self._slots.pop(call_sid, None)
         if key is None:
             return
+        if call_sid in self._shared_held and self.shared is not None:
+            self._shared_held.discard(call_sid)
+            self.shared.release(key)
         left = self._active.get(key, 0) - 1
         if left > 0:
             self._active[key] = left
@@ -263,6 +280,12 @@ class CallPolicies:
         cutoff = time.monotonic() - self.pending_ttl_s
         for sid in [s for s, t in self._pending.items() if t < cutoff]:
             self.release(sid)
+
+    def awaiting_stream(self) -> int:
+        """Calls answered by the voice webhook whose stream has not started yet (nor ended
+        by a terminal status callback, nor expired): a drain waits for them."""
+        self._expire()
+        return len(self._pending)
 
     def release_pending(self, call_sid: str) -> None:
         """A terminal status callback: free the slot of a call whose stream never started."""

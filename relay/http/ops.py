@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 from typing import TYPE_CHECKING, Any
 
+import trio
 from quart import Quart, Response, request
 
 if TYPE_CHECKING:
@@ -27,6 +28,19 @@ def admin_denied(state: RelayState) -> Response | None:
     return None
 
 
+def _trio_tasks() -> str:
+    """``relay_trio_tasks``: tasks alive in this process's Trio run (a leak check for
+    long runs such as ``python -m bench soak``); empty outside a Trio run."""
+    try:
+        living = trio.lowlevel.current_statistics().tasks_living
+    except RuntimeError:
+        return ""
+    return (
+        "# HELP relay_trio_tasks Tasks alive in the Trio run.\n"
+        f"# TYPE relay_trio_tasks gauge\nrelay_trio_tasks {living}\n"
+    )
+
+
 def register(app: Quart, state: RelayState) -> None:
     metrics = state.metrics
 
@@ -41,7 +55,7 @@ def register(app: Quart, state: RelayState) -> None:
         denied = admin_denied(state)
         if denied is not None:
             return denied
-        return Response(metrics.render(), content_type="text/plain; version=0.0.4")
+        return Response(metrics.render() + _trio_tasks(), content_type="text/plain; version=0.0.4")
 
     @app.get("/calls")
     async def calls() -> Any:

@@ -28,6 +28,7 @@ from hypercorn.utils import wrap_app
 
 from ..config import Config
 from ..control import background
+from ..control.cluster import parse_tag
 from ..errors import RemoteProtocolError
 from ..media.call import Call
 from ..media.reactor import Reactor
@@ -35,6 +36,8 @@ from ..media.websocket import WebSocket, parse_head, read_http_head, server_hand
 from ..protocol.signature import validate_signature
 from ..state import RelayState
 from .app import create_app
+from .handoff import Handoff
+from .workers import open_listeners
 
 log = logging.getLogger("relay.http.server")
 
@@ -123,6 +126,8 @@ class RelayServer:
         self._context = WorkerContext(None)
         self._lifespan_state: dict[str, Any] = {}
         self.ports: list[int] = []
+        #: relay serve --workers N: connections of calls another worker answered
+        self.handoff: Handoff | None = None
 
     async def serve(
         self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED
@@ -144,6 +149,7 @@ class RelayServer:
                 await lifespan_nursery.start(
                     self.state.reactor.run, self.cfg.media.reactor_coalesce_ms / 1000.0
                 )
+            await lifespan_nursery.start(self.state.headroom.run)
             history = self.state.control.history
             if history is not None:
                 await lifespan_nursery.start(history.run)
@@ -151,8 +157,12 @@ class RelayServer:
             await lifespan_nursery.start(background.run, self.state)
             await lifespan_nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
-            listeners = await trio.open_tcp_listeners(
-                self.cfg.server.port, host=self.cfg.server.host
+            worker = self.state.worker
+            if worker.clustered:
+                self.handoff = Handoff(worker.run_dir, worker.index, self.state.metrics.handoffs)
+                await lifespan_nursery.start(self.handoff.run, self._serve_handed)
+            listeners = await open_listeners(
+                self.cfg.server.host, self.cfg.server.port, reuse_port=worker.clustered
             )
             self.ports = [ln.socket.getsockname()[1] for ln in listeners]
             if not self.cfg.server.public_url:
@@ -179,6 +189,9 @@ class RelayServer:
                     if history is not None and not await history.flush(5.0):
                         log.error("call history: writes still queued at shutdown were lost")
                 lifespan_nursery.cancel_scope.cancel()
+                if self.handoff is not None:
+                    self.handoff.close()
+                    log.info("connections handed between workers: %s", dict(self.handoff.counts))
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         # trio.serve_listeners lets a handler's exception end the whole server. Peer input
@@ -199,12 +212,39 @@ class RelayServer:
         except (trio.TooSlowError, RemoteProtocolError, trio.BrokenResourceError, OSError):
             await trio.aclose_forcefully(stream)
             return
+        await self._dispatch(stream, head, rest, handed=False)
+
+    async def _serve_handed(self, stream: trio.SocketStream, prefix: bytes) -> None:
+        """A connection another worker accepted for a call this one answered."""
+        head, sep, rest = prefix.partition(b"\r\n\r\n")
+        if not sep:
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await self._dispatch(stream, head, rest, handed=True)
+        except Exception:
+            self.state.metrics.error("internal")
+            log.exception("internal error on a handed-over connection; it was closed")
+            await trio.aclose_forcefully(stream)
+
+    async def _dispatch(
+        self, stream: trio.SocketStream, head: bytes, rest: bytes, *, handed: bool
+    ) -> None:
         first, headers = parse_head(head)
         parts = first.split(" ")
         target = parts[1] if len(parts) == 3 else ""
         path = target.split("?", 1)[0]
+        if self.handoff is not None and not handed and path.startswith("/twilio/"):
+            # /…/w3: a request of a call worker 3 answered (relay/http/handoff.py)
+            owner = parse_tag(path.rsplit("/", 1)[-1], self.state.worker.count)
+            if owner is not None and owner != self.state.worker.index:
+                if await self.handoff.send(owner, stream, head + b"\r\n\r\n" + rest):
+                    return
         if path == "/twilio/stream" or path.startswith("/twilio/stream/"):
             await self._media(stream, parts[0], path, headers, rest)
+            return
+        if path.startswith("/twilio/conversation/"):  # ConversationRelay: lean path too
+            await self._conversation_relay(stream, parts[0], path, headers, rest)
             return
         server = TCPServer(
             self._app_wrapper,
@@ -251,14 +291,18 @@ class RelayServer:
         # would let anyone run agent sessions on the deployer's API keys (toll fraud).
         # /twilio/stream/{AccountSid}: the account whose token signed it (the upgrade has
         # no form fields to name it); plain /twilio/stream: the relay.toml account.
-        hint = path[len("/twilio/stream/") :] if path != "/twilio/stream" else ""
+        # /…/w3 (relay serve --workers N): the answering worker's tag, signed with the rest
+        tail = path[len("/twilio/stream/") :] if path != "/twilio/stream" else ""
+        hint, _, last = tail.rpartition("/") if "/" in tail else ("", "", tail)
+        if parse_tag(last, self.state.worker.count) is None:
+            hint = tail
         signature = headers.get("x-twilio-signature")
         account = (
             await self.state.control.directory.stream_account(hint)
             if len(hint) <= 64 and "/" not in hint
             else None
         )
-        url = cfg.stream_url + (f"/{hint}" if hint else "")
+        url = cfg.stream_url + (f"/{tail}" if tail else "")
         if account is None or not validate_signature(account.auth_token, url, None, signature):
             await self._refuse(
                 stream,
@@ -290,6 +334,65 @@ class RelayServer:
             await call.run()
         finally:
             self.state.calls.discard(call)
+
+    async def _conversation_relay(
+        self,
+        stream: trio.SocketStream,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        rest: bytes,
+    ) -> None:
+        """``/twilio/conversation/{AccountSid}``: ConversationRelay's text WebSocket, checked
+        like the media stream (Twilio signs the wss:// URL with that account's token)."""
+        from ..agents.twilio_speech import conversation_relay
+
+        cfg = self.cfg
+        if (
+            method != "GET"
+            or headers.get("upgrade", "").lower() != "websocket"
+            or "upgrade" not in headers.get("connection", "").lower()
+            or headers.get("sec-websocket-version") != "13"
+            or not headers.get("sec-websocket-key")
+        ):
+            await self._refuse(
+                stream, "400 Bad Request", "ws_bad_upgrade", "not a WebSocket upgrade"
+            )
+            return
+        hint = path[len("/twilio/conversation/") :]
+        signature = headers.get("x-twilio-signature")
+        account = (
+            await self.state.control.directory.account(hint)
+            if 0 < len(hint) <= 64 and "/" not in hint
+            else None
+        )
+        url = cfg.stream_url.removesuffix("/twilio/stream") + path
+        if account is None or not validate_signature(account.auth_token, url, None, signature):
+            await self._refuse(
+                stream,
+                "403 Forbidden",
+                "bad_signature",
+                f"{'missing' if not signature else 'invalid'} x-twilio-signature",
+            )
+            return
+        if self.state.metrics.active_calls >= cfg.server.max_calls:
+            self.state.metrics.calls_rejected["concurrent_limit"] += 1
+            await self._refuse(stream, "503 Service Unavailable", "capacity", "too many calls")
+            return
+        try:
+            with trio.move_on_after(cfg.media.send_timeout_s):
+                await stream.send_all(server_handshake_response(headers["sec-websocket-key"]))
+        except (trio.BrokenResourceError, OSError):
+            await trio.aclose_forcefully(stream)
+            return
+        ws = WebSocket(
+            stream,
+            client_side=False,
+            max_message=cfg.media.max_message_bytes,
+            send_timeout=cfg.media.send_timeout_s,
+            leftover=rest,
+        )
+        await conversation_relay.serve(ws, self.state, account)
 
 
 async def run_server(

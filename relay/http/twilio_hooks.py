@@ -28,6 +28,7 @@ from ..control.policies import CallPlan
 from ..control.store import DEFAULT_TENANT, sequence_number
 from ..media.hold import add_prelude
 from ..protocol.signature import validate_signature
+from . import twilio_speech_hooks
 
 if TYPE_CHECKING:
     from ..state import RelayState
@@ -63,6 +64,9 @@ def register(app: Quart, state: RelayState) -> None:
     metrics = state.metrics
     directory = state.control.directory
     history = state.control.history
+    # relay serve --workers N: the URLs of a call's later requests end with the answering
+    # worker's tag, so they reach the process holding its plan (relay/http/handoff.py)
+    tag = f"/{state.worker.tag}" if state.worker.tag else ""
 
     def signed_url() -> str:
         # Validate against the URL Twilio called: the configured public URL (or, behind a
@@ -113,6 +117,7 @@ def register(app: Quart, state: RelayState) -> None:
         record.ended_at = time.time()
         if history is not None:
             history.save(record, tenant_id)
+        state.postcall.submit_rejected(record)  # post_call_webhook, with the reason
         response = VoiceResponse()
         response.reject(reason=twiml_reason)
         return _xml(str(response))
@@ -120,10 +125,11 @@ def register(app: Quart, state: RelayState) -> None:
     def after_stream_action(plan: CallPlan) -> dict[str, str]:
         if not plan.policy.fallback_message:
             return {}
-        return {"action": f"{cfg.public_url}/twilio/stream-ended", "method": "POST"}
+        return {"action": f"{cfg.public_url}/twilio/stream-ended{tag}", "method": "POST"}
 
     @app.post("/twilio/stream-ended")
-    async def stream_ended() -> Any:
+    @app.post("/twilio/stream-ended/<worker>")
+    async def stream_ended(worker: str = "") -> Any:
         # <Connect action>: the stream ended. At the cap, Twilio says the fallback message
         # (its own text-to-speech), then hangs up; any other end simply hangs up.
         checked = await signed_form("stream_ended")
@@ -171,6 +177,11 @@ def register(app: Quart, state: RelayState) -> None:
             metrics.webhooks["voice_rejected_draining"] += 1
             log.info("call %s rejected: draining", call_sid)
             return reject(record, tenant_id, "draining", "draining", "busy")
+        overloaded = state.headroom.refusal(metrics.active_calls, state.policies.pending)
+        if overloaded:  # before quality degrades for the calls already up (headroom.py)
+            metrics.webhooks["voice_rejected_overloaded"] += 1
+            log.warning("call %s rejected: overloaded (%s)", call_sid, overloaded)
+            return reject(record, tenant_id, "overloaded", "overloaded", "busy")
         if metrics.active_calls >= cfg.server.max_calls:
             metrics.webhooks["voice_rejected_busy"] += 1
             log.warning("call %s rejected: %d active calls", call_sid, metrics.active_calls)
@@ -199,9 +210,11 @@ def register(app: Quart, state: RelayState) -> None:
         if history is not None:
             history.save(record, tenant_id)
         token = state.tokens.issue(f"{call_sid}|{tenant_id}|{route.agent}")
+        if route.options.get("type") == "twilio-speech":  # Twilio's own speech: no stream
+            return twilio_speech_hooks.answer_call(state, account, record, route, plan, token)
         stream = Stream(
-            url=cfg.stream_url.removesuffix("/twilio/stream") + stream_path_for(account),
-            status_callback=f"{cfg.public_url}/twilio/status",
+            url=cfg.stream_url.removesuffix("/twilio/stream") + stream_path_for(account) + tag,
+            status_callback=f"{cfg.public_url}/twilio/status{tag}",
             status_callback_method="POST",
         )
         stream.parameter(name="token", value=token)
@@ -229,7 +242,8 @@ def register(app: Quart, state: RelayState) -> None:
         return _xml(str(response))
 
     @app.post("/twilio/status")
-    async def status() -> Any:
+    @app.post("/twilio/status/<worker>")
+    async def status(worker: str = "") -> Any:
         checked = await signed_form("status")
         if isinstance(checked, Response):
             return checked
@@ -258,6 +272,8 @@ def register(app: Quart, state: RelayState) -> None:
             # Callbacks may arrive out of order: keep them ordered by SequenceNumber.
             record.status_callbacks.sort(key=sequence_number)
             outbound.on_status(state, record, params)
+            if terminal and record.stats.get("mode") == "gather":  # no socket saw it end
+                twilio_speech_hooks.call_ended(state, record, terminal)
             if terminal and record.status == "incoming":
                 record.status = "completed"
                 record.end_reason = record.end_reason or terminal

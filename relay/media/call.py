@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
+from .. import netguard
 from ..agents.base import (
     Agent,
     AgentAudio,
@@ -146,7 +147,9 @@ class Call:
         if history is not None:  # a queue put: the store never delays the call
             history.save(record, self.tenant_id)
         try:
-            await self._run_started(start, agent_name)
+            # where the agent may connect (relay/netguard.py): every task of the call
+            with netguard.guarding(warm.net_guard(self.state, record)):
+                await self._run_started(start, agent_name)
         finally:
             self.metrics.active_calls -= 1
             self.state.policies.release(self.call_sid)
@@ -229,6 +232,10 @@ class Call:
         # cancelled, and each close is itself bounded.
         with trio.CancelScope(shield=True):
             if self.agent is not None:
+                # recovered agent connections (reconnect = true), by adapter
+                reconnects = getattr(self.agent, "reconnects", 0)
+                if isinstance(reconnects, int) and reconnects > 0:
+                    self.metrics.agent_reconnects[type(self.agent).__name__] += reconnects
                 with trio.move_on_after(2.0):
                     try:
                         await self.agent.aclose()
