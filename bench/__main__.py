@@ -43,7 +43,7 @@ def _load_parser(sub) -> None:
         "--targets",
         type=_csv,
         default=("relay", "fastapi", "pipecat"),
-        help="comma list of relay,relay-memory,relay-pg,fastapi,pipecat,null "
+        help="comma list of relay,relay-memory,relay-pg,relay-admission,fastapi,pipecat,null "
         "(default: relay,fastapi,pipecat)",
     )
     p.add_argument(

@@ -452,7 +452,7 @@ host = "127.0.0.1"
 port = {port}
 public_url = "http://127.0.0.1:{port}"
 max_calls = 100000
-# capacity runs measure what happens past the limit; `bench admission` turns it on
+# capacity runs measure what happens past the limit; the relay-admission target turns it on
 admission = {"true" if admission else "false"}
 
 [store]

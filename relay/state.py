@@ -24,6 +24,7 @@ from .records import CallRegistry
 from .tools import ToolRegistry, default_registry
 
 if TYPE_CHECKING:
+    from .agents.twilio_speech.conversation_relay import ConversationRelaySession
     from .media.call import Call
     from .media.reactor import Reactor
 
@@ -36,6 +37,9 @@ class RelayState:
     tools: ToolRegistry = field(default_factory=default_registry)
     tokens: StreamTokens = field(init=False)
     calls: set[Call] = field(default_factory=set)
+    #: ConversationRelay sessions of this process (text only, no media call): a drain
+    #: waits for them like for calls, then ends the rest
+    speech_sessions: set[ConversationRelaySession] = field(default_factory=set)
     #: process-wide media socket multiplexer; None where epoll is missing (then each
     #: call's readers await their sockets directly)
     reactor: Reactor | None = None

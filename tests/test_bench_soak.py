@@ -255,3 +255,14 @@ def test_short_real_soak(tmp_path, capsys):
         "tasks_back_to_baseline",
     }
     assert rc in (0, 1)  # pass/fail of leak checks on a shared machine is not asserted
+
+
+def test_rss_reference_waits_for_the_record_cache_to_fill():
+    windows = [_window(i, 10.0 * (i + 1), "steady", 100.0 + min(i, 8) * 2.0) for i in range(20)]
+    for i, w in enumerate(windows):
+        w["calls_completed"] = 100 * i
+    s = soak.summarize(windows, BASE, BASE, _totals(), CALLS, 200.0, records_kept=800)
+    # from the first minute RSS grew while records filled; from the full cache it is flat
+    assert s["rss_first_minute_at_s"] == 90.0 and s["rss_reference_calls_completed"] == 800
+    assert s["rss_growth_mib"] == 0.0 and s["checks"]["rss_growth_lt_5mib"]
+    assert s["rss_growth_from_first_minute_mib"] == 6.0

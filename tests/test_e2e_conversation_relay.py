@@ -262,3 +262,38 @@ async def test_malformed_message_is_refused(make_config: Any, start_relay: Any, 
 
 
 _: Callable[..., Any] | None = None
+
+
+async def test_drain_ends_a_session_with_the_fallback_message(
+    make_config: Any, start_relay: Any, e2e: Any
+) -> None:
+    """SIGTERM's drain waits for ConversationRelay sessions like for media calls, then ends
+    the rest with ``end`` (reason drained); the <Connect action> says the fallback message."""
+    from relay.http.drain import drain
+
+    async with fake_llm(lambda body: Reply("Hi.")) as llm:
+        relay = await start(
+            make_config, start_relay, llm, fallback_message="We are restarting, goodbye."
+        )
+        counts: dict[str, int] = {}
+        results: list[crsim.CrCallResult] = []
+
+        async def caller() -> None:  # stays on the line, silent, until relay ends the call
+            results.append(await call(relay, e2e, [], linger_s=15.0))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(caller)
+            await relay.wait_until(lambda: bool(relay.state.speech_sessions))
+
+            async def run_drain() -> None:
+                counts.update(await drain(relay.server, timeout_s=0.5))
+
+            nursery.start_soon(run_drain)
+        (result,) = results
+        assert result.ended and result.handoff == {"reason": "drained"}
+        assert "We are restarting, goodbye." in result.after_twiml
+        assert "<Hangup" in result.after_twiml
+        assert counts == {"finished": 0, "ended": 1}
+        record = await relay.wait_record(result.call_sid, "completed")
+        assert record.end_reason == "drained" and record.fallback_message_played
+        assert not relay.state.speech_sessions and relay.metrics.active_calls == 0

@@ -48,7 +48,7 @@ async def drain(server: RelayServer, timeout_s: float | None = None) -> dict[str
     state.draining = True
     pending = state.policies.awaiting_stream()
     # calls whose stream has started, now and (calls_total) from now on: the drain's count
-    started = sum(1 for c in state.calls if c.record is not None)
+    started = sum(1 for c in state.calls if c.record is not None) + len(state.speech_sessions)
     calls_total = state.metrics.calls_total
     log.info(
         "draining: no new calls; %d active, %d answered awaiting their stream, waiting up to %g s",
@@ -57,7 +57,7 @@ async def drain(server: RelayServer, timeout_s: float | None = None) -> dict[str
         timeout,
     )
     with trio.move_on_after(timeout):
-        while state.calls or state.policies.awaiting_stream():
+        while state.calls or state.speech_sessions or state.policies.awaiting_stream():
             await trio.sleep(0.05)  # streams of answered calls still come in
     ended: list[str] = []
 
@@ -67,12 +67,20 @@ async def drain(server: RelayServer, timeout_s: float | None = None) -> dict[str
                 state.policies.ended_at_cap(call.call_sid)  # -> fallback_message, if any
             call._end(END_REASON)
             ended.append(call.call_sid)
+        for session in list(state.speech_sessions):
+            # ConversationRelay: ``end`` -> Twilio asks the <Connect action> (goodbye, hang up)
+            if session.end_now(END_REASON):
+                ended.append(session.call_sid)
 
     end_the_rest()
     if ended:
         log.info("draining: ended %d call(s) still active after %g s", len(ended), timeout)
     with trio.move_on_after(ACTION_WAIT_S):
-        while state.calls or any(sid in state.policies.after_stream for sid in ended):
+        while (
+            state.calls
+            or state.speech_sessions
+            or any(sid in state.policies.after_stream for sid in ended)
+        ):
             end_the_rest()  # a stream that arrived past the bound ends at once too
             await trio.sleep(0.05)
     with trio.move_on_after(POSTCALL_WAIT_S):

@@ -32,7 +32,7 @@ from ..agents.twilio_speech import gather
 from ..agents.twilio_speech.config import SpeechSettings, TwilioSpeechAgent
 from ..agents.twilio_speech.runtime import agent_for, allowed_transfer
 from ..control.directory import Account, Route
-from ..control.policies import CallPlan
+from ..control.policies import CallPlan, CallPolicy
 from ..control.transfer import twilio_number
 from ..errors import ConfigError
 from ..protocol.signature import validate_signature
@@ -335,7 +335,19 @@ def register(app: Quart, state: RelayState) -> None:
         metrics.webhooks["speech_handoff_ok"] += 1
         if target and record is not None:
             return _xml(dial_twiml(settings, "", target, twilio_number(record)))
-        return _xml(hangup_twiml(settings))
+        farewell = ""
+        reason = handoff.get("reason") if isinstance(handoff, dict) else None
+        if reason in ("max duration", "drained") and route is not None:
+            # cut short by relay (the cap, a drain): the agent's fallback_message, as for
+            # media calls, so nobody is hung up on without a word
+            try:
+                policy = CallPolicy.from_options(route.options, check_files=False)
+                farewell = policy.fallback_message
+            except ConfigError:
+                farewell = ""
+            if farewell and record is not None:
+                record.fallback_message_played = True
+        return _xml(hangup_twiml(settings, farewell))
 
 
 def _agent(account: Account, name: str, route: Route | None) -> TwilioSpeechAgent | None:

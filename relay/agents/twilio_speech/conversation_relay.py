@@ -130,9 +130,11 @@ class ConversationRelaySession:
             store_history.save(record, self.account.tenant_id)
         plan = state.policies.plan_for_stream(setup.call_sid, route_options)
         log.info("call %s: ConversationRelay session with agent %s", self.call_sid, agent_name)
+        state.speech_sessions.add(self)
         try:
             await self._run_session(min(state.cfg.calls.max_duration_s, plan.max_call_seconds))
         finally:
+            state.speech_sessions.discard(self)
             self.metrics.active_calls -= 1
             state.policies.release(setup.call_sid)
             record.status = "completed"
@@ -206,6 +208,20 @@ class ConversationRelaySession:
         if nursery.cancel_scope.cancelled_caught and not self.end_reason:
             self.end_reason = "max duration"
             self._send(end_message({"reason": "max duration"}))
+
+    def end_now(self, reason: str) -> bool:
+        """End the session from outside (a drain): ``end`` with ``{"reason": reason}`` as
+        handoff data, so Twilio requests the ``<Connect action>`` (a goodbye and a hang-up)
+        and closes the socket. False when it was ending already."""
+        if self._ending or self.end_reason:
+            return False
+        self._ending = True
+        self.end_reason = reason
+        if self._reply is not None and not self._reply.done:
+            self._reply.scope.cancel()  # no more tokens after ``end``
+        self._send(end_message({"reason": reason}))
+        log.info("call %s: session ended (%s)", self.call_sid, reason)
+        return True
 
     def _stop(self, reason: str) -> None:
         if not self.end_reason:
