@@ -29,6 +29,7 @@ from hypercorn.utils import wrap_app
 from ..config import Config
 from ..control import background
 from ..control.cluster import parse_tag
+from ..control.directory import Account
 from ..errors import RemoteProtocolError
 from ..media.call import Call
 from ..media.reactor import Reactor
@@ -267,6 +268,59 @@ class RelayServer:
                 pass
         await trio.aclose_forcefully(stream)
 
+    async def _is_upgrade(
+        self, stream: trio.SocketStream, method: str, headers: dict[str, str]
+    ) -> bool:
+        """A well-formed RFC 6455 upgrade request; otherwise refused with 400."""
+        if (
+            method == "GET"
+            and headers.get("upgrade", "").lower() == "websocket"
+            and "upgrade" in headers.get("connection", "").lower()
+            and headers.get("sec-websocket-version") == "13"
+            and headers.get("sec-websocket-key")
+        ):
+            return True
+        await self._refuse(stream, "400 Bad Request", "ws_bad_upgrade", "not a WebSocket upgrade")
+        return False
+
+    async def _accept_signed(
+        self,
+        stream: trio.SocketStream,
+        account: Account | None,
+        url: str,
+        signature: str | None,
+        headers: dict[str, str],
+        rest: bytes,
+    ) -> WebSocket | None:
+        """Check Twilio's signature of ``url`` with ``account``'s token and the process's
+        call capacity, then complete the handshake; None when refused (already answered)."""
+        cfg = self.cfg
+        if account is None or not validate_signature(account.auth_token, url, None, signature):
+            await self._refuse(
+                stream,
+                "403 Forbidden",
+                "bad_signature",
+                f"{'missing' if not signature else 'invalid'} x-twilio-signature",
+            )
+            return None
+        if self.state.metrics.active_calls >= cfg.server.max_calls:
+            self.state.metrics.calls_rejected["concurrent_limit"] += 1
+            await self._refuse(stream, "503 Service Unavailable", "capacity", "too many calls")
+            return None
+        try:
+            with trio.move_on_after(cfg.media.send_timeout_s):
+                await stream.send_all(server_handshake_response(headers["sec-websocket-key"]))
+        except (trio.BrokenResourceError, OSError):
+            await trio.aclose_forcefully(stream)
+            return None
+        return WebSocket(
+            stream,
+            client_side=False,
+            max_message=cfg.media.max_message_bytes,
+            send_timeout=cfg.media.send_timeout_s,
+            leftover=rest,
+        )
+
     async def _media(
         self,
         stream: trio.SocketStream,
@@ -276,16 +330,7 @@ class RelayServer:
         rest: bytes,
     ) -> None:
         cfg = self.cfg
-        if (
-            method != "GET"
-            or headers.get("upgrade", "").lower() != "websocket"
-            or "upgrade" not in headers.get("connection", "").lower()
-            or headers.get("sec-websocket-version") != "13"
-            or not headers.get("sec-websocket-key")
-        ):
-            await self._refuse(
-                stream, "400 Bad Request", "ws_bad_upgrade", "not a WebSocket upgrade"
-            )
+        if not await self._is_upgrade(stream, method, headers):
             return
         # Twilio signs the wss:// URL with no query string; an unsigned stream endpoint
         # would let anyone run agent sessions on the deployer's API keys (toll fraud).
@@ -303,31 +348,9 @@ class RelayServer:
             else None
         )
         url = cfg.stream_url + (f"/{tail}" if tail else "")
-        if account is None or not validate_signature(account.auth_token, url, None, signature):
-            await self._refuse(
-                stream,
-                "403 Forbidden",
-                "bad_signature",
-                f"{'missing' if not signature else 'invalid'} x-twilio-signature",
-            )
+        ws = await self._accept_signed(stream, account, url, signature, headers, rest)
+        if ws is None or account is None:
             return
-        if self.state.metrics.active_calls >= cfg.server.max_calls:
-            self.state.metrics.calls_rejected["concurrent_limit"] += 1
-            await self._refuse(stream, "503 Service Unavailable", "capacity", "too many calls")
-            return
-        try:
-            with trio.move_on_after(cfg.media.send_timeout_s):
-                await stream.send_all(server_handshake_response(headers["sec-websocket-key"]))
-        except (trio.BrokenResourceError, OSError):
-            await trio.aclose_forcefully(stream)
-            return
-        ws = WebSocket(
-            stream,
-            client_side=False,
-            max_message=cfg.media.max_message_bytes,
-            send_timeout=cfg.media.send_timeout_s,
-            leftover=rest,
-        )
         call = Call(ws, self.state, account.tenant_id)
         self.state.calls.add(call)
         try:
@@ -348,16 +371,7 @@ class RelayServer:
         from ..agents.twilio_speech import conversation_relay
 
         cfg = self.cfg
-        if (
-            method != "GET"
-            or headers.get("upgrade", "").lower() != "websocket"
-            or "upgrade" not in headers.get("connection", "").lower()
-            or headers.get("sec-websocket-version") != "13"
-            or not headers.get("sec-websocket-key")
-        ):
-            await self._refuse(
-                stream, "400 Bad Request", "ws_bad_upgrade", "not a WebSocket upgrade"
-            )
+        if not await self._is_upgrade(stream, method, headers):
             return
         hint = path[len("/twilio/conversation/") :]
         signature = headers.get("x-twilio-signature")
@@ -367,31 +381,9 @@ class RelayServer:
             else None
         )
         url = cfg.stream_url.removesuffix("/twilio/stream") + path
-        if account is None or not validate_signature(account.auth_token, url, None, signature):
-            await self._refuse(
-                stream,
-                "403 Forbidden",
-                "bad_signature",
-                f"{'missing' if not signature else 'invalid'} x-twilio-signature",
-            )
+        ws = await self._accept_signed(stream, account, url, signature, headers, rest)
+        if ws is None or account is None:
             return
-        if self.state.metrics.active_calls >= cfg.server.max_calls:
-            self.state.metrics.calls_rejected["concurrent_limit"] += 1
-            await self._refuse(stream, "503 Service Unavailable", "capacity", "too many calls")
-            return
-        try:
-            with trio.move_on_after(cfg.media.send_timeout_s):
-                await stream.send_all(server_handshake_response(headers["sec-websocket-key"]))
-        except (trio.BrokenResourceError, OSError):
-            await trio.aclose_forcefully(stream)
-            return
-        ws = WebSocket(
-            stream,
-            client_side=False,
-            max_message=cfg.media.max_message_bytes,
-            send_timeout=cfg.media.send_timeout_s,
-            leftover=rest,
-        )
         await conversation_relay.serve(ws, self.state, account)
 
 
