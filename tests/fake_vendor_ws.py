@@ -272,7 +272,8 @@ class TrioWsPeer(Notifier):
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for task in background:
-                nursery.start_soon(task)
+                # a pinger can race the peer's close; the read loop records the close code
+                nursery.start_soon(self._safely, task)
             try:
                 await self._read_loop()
             except WSConnectionClosed as exc:
