@@ -36,7 +36,7 @@ def _stats(samples: list[float]) -> dict[str, float]:
 
 
 async def measure(seconds: int) -> dict:
-    from relay.http.server import tune_gc
+    from relay.gcpolicy import tune_gc
     from relay.media import recording
     from relay.metrics import Metrics
     from relay.records import CallRecord

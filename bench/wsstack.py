@@ -28,7 +28,7 @@ of its core or its send timers ran late (p99 > 5 ms): then part of the latency i
 A run is "saturated" when the server used more than 90 % of its core or fell behind the
 offered load; its CPU per pair is then a throughput-limited figure and its RTT is queueing.
 
-The relay stacks apply ``relay.http.server.tune_gc()`` as ``relay serve`` does; the other
+The relay stacks apply ``relay.gcpolicy.tune_gc()`` as ``relay serve`` does; the other
 stacks run as shipped. Plaintext loopback only.
 
     python -m bench wsstack            # full: N in {100, 300}, 3 repeats, 5 s windows
@@ -122,7 +122,7 @@ def _announce(port: int) -> None:
 
 
 async def _relay_serve(use_reactor: bool) -> None:
-    from relay.http.server import tune_gc  # here: relay.http.server imports the webhook stack
+    from relay.gcpolicy import tune_gc
 
     tune_gc()  # what `relay serve` does at startup (relay/cli.py)
     async with trio.open_nursery() as nursery:

@@ -32,8 +32,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     from . import config as config_mod
     from .control.cluster import ENV_INDEX
+    from .gcpolicy import tune_gc
     from .http.drain import serve_until_signalled
-    from .http.server import run_server, tune_gc
+    from .http.server import run_server
     from .http.workers import resolve_workers, supervise
     from .media.headroom import fd_soft_limit, raise_fd_limit
 

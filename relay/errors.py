@@ -46,6 +46,12 @@ class ConnectionClosed(RelayError):
         self.code = code
         self.reason = reason
 
+    def copy(self) -> ConnectionClosed:
+        """A fresh exception to raise for a close that is kept as state. Raising the kept
+        one would attach a traceback whose frames hold the socket that holds the exception:
+        a reference cycle per connection that only the cyclic collector can free."""
+        return type(self)(self.code, self.reason)
+
 
 class AuthError(RelayError):
     """A signature or token did not verify."""

@@ -112,6 +112,8 @@ class Metrics:
         self.handoffs: dict[str, int] = defaultdict(int)
         #: set by the server: () -> (wake-ups, sockets served) of the media reactor
         self.reactor_stats: Callable[[], tuple[int, int]] | None = None
+        #: more metric families rendered by their owners (the GC sweeper, relay/gcpolicy.py)
+        self.sections: list[Callable[[], list[str]]] = []
 
     def error(self, kind: str) -> None:
         self.errors[kind] += 1
@@ -259,4 +261,6 @@ class Metrics:
                 "Socket reads served by the media reactor.",
                 [f"relay_reactor_reads_total {served}"],
             )
+        for section in self.sections:
+            out.extend(section())
         return "\n".join(out) + "\n"

@@ -15,6 +15,7 @@ from .control.plane import ControlPlane, open_control_plane
 from .control.policies import CallPolicies
 from .control.postcall import PostCallSender
 from .control.warm import WarmStarts
+from .gcpolicy import GcSweeper
 from .media.headroom import Headroom
 from .media.hold import HoldLibrary
 from .media.recording import RecordingWriter, default_directory
@@ -59,6 +60,8 @@ class RelayState:
     worker: WorkerIdentity = field(default_factory=WorkerIdentity.from_env)
     #: this worker's load, for admission control at the voice webhook
     headroom: Headroom = field(init=False)
+    #: full garbage collections on a clock (relay/gcpolicy.py)
+    gc: GcSweeper = field(init=False)
     #: SIGTERM: no new calls, the active ones finish (relay/http/drain.py)
     draining: bool = False
 
@@ -67,6 +70,8 @@ class RelayState:
         self.tokens = StreamTokens(self.cfg.token_secret_bytes(), self.cfg.security.token_ttl_s)
         self.records.keep = self.cfg.calls.records_kept
         self.headroom = Headroom(self.cfg.server, lambda: self.metrics.active_calls)
+        self.gc = GcSweeper(self.cfg.server.gc_young_s, self.cfg.server.gc_full_s)
+        self.metrics.sections.append(self.gc.render)
         self.policies = CallPolicies(self.cfg.security.token_ttl_s, self.worker.shared_slots())
         self.warm = WarmStarts(
             self.metrics, limit=self.cfg.server.max_calls, ttl_s=self.cfg.calls.warm_start_ttl_s

@@ -177,20 +177,20 @@ class AssemblyAIProtocol(EventDispatcher):
         self._calls: dict[str, str] = {}  # call_id -> reply rid it belongs to, or _READY
         self._held: dict[str, str] = {}  # call_id -> output waiting for reply.done
         h = self._handlers
-        h["session.ready"] = self._on_ready
-        h["session.updated"] = self._on_nothing
-        h["session.error"] = self._on_error
-        h["session.ended"] = self._on_ended
-        h["input.speech.started"] = self._on_speech_started
-        h["input.speech.stopped"] = self._on_speech_stopped
-        h["transcript.user.delta"] = self._on_user_delta
-        h["transcript.user"] = self._on_user
-        h["transcript.agent.delta"] = self._on_agent_delta
-        h["transcript.agent"] = self._on_agent
-        h["reply.started"] = self._on_reply_started
-        h["reply.audio"] = self._on_reply_audio
-        h["reply.done"] = self._on_reply_done
-        h["tool.call"] = self._on_tool_call
+        h["session.ready"] = type(self)._on_ready
+        h["session.updated"] = type(self)._on_nothing
+        h["session.error"] = type(self)._on_error
+        h["session.ended"] = type(self)._on_ended
+        h["input.speech.started"] = type(self)._on_speech_started
+        h["input.speech.stopped"] = type(self)._on_speech_stopped
+        h["transcript.user.delta"] = type(self)._on_user_delta
+        h["transcript.user"] = type(self)._on_user
+        h["transcript.agent.delta"] = type(self)._on_agent_delta
+        h["transcript.agent"] = type(self)._on_agent
+        h["reply.started"] = type(self)._on_reply_started
+        h["reply.audio"] = type(self)._on_reply_audio
+        h["reply.done"] = type(self)._on_reply_done
+        h["tool.call"] = type(self)._on_tool_call
 
     # -- client messages ---------------------------------------------------------------
     def handshake_headers(self) -> list[tuple[str, str]]:

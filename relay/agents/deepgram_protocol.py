@@ -146,16 +146,16 @@ class DeepgramProtocol(EventDispatcher):
         self._calls: dict[str, str] = {}  # client-side call id -> function name
         self._cancelled: dict[str, None] = {}
         h = self._handlers
-        h["Welcome"] = self._on_welcome
-        h["SettingsApplied"] = self._on_settings_applied
-        h["UserStartedSpeaking"] = self._on_user_started
-        h["AgentStartedSpeaking"] = self._on_agent_started
-        h["AgentAudioDone"] = self._on_audio_done
-        h["ConversationText"] = self._on_text
-        h["FunctionCallRequest"] = self._on_function_request
-        h["FunctionCallCancelled"] = self._on_function_cancelled
-        h["Error"] = self._on_error
-        h["Warning"] = self._on_warning
+        h["Welcome"] = type(self)._on_welcome
+        h["SettingsApplied"] = type(self)._on_settings_applied
+        h["UserStartedSpeaking"] = type(self)._on_user_started
+        h["AgentStartedSpeaking"] = type(self)._on_agent_started
+        h["AgentAudioDone"] = type(self)._on_audio_done
+        h["ConversationText"] = type(self)._on_text
+        h["FunctionCallRequest"] = type(self)._on_function_request
+        h["FunctionCallCancelled"] = type(self)._on_function_cancelled
+        h["Error"] = type(self)._on_error
+        h["Warning"] = type(self)._on_warning
 
     # -- client messages ---------------------------------------------------------------
     def handshake_headers(self) -> list[tuple[str, str]]:

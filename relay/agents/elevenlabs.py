@@ -265,7 +265,7 @@ class ElevenLabsAgent(SocketAgent):
     def _closed(self, exc: ConnectionClosed) -> list[AgentEvent]:
         events = self._hangup_events(exc)
         if events is None:
-            raise exc
+            raise exc.copy()  # not ``exc``: this frame holds it (a cycle, relay/gcpolicy.py)
         return events
 
     def _parse_batch(self, ws: websocket.WebSocket, batch: list[str | bytes]) -> list[AgentEvent]:

@@ -218,15 +218,15 @@ class ElevenLabsProtocol(EventDispatcher):
         self._current_id: int | None = None  # the reply whose audio is arriving
         self._tool_calls: dict[str, str] = {}  # issued, unanswered: tool_call_id -> name
         h = self._handlers
-        h["conversation_initiation_metadata"] = self._on_metadata
-        h["audio"] = self._on_audio
-        h["interruption"] = self._on_interruption
-        h["ping"] = self._on_ping
-        h["agent_response"] = self._on_agent_response
-        h["user_transcript"] = self._on_user_transcript
-        h["tentative_user_transcript"] = self._on_tentative_transcript
-        h["client_tool_call"] = self._on_client_tool_call
-        h["error"] = self._on_error
+        h["conversation_initiation_metadata"] = type(self)._on_metadata
+        h["audio"] = type(self)._on_audio
+        h["interruption"] = type(self)._on_interruption
+        h["ping"] = type(self)._on_ping
+        h["agent_response"] = type(self)._on_agent_response
+        h["user_transcript"] = type(self)._on_user_transcript
+        h["tentative_user_transcript"] = type(self)._on_tentative_transcript
+        h["client_tool_call"] = type(self)._on_client_tool_call
+        h["error"] = type(self)._on_error
 
     @property
     def ready(self) -> bool:

@@ -239,25 +239,25 @@ class OpenAIRealtimeProtocol(EventDispatcher):
         self._turns: dict[str, _Turn] = {}
         h = self._handlers
         for name in ("response.output_audio.delta", "response.audio.delta"):
-            h[name] = self._on_audio_delta
+            h[name] = type(self)._on_audio_delta
         for name in ("response.output_audio.done", "response.audio.done"):
-            h[name] = self._on_audio_done
-        h["response.done"] = self._on_response_done
-        h["input_audio_buffer.speech_started"] = self._on_speech_started
-        h["input_audio_buffer.speech_stopped"] = self._on_speech_stopped
+            h[name] = type(self)._on_audio_done
+        h["response.done"] = type(self)._on_response_done
+        h["input_audio_buffer.speech_started"] = type(self)._on_speech_started
+        h["input_audio_buffer.speech_stopped"] = type(self)._on_speech_stopped
         for name in ("response.output_audio_transcript.delta", "response.audio_transcript.delta"):
-            h[name] = self._on_agent_transcript_delta
+            h[name] = type(self)._on_agent_transcript_delta
         for name in ("response.output_audio_transcript.done", "response.audio_transcript.done"):
-            h[name] = self._on_agent_transcript_done
-        h["conversation.item.input_audio_transcription.delta"] = self._on_caller_delta
-        h["conversation.item.input_audio_transcription.completed"] = self._on_caller_done
-        h["conversation.item.input_audio_transcription.failed"] = self._on_caller_failed
-        h["response.function_call_arguments.done"] = self._on_function_args_done
-        h["response.output_item.added"] = self._on_output_item
-        h["response.output_item.done"] = self._on_output_item
-        h["error"] = self._on_error
-        h["session.created"] = self._on_session
-        h["session.updated"] = self._on_session
+            h[name] = type(self)._on_agent_transcript_done
+        h["conversation.item.input_audio_transcription.delta"] = type(self)._on_caller_delta
+        h["conversation.item.input_audio_transcription.completed"] = type(self)._on_caller_done
+        h["conversation.item.input_audio_transcription.failed"] = type(self)._on_caller_failed
+        h["response.function_call_arguments.done"] = type(self)._on_function_args_done
+        h["response.output_item.added"] = type(self)._on_output_item
+        h["response.output_item.done"] = type(self)._on_output_item
+        h["error"] = type(self)._on_error
+        h["session.created"] = type(self)._on_session
+        h["session.updated"] = type(self)._on_session
 
     # -- client messages ---------------------------------------------------------------
     def ws_url(self) -> str:

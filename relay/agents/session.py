@@ -228,7 +228,10 @@ class SocketAgent(Agent):
                     ) from exc
                 error = refused(events)
                 if error is not None:
-                    raise error
+                    try:
+                        raise error
+                    finally:
+                        del error  # else this frame and the exception form a cycle
                 self._pending += events
             await self._after_setup_batch(ws)
 
@@ -500,12 +503,14 @@ class SessionSocketAgent(SocketAgent):
     def _send_failed(self, exc: ConnectionClosed) -> None:
         """A send on the current socket failed: re-raise (the engine ends the call) unless a
         recovery will take over, in which case the message is dropped."""
+        # a copy: raising ``exc`` from this frame, which holds it, would make a reference
+        # cycle of the exception, its traceback and the frame (relay/gcpolicy.py)
         if not self.reconnect or self._closing or self._session_over:
-            raise exc
+            raise exc.copy()
         if self._failed is not None:
             raise self._failed
         if not is_recoverable(exc):
-            raise exc
+            raise exc.copy()
         self.dropped_sends += 1
         ws = self._ws
         if ws is not None:
@@ -541,25 +546,31 @@ class SessionSocketAgent(SocketAgent):
             try:
                 batch = await ws.receive()
             except ConnectionClosed as exc:
-                await self._follow_recovery(ws, exc)
+                if not await self._follow_recovery(ws, exc):
+                    # a bare raise: ``raise exc`` from a frame holding ``exc`` ties the
+                    # exception, its traceback and that frame (the session, the call) into
+                    # a cycle only the cyclic collector frees (relay/gcpolicy.py)
+                    raise
                 continue
             events = self._parse(batch)
             if events:
                 return events
 
-    async def _follow_recovery(self, ws: websocket.WebSocket, exc: ConnectionClosed) -> None:
-        """The socket a reader was on died: wait for the new one (or raise the final error)."""
+    async def _follow_recovery(self, ws: websocket.WebSocket, exc: ConnectionClosed) -> bool:
+        """The socket a reader was on died: wait for the new one (True: read on), raise the
+        recovery's final error, or False: ``exc`` ends the session (the caller re-raises)."""
         if self._ws is not ws:
-            return  # already replaced: read the new one
+            return True  # already replaced: read the new one
         if self._failed is not None:
             raise self._failed
         if not self.reconnect or self._closing or self._session_over or not is_recoverable(exc):
-            raise exc
+            return False
         swapped = self._swapped
         self._wake_runner(ws, exc)
         await swapped.wait()
         if self._failed is not None and self._ws is ws:
             raise self._failed
+        return True
 
     def _too_many_errors(self, exc: RemoteProtocolError) -> Exception:
         self._session_over = True

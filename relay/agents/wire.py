@@ -38,7 +38,9 @@ __all__ = [
     "with_query",
 ]
 
-Handler = Callable[[dict[str, Any], str], list[AgentEvent]]
+#: a protocol core's handler, kept unbound: bound methods in a dict on the instance would
+#: make every session a reference cycle that only the cyclic collector frees (relay/gcpolicy.py)
+Handler = Callable[[Any, dict[str, Any], str], list[AgentEvent]]
 
 #: At most this many distinct ignored event types are counted (a peer sending random
 #: types must not grow the counter without bound).
@@ -117,8 +119,8 @@ def tool_arguments(args: Any, etype: str, what: str = "arguments") -> str:
 
 class EventDispatcher:
     """Base of the protocol cores whose server events are JSON objects with a ``type``:
-    :meth:`dispatch` calls the handler registered in ``_handlers`` for it (handler(msg,
-    type) -> events) and counts the events and the types nobody handles."""
+    :meth:`dispatch` calls the handler registered in ``_handlers`` for it (handler(self,
+    msg, type) -> events) and counts the events and the types nobody handles."""
 
     def __init__(self) -> None:
         self.events_in = 0
@@ -134,7 +136,7 @@ class EventDispatcher:
         if handler is None:
             self._ignore(etype)
             return []
-        return handler(msg, etype)  # type: ignore[arg-type]
+        return handler(self, msg, etype)  # type: ignore[arg-type]
 
     def _ignore(self, etype: Any) -> None:
         self.ignored += 1

@@ -11,11 +11,8 @@ per message, see README), while webhooks get a full HTTP server.
 
 from __future__ import annotations
 
-import gc
 import logging
-import os
 import socket
-import sys
 from typing import Any
 
 import trio
@@ -43,40 +40,6 @@ from .workers import open_listeners
 log = logging.getLogger("relay.http.server")
 
 HEAD_TIMEOUT_S = 10.0
-
-
-def tune_gc() -> None:
-    """Make the cyclic garbage collector cheap for a long-running media process.
-
-    perf on a 150-call run showed ~35 % of the relay's CPU in ``gc_collect_main`` and its
-    traversal helpers: each media message allocates a few short-lived containers, which
-    trips CPython's generation-0 threshold (700) hundreds of times a second, and the
-    older generations then walk every long-lived object (tasks, buffers, sockets). Those
-    per-message objects die by reference counting, not by the collector, so collecting
-    far less often loses nothing; ``gc.freeze()`` moves everything alive at startup (the
-    imported modules, the app) out of the collector's sight for good.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
-    # The store's worker threads (relay/control/store.py) run Python code too; when one
-    # holds the GIL, the Trio loop waits up to the switch interval (5 ms by default) for
-    # it. 1 ms keeps a burst of call-history writes from showing in the media latency.
-    sys.setswitchinterval(0.001)
-    if os.environ.get("RELAY_GC_LOG"):
-        import time as _time
-
-        started: list[float] = []
-
-        def _log(phase: str, info: dict[str, int]) -> None:
-            if phase == "start":
-                started[:] = [_time.perf_counter()]
-            elif started:
-                pause = (_time.perf_counter() - started[0]) * 1000
-                with open(os.environ["RELAY_GC_LOG"], "a") as fh:
-                    fh.write(f"gen{info['generation']} {pause:.2f} ms {info['collected']}\n")
-
-        gc.callbacks.append(_log)
 
 
 class _PrefixedStream(trio.abc.HalfCloseableStream):
@@ -151,6 +114,7 @@ class RelayServer:
                     self.state.reactor.run, self.cfg.media.reactor_coalesce_ms / 1000.0
                 )
             await lifespan_nursery.start(self.state.headroom.run)
+            await lifespan_nursery.start(self.state.gc.run)
             history = self.state.control.history
             if history is not None:
                 await lifespan_nursery.start(history.run)
@@ -175,6 +139,7 @@ class RelayServer:
                 self.ports[0],
                 self.cfg.public_url,
             )
+            self.state.gc.freeze_startup()
             task_status.started(self.ports)
             try:
                 await trio.serve_listeners(self._handle, listeners)
@@ -254,7 +219,13 @@ class RelayServer:
             ConnectionState(self._lifespan_state.copy()),
             _PrefixedStream(stream, head + b"\r\n\r\n" + rest),  # type: ignore[arg-type]
         )
-        await server.run()
+        try:
+            await server.run()
+        finally:
+            # Hypercorn's TCPServer and its protocol hold each other (the protocol's send
+            # is the server's bound method): a cycle per webhook connection that would
+            # otherwise wait for the cyclic collector (relay/gcpolicy.py).
+            server.__dict__.pop("protocol", None)
 
     async def _refuse(
         self, stream: trio.SocketStream, status: str, kind: str, message: str

@@ -313,6 +313,8 @@ class Call:
         while self._registrations:
             sock, handler = self._registrations.pop()
             reactor.unregister(sock, handler)
+        # the bound method held here would keep the call in a reference cycle
+        self._agent_registration = None
 
     # -- Twilio -> agent ----------------------------------------------------------------
     async def _twilio_reader(
@@ -690,6 +692,7 @@ class Call:
         if self._agent_registration is not None and self.state.reactor is not None:
             # Its socket is at EOF (always readable): stop watching it right away.
             sock, handler = self._agent_registration
+            self._agent_registration = None
             self.state.reactor.unregister(sock, handler)
         if self._ending:
             return

@@ -375,7 +375,10 @@ async def while_connecting(player: HoldPlayer | None, call: Call, connect: Any) 
         finally:
             nursery.cancel_scope.cancel()
     if error is not None:
-        raise error
+        try:
+            raise error
+        finally:
+            del error  # else this frame and the exception form a cycle (relay/gcpolicy.py)
 
 
 def add_prelude(response: Any, spec: HoldSpec) -> None:

@@ -315,7 +315,7 @@ class WebSocket:
         Raises ConnectionClosed if the socket is closed or the buffer limit is exceeded.
         """
         if self.closed is not None:
-            raise self.closed
+            raise self.closed.copy()
         out = self._out
         raw = self._raw
         if not out and raw is not None and not self._send_lock.locked():
@@ -328,7 +328,7 @@ class WebSocket:
                 sent = 0
             except OSError as exc:
                 self.closed = ConnectionClosed(CLOSE_ABNORMAL, f"send failed: {exc!r}")
-                raise self.closed from None
+                raise self.closed.copy() from None
             if sent == len(data):
                 return
             data = data[sent:]
@@ -339,7 +339,7 @@ class WebSocket:
             self.closed = SendTimedOut(
                 CLOSE_ABNORMAL, f"peer not reading: {len(out)} bytes waiting to be sent"
             )
-            raise self.closed
+            raise self.closed.copy()
         if self._out_wake is not None:
             self._out_wake.set()
         elif self.on_backlog is not None:
@@ -377,7 +377,7 @@ class WebSocket:
         (``SendTimedOut`` for a peer that stopped reading)."""
         while True:
             if self.closed is not None and not self._out:
-                raise self.closed
+                raise self.closed.copy()
             if not self._out:
                 self._out_wake = trio.Event()
                 await self._out_wake.wait()
@@ -389,11 +389,11 @@ class WebSocket:
         # of our close reply that follows it).
         if self.closed is None:
             self.closed = error
-        return error
+        return error.copy()
 
     async def _send_bounded(self, data: bytes) -> None:
         if self.closed is not None and not self._close_sent:
-            raise self.closed
+            raise self.closed.copy()
         with trio.move_on_after(self.send_timeout) as scope:
             try:
                 await self.stream.send_all(data)
@@ -460,7 +460,7 @@ class WebSocket:
         """
         if not data:
             self.closed = ConnectionClosed(CLOSE_ABNORMAL, "peer closed TCP without close frame")
-            raise self.closed
+            raise self.closed.copy()
         if self._stamp_rx:
             self.last_received = trio.current_time()
         try:
@@ -468,7 +468,7 @@ class WebSocket:
         except ProtocolViolation as exc:
             self.close_nowait(exc.code, str(exc))
             self.closed = ConnectionClosed(exc.code, str(exc))
-            raise self.closed from exc
+            raise self.closed.copy() from exc
         messages: list[str | bytes] = []
         for item in items:
             if type(item) is Control:
@@ -485,7 +485,7 @@ class WebSocket:
 
         Raises ConnectionClosed when the peer closed (or broke the protocol)."""
         if self.closed is not None:
-            raise self.closed
+            raise self.closed.copy()
         if self._leftover:
             data, self._leftover = self._leftover, b""
         else:
@@ -498,14 +498,14 @@ class WebSocket:
                 return []
             except OSError as exc:
                 self.closed = ConnectionClosed(CLOSE_ABNORMAL, f"receive failed: {exc!r}")
-                raise self.closed from None
+                raise self.closed.copy() from None
         return self._consume(data)
 
     async def receive(self) -> list[str | bytes]:
         """Next batch of data messages. Raises ConnectionClosed when the socket is done."""
         while True:
             if self.closed is not None:
-                raise self.closed
+                raise self.closed.copy()
             if self._leftover:
                 data, self._leftover = self._leftover, b""
             else:
@@ -513,7 +513,7 @@ class WebSocket:
                     data = await self._receive_some()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self.closed = ConnectionClosed(CLOSE_ABNORMAL, f"receive failed: {exc!r}")
-                    raise self.closed from None
+                    raise self.closed.copy() from None
             messages = self._consume(data)
             if self._out:
                 try:
