@@ -696,10 +696,13 @@ def relay_metrics(port: int) -> dict[str, float]:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Unlabelled relay_* samples of a Prometheus text exposition."""
+    """Unlabelled relay_* samples of a Prometheus text exposition, and admission control's
+    refusals by rule (``relay_admission_refusals_total{rule="cpu"}``)."""
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("relay_") and "{" not in line:
+        if line.startswith("relay_") and (
+            "{" not in line or line.startswith("relay_admission_refusals_total{")
+        ):
             name, _, value = line.partition(" ")
             with contextlib.suppress(ValueError):
                 out[name] = float(value.split()[0])

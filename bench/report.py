@@ -347,6 +347,9 @@ def text_report(suite: dict) -> str:
                 f"  {_key(r)} N={r['n']}: INVALID: " + "; ".join(r["loadgen"]["invalid_reasons"])
             )
     parts += [latency_table(suite), resource_table(suite)]
+    admission = admission_text(suite)
+    if admission:
+        parts.append(admission)
     ceiling = generator_ceiling(suite)
     if ceiling:
         parts.append(ceiling)
@@ -363,6 +366,26 @@ def text_report(suite: dict) -> str:
     notes = [f"  {k}: {v['label']} - {v['notes']}" for k, v in suite["targets"].items()]
     parts.append("targets under test\n" + "\n".join(notes))
     return "\n\n".join(parts)
+
+
+def admission_text(suite: dict) -> str:
+    """Admitted and refused calls of the runs with admission control, refusals by rule."""
+    lines = []
+    for r in _ok_runs(suite):
+        if not r.get("refused_calls") and not r.get("base_target", "").endswith("admission"):
+            continue
+        after = r.get("relay", {}).get("metrics_after", {})
+        rules = {
+            k.split('"')[1]: int(v)
+            for k, v in after.items()
+            if k.startswith("relay_admission_refusals_total{")
+        }
+        by_rule = ", ".join(f"{k} {v}" for k, v in rules.items())
+        lines.append(
+            f"  {_key(r)} N={r['n']}: {r['established']} admitted, {r['refused_calls']} refused"
+            + (f" ({by_rule})" if by_rule else "")
+        )
+    return "admission control (calls offered N)\n" + "\n".join(lines) if lines else ""
 
 
 STORE_TARGETS = ("relay-memory", "relay", "relay-pg")

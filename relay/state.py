@@ -72,6 +72,7 @@ class RelayState:
         self.headroom = Headroom(self.cfg.server, lambda: self.metrics.active_calls)
         self.gc = GcSweeper(self.cfg.server.gc_young_s, self.cfg.server.gc_full_s)
         self.metrics.sections.append(self.gc.render)
+        self.metrics.sections.append(self.headroom.render)
         self.policies = CallPolicies(self.cfg.security.token_ttl_s, self.worker.shared_slots())
         self.warm = WarmStarts(
             self.metrics, limit=self.cfg.server.max_calls, ttl_s=self.cfg.calls.warm_start_ttl_s

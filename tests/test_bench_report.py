@@ -95,6 +95,21 @@ def test_text_report_has_tables_ratios_and_targets():
     assert by[report.TARGETS_TEXT["vs_fastapi"]]["met"] is True
 
 
+def test_admission_runs_show_refusals_by_rule():
+    suite = _suite()
+    run = _run("relay-admission", "pcmu", 400, 1000, 12.0)
+    run |= {"base_target": "relay-admission", "established": 230, "refused_calls": 170}
+    run["relay"]["metrics_after"] = {
+        'relay_admission_refusals_total{rule="cpu"}': 150.0,
+        'relay_admission_refusals_total{rule="loop_lag"}': 20.0,
+        "relay_active_calls": 0.0,
+    }
+    suite["runs"].append(run)
+    text = report.text_report(suite)
+    assert "relay-admission/pcmu N=400: 230 admitted, 170 refused (cpu 150, loop_lag 20)" in text
+    assert "admission control" not in report.text_report(_suite())
+
+
 def test_capacity_ratio_and_json(tmp_path):
     suite = _suite()
     suite["mode"] = "full"

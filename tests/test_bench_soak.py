@@ -37,8 +37,13 @@ def test_parse_metrics_reads_the_task_gauge():
         "# TYPE relay_active_calls gauge\nrelay_active_calls 3\n"
         'relay_frames_total{direction="twilio_to_agent"} 9\n'
         "# TYPE relay_trio_tasks gauge\nrelay_trio_tasks 41\n"
+        'relay_admission_refusals_total{rule="cpu"} 7\n'
     )
-    assert parse_metrics(text) == {"relay_active_calls": 3.0, "relay_trio_tasks": 41.0}
+    assert parse_metrics(text) == {
+        "relay_active_calls": 3.0,
+        "relay_trio_tasks": 41.0,
+        'relay_admission_refusals_total{rule="cpu"}': 7.0,
+    }
 
 
 def test_latency_stats():

@@ -108,3 +108,19 @@ async def test_overloaded_worker_rejects_at_the_webhook(start_relay: Any, make_c
         await relay_.wait_record(fake.call_sid, "active")
         await fake.hang_up()
         await relay_.wait_record(fake.call_sid, "completed")
+
+
+def test_refusals_counted_by_rule_and_rendered() -> None:
+    h = make(admission_max_cpu=0.5, admission_max_lag_ms=10)
+    h.cpu, h.calls = 0.60, 100
+    assert h.refusal(active=100, pending=0).startswith("cpu:")
+    h.cpu = 0.10
+    h.lags_ms.extend([30.0] * 40)
+    assert h.refusal(active=100, pending=0).startswith("loop lag")
+    assert h.refused == {"descriptors": 0, "cpu": 1, "loop_lag": 1}
+    text = "\n".join(h.render())
+    assert 'relay_admission_refusals_total{rule="cpu"} 1' in text
+    assert 'relay_admission_refusals_total{rule="loop_lag"} 1' in text
+    assert "relay_headroom_cpu_ratio 0.1000" in text
+    assert "relay_headroom_cpu_per_call_ratio 0.001000" in text
+    assert "relay_headroom_loop_lag_seconds 0.03000" in text

@@ -83,7 +83,8 @@ class Headroom:
         self.cpu = 0.0  # fraction of one core, last window
         self.calls = 0.0  # active calls, averaged over the same window
         self.lags_ms: deque[float] = deque(maxlen=LAG_WINDOW)
-        self.refused: dict[str, int] = {}
+        #: refusals by the rule that made them (descriptors, cpu, loop_lag)
+        self.refused: dict[str, int] = {"descriptors": 0, "cpu": 0, "loop_lag": 0}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -121,15 +122,36 @@ class Headroom:
         coming = active + pending + 1
         fd_limit = fd_soft_limit()
         if coming * FDS_PER_CALL + FD_RESERVE > fd_limit:
+            self.refused["descriptors"] += 1
             return f"descriptors: {coming} calls need {coming * FDS_PER_CALL} of {fd_limit}"
         if active >= MIN_CALLS_FOR_CPU and self.calls >= MIN_CALLS_FOR_CPU:
             projected = self.cpu / self.calls * coming
             if projected > self.max_cpu:
+                self.refused["cpu"] += 1
                 return (
                     f"cpu: {self.cpu:.0%} at {active} calls, {projected:.0%} projected "
                     f"with {pending + 1} more (limit {self.max_cpu:.0%})"
                 )
         lag = self.lag_ms()
         if lag > self.max_lag_ms:
+            self.refused["loop_lag"] += 1
             return f"loop lag {lag:.1f} ms (limit {self.max_lag_ms:g} ms)"
         return ""
+
+    def render(self) -> list[str]:
+        """Prometheus lines for relay/metrics.py: what the next refusal decision sees."""
+        per_call = self.cpu / self.calls if self.calls else 0.0
+        return [
+            "# HELP relay_headroom_cpu_ratio This worker's CPU over the last second, in cores.",
+            "# TYPE relay_headroom_cpu_ratio gauge",
+            f"relay_headroom_cpu_ratio {self.cpu:.4f}",
+            "# HELP relay_headroom_cpu_per_call_ratio Last second's CPU per active call, in cores.",
+            "# TYPE relay_headroom_cpu_per_call_ratio gauge",
+            f"relay_headroom_cpu_per_call_ratio {per_call:.6f}",
+            "# HELP relay_headroom_loop_lag_seconds The loop lag admission control compares.",
+            "# TYPE relay_headroom_loop_lag_seconds gauge",
+            f"relay_headroom_loop_lag_seconds {self.lag_ms() / 1000.0:.5f}",
+            "# HELP relay_admission_refusals_total Calls refused as overloaded, by rule.",
+            "# TYPE relay_admission_refusals_total counter",
+            *(f'relay_admission_refusals_total{{rule="{r}"}} {n}' for r, n in self.refused.items()),
+        ]
