@@ -86,6 +86,8 @@ async def test_sampler_measures_loop_lag() -> None:
             time.sleep(0.08)
             await trio.sleep(0.12)
             assert max(h.lags_ms) >= 50
+            assert h.lag_hist.count == len(h.lags_ms)
+            assert 'relay_loop_lag_seconds_bucket{le="0.05"}' in "\n".join(h.render())
             nursery.cancel_scope.cancel()
 
 

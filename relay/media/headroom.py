@@ -30,6 +30,7 @@ from collections.abc import Callable
 import trio
 
 from ..config import ServerConfig
+from ..metrics import Histogram
 
 log = logging.getLogger("relay.media.headroom")
 
@@ -46,6 +47,8 @@ TICK_S = 0.05
 LAG_WINDOW = 40
 #: CPU is measured over this window
 CPU_WINDOW_S = 1.0
+#: loop lag histogram bounds, seconds
+LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 #: below this many calls the per-call CPU estimate is mostly fixed overhead: no CPU refusals
 MIN_CALLS_FOR_CPU = 10
 
@@ -83,6 +86,8 @@ class Headroom:
         self.cpu = 0.0  # fraction of one core, last window
         self.calls = 0.0  # active calls, averaged over the same window
         self.lags_ms: deque[float] = deque(maxlen=LAG_WINDOW)
+        #: every lag sample since start, for dashboards (the deque above decides)
+        self.lag_hist = Histogram(LAG_BUCKETS, window=1)
         #: refusals by the rule that made them (descriptors, cpu, loop_lag)
         self.refused: dict[str, int] = {"descriptors": 0, "cpu": 0, "loop_lag": 0}
 
@@ -93,7 +98,9 @@ class Headroom:
         while True:
             due = trio.current_time() + TICK_S
             await trio.sleep_until(due)
-            self.lags_ms.append(max(0.0, (trio.current_time() - due) * 1000.0))
+            lag_s = max(0.0, trio.current_time() - due)
+            self.lags_ms.append(lag_s * 1000.0)
+            self.lag_hist.observe(lag_s)
             calls += self.active()
             ticks += 1
             wall = time.perf_counter()
@@ -151,6 +158,9 @@ class Headroom:
             "# HELP relay_headroom_loop_lag_seconds The loop lag admission control compares.",
             "# TYPE relay_headroom_loop_lag_seconds gauge",
             f"relay_headroom_loop_lag_seconds {self.lag_ms() / 1000.0:.5f}",
+            "# HELP relay_loop_lag_seconds How late a 50 ms timer fires on this worker's loop.",
+            "# TYPE relay_loop_lag_seconds histogram",
+            *self.lag_hist.render("relay_loop_lag_seconds"),
             "# HELP relay_admission_refusals_total Calls refused as overloaded, by rule.",
             "# TYPE relay_admission_refusals_total counter",
             *(f'relay_admission_refusals_total{{rule="{r}"}} {n}' for r, n in self.refused.items()),
