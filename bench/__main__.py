@@ -63,6 +63,12 @@ def _load_parser(sub) -> None:
     p.add_argument("--n", type=_ints, help="call counts (quick) or capacity ladder (full)")
     p.add_argument("--window", type=float, help="steady-state seconds per run")
     p.add_argument("--limit-ms", type=float, default=20.0, help="p99 limit for capacity")
+    p.add_argument(
+        "--arrival-rate",
+        type=float,
+        default=0.0,
+        help="callers per second during the ramp (default: as fast as setup allows)",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin to CPUs")
     p.add_argument(
         "--quiet-wait",
@@ -96,6 +102,8 @@ def _run_load(args: argparse.Namespace) -> int:
     timings = FULL if mode == "full" else QUICK
     if args.window:
         timings = replace(timings, window_s=args.window)
+    if args.arrival_rate:
+        timings = replace(timings, arrival_rate=args.arrival_rate)
     opts = SuiteOptions(
         mode=mode,
         targets=args.targets,

@@ -91,6 +91,10 @@ class Timings:
     # Downlink frames sent in the window's last ``loss_grace_s`` may legitimately be
     # dropped by the barge-in ``clear`` that follows, so they are not counted as lost.
     loss_grace_s: float = 0.5
+    # Callers arriving per second during the ramp; 0 = as fast as the generator's
+    # concurrent webhooks allow (hundreds a second). Admission runs use a rate: a real
+    # number sees callers arrive over seconds, not all in one.
+    arrival_rate: float = 0.0
 
 
 QUICK = Timings()
@@ -784,6 +788,7 @@ def run_target(
             AUTH_TOKEN,
             webhook_path=target.webhook_path,
             passthrough=(audio == "pcmu"),
+            arrival_rate=timings.arrival_rate,
         )
         agent.claim_fn = gen.claim_session
         agent.calls = gen.calls

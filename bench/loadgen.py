@@ -442,6 +442,7 @@ class LoadGenerator:
         window: Window | None = None,
         setup_timeout_s: float = 5.0,
         webhook_concurrency: int = 8,
+        arrival_rate: float = 0.0,
     ) -> None:
         parts = urlsplit(base_url)
         self.reactor = reactor
@@ -455,6 +456,10 @@ class LoadGenerator:
         self.window = window or Window()
         self.setup_timeout_ns = int(setup_timeout_s * 1e9)
         self.webhook_concurrency = webhook_concurrency
+        #: callers per second (0: as fast as ``webhook_concurrency`` allows)
+        self.arrival_ns = int(1e9 / arrival_rate) if arrival_rate > 0 else 0
+        self._next_arrival_ns = 0
+        self._arrival_timer: list | None = None
         self.account_sid = "AC" + "b" * 32
         self.up_lat: list[int] = []
         self.down_lat: list[int] = []
@@ -504,7 +509,22 @@ class LoadGenerator:
         return self.established + self.failed + self.refused >= len(self.calls)
 
     def _pump_webhooks(self) -> None:
+        self._arrival_timer = None
         while self._webhooks_todo and self._webhooks_inflight < self.webhook_concurrency:
+            if self.arrival_ns:
+                now = monotonic_ns()
+                if now < self._next_arrival_ns:
+                    if self._arrival_timer is None:
+                        self._arrival_timer = self.reactor.call_at(
+                            self._next_arrival_ns, self._pump_webhooks
+                        )
+                    return
+                # paced from the schedule, not from now, so a timer a little late does not
+                # slow the rate; after a longer gap the schedule restarts from now
+                self._next_arrival_ns = max(self._next_arrival_ns, now - self.arrival_ns, 1)
+                self._next_arrival_ns += self.arrival_ns
+                if self._next_arrival_ns <= now:  # the first caller: the next one waits
+                    self._next_arrival_ns = now + self.arrival_ns
             idx = self._webhooks_todo.popleft()
             self._webhooks_inflight += 1
             params = self.webhook_params(idx)

@@ -275,11 +275,18 @@ def target_checks(suite: dict) -> list[dict]:
         c5 = cap["relay/pcmu"]["calls_at_p99_le_5ms_among_runs"]
         add("calls_per_core", c5, c5 >= 400, "largest N of the capacity runs passing at 5 ms")
     else:
-        passing = [r["n"] for r in relay_u if _passes(r, 5.0)]
+        # with --repeat an N has several rounds: it passes when most of them do, so one
+        # lucky round out of three does not read as the target met
+        rounds: dict[int, list[bool]] = {}
+        for r in relay_u:
+            rounds.setdefault(r["n"], []).append(_passes(r, 5.0))
+        passing = [n for n, ok in rounds.items() if sum(ok) * 2 > len(ok)]
         best = max(passing, default=0)
+        split = {n: f"{sum(ok)}/{len(ok)}" for n, ok in rounds.items() if len(ok) > 1}
         add(
             "calls_per_core",
-            f"≥ {best} (largest N tested)" if best else "none passed",
+            (f"≥ {best} (largest N tested)" if best else "none passed")
+            + (f"; rounds passing by N: {split}" if split else ""),
             True if best >= 400 else None,
             "quick mode tests few N; run --full",
         )
@@ -385,7 +392,10 @@ def admission_text(suite: dict) -> str:
             f"  {_key(r)} N={r['n']}: {r['established']} admitted, {r['refused_calls']} refused"
             + (f" ({by_rule})" if by_rule else "")
         )
-    return "admission control (calls offered N)\n" + "\n".join(lines) if lines else ""
+    rate = suite.get("timings", {}).get("arrival_rate") or 0
+    offered = f"{rate:g} a second" if rate else "as fast as set-up allows"
+    head = f"admission control (calls offered N, {offered})\n"
+    return head + "\n".join(lines) if lines else ""
 
 
 STORE_TARGETS = ("relay-memory", "relay", "relay-pg")

@@ -50,7 +50,7 @@ class ServerConfig:
     #: fraction of a core, and the event loop's lag
     admission: bool = True
     admission_max_cpu: float = 0.8
-    admission_max_lag_ms: float = 20.0
+    admission_max_lag_ms: float = 10.0
     #: garbage collection on a clock, off the per-frame path (relay/gcpolicy.py): the young
     #: generations every gc_young_s, a full collection every gc_full_s; 0 = not on a clock
     gc_young_s: float = 1.0

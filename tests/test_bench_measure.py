@@ -9,6 +9,8 @@ drop frames (loss accounting). Only loopback is used and nothing asserts absolut
 from __future__ import annotations
 
 import binascii
+import itertools
+import time
 
 import pytest
 
@@ -104,6 +106,33 @@ def test_injected_delay_is_measured_on_both_legs_passthrough(engine, stamp_rx):
     assert result["twilio_side"]["calls_still_open"] == 0
     assert agent.sessions_open == 0
     assert result["twilio_side"]["marks_echoed"] > 0
+
+
+def test_arrival_rate_paces_the_webhooks():
+    # 6 callers at 20 a second: the last webhook cannot leave before 5 intervals (250 ms)
+    reactor = Reactor(stamp_rx=True, engine=_engine("python"))
+    try:
+        agent = FakeAgent(reactor, audio="pcmu")
+        relay = DelayRelay(reactor, agent.url, 0, False, 0, auth_token=TOKEN)
+        gen = LoadGenerator(reactor, relay.base, TOKEN, arrival_rate=20.0)
+        agent.claim_fn = gen.claim_session
+        agent.calls = gen.calls
+        sent: list[int] = []
+        pump = gen._pump_webhooks
+
+        def counting_pump() -> None:
+            before = len(gen._webhooks_todo)
+            pump()
+            sent.extend([time.monotonic_ns()] * (before - len(gen._webhooks_todo)))
+
+        gen._pump_webhooks = counting_pump  # type: ignore[method-assign]
+        result = run_session(reactor, gen, agent, 6, FAST)
+        assert result["established"] == 6 and result["failed_calls"] == 0
+        assert len(sent) == 6
+        gaps = [b - a for a, b in itertools.pairwise(sent)]
+        assert min(gaps) >= 45_000_000, gaps  # 50 ms apart, timer slack aside
+    finally:
+        reactor.close()
 
 
 @pytest.mark.parametrize(("engine", "stamp_rx"), ENGINES)
