@@ -8,7 +8,8 @@ nanoseconds, so counters are plain attributes/dicts and the text is rendered onl
 from __future__ import annotations
 
 import bisect
-from collections import defaultdict, deque
+from array import array
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -32,23 +33,35 @@ class Histogram:
     """Prometheus histogram plus a bounded window of recent raw samples.
 
     The window gives exact p50/p99 for reports (the demo, ``/calls``) where bucket bounds
-    would be too coarse; it costs one deque append per observation.
+    would be too coarse. It is a ring of C doubles (``array('d')``), not a deque of float
+    objects: 8 bytes a sample instead of ~32, so the two per-frame latency windows hold
+    0.8 MB at 50,000 samples each, not 3.2 MB (measured with tracemalloc under load: the
+    deques were the largest single item of relay's memory growth at 150 calls).
     """
 
-    __slots__ = ("bounds", "count", "counts", "recent", "sum")
+    __slots__ = ("bounds", "count", "counts", "recent", "sum", "window")
 
     def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS, window: int = 50_000) -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1")
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.count = 0
         self.sum = 0.0
-        self.recent: deque[float] = deque(maxlen=window)
+        self.window = window
+        #: the last ``window`` samples, in ring order once full (order does not matter to
+        #: percentiles)
+        self.recent = array("d")
 
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.count += 1
+        n = self.count
+        self.count = n + 1
         self.sum += value
-        self.recent.append(value)
+        if n < self.window:
+            self.recent.append(value)
+        else:
+            self.recent[n % self.window] = value
 
     def percentile(self, q: float) -> float:
         """Exact ``q`` (0..100) percentile of the recent window, 0.0 when empty."""
