@@ -147,7 +147,12 @@ def test_recv_stamped_gives_the_arrival_time_not_the_read_time():
         for s in (cli, conn, srv):
             s.close()
         assert n == 100
-        assert t_send <= t_arrival <= t_read
+        # The kernel stamps with CLOCK_REALTIME; it becomes monotonic with the two clocks'
+        # offset read at receive time, so a clock adjustment (NTP, the VM's clock sync) or a
+        # preemption between the two clock reads shifts it by that much: seen here once,
+        # 0.49 ms early. The property under test is the 50 ms difference, not the edges.
+        slack = 2_000_000
+        assert t_send - slack <= t_arrival <= t_read
         gaps.append(t_read - t_arrival)
         if t_arrival < t_send + 40_000_000 < t_read:
             return
