@@ -229,9 +229,11 @@ async def run_connection(
     async def watcher() -> None:
         await watch(ws, opts, on_idle=on_idle)
 
+    # The watcher runs in this task, the nursery's body: one task fewer per call than a
+    # child for each (a flusher failure cancels the body through the nursery's scope).
     async with trio.open_nursery() as nursery:
         nursery.start_soon(guard, ws.run_flusher)
-        nursery.start_soon(guard, watcher)
+        await guard(watcher)
     if failure is None:  # pragma: no cover - both tasks only end by raising
         failure = _dead("connection tasks ended")
     raise failure
