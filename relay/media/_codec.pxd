@@ -93,3 +93,23 @@ cdef class DownlinkBuffer:
     cdef void _close_partial(self)
     cdef tuple _head_heard(self, double now_ms)
     cdef double _heard(self, object rid, double now_ms)
+
+
+cdef class TwilioFrameParser:
+    cdef readonly str stream_sid
+    cdef readonly long long max_message
+    cdef object _control        # control(opcode, payload) -> item for a control frame
+    cdef object _violation      # violation(message, close_code) -> exception to raise
+    cdef bytes _sid             # stream_sid in UTF-8, compared with the raw streamSid
+    cdef bytes _buf             # bytes of an incomplete frame from earlier feeds
+    cdef bint _in_frag          # a fragmented data message is open
+    cdef int _frag_op
+    cdef long long _frag_len
+    cdef uint8_t* _fbuf         # its unmasked fragments so far (_fn bytes, _fcap allocated)
+    cdef Py_ssize_t _fn
+    cdef Py_ssize_t _fcap
+    cdef uint8_t* _tmp          # scratch for one unmasked text frame
+    cdef Py_ssize_t _tcap
+
+    cdef int _fail(self, str message, int code) except -1
+    cdef object _text(self, const uint8_t* p, Py_ssize_t n)

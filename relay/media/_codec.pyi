@@ -1,6 +1,11 @@
 """Type stub of the compiled relay.media._codec (semantics: relay.media.codec_ref)."""
 
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
 from typing_extensions import Buffer
+
+_C = TypeVar("_C")
 
 def ulaw_encode(pcm: Buffer) -> bytes: ...
 def ulaw_decode(ulaw: Buffer) -> bytes: ...
@@ -96,3 +101,19 @@ class DownlinkBuffer:
     def clear(self, now_ms: float) -> tuple[str | None, int, int]: ...
 
 def ws_mask(data: bytes | bytearray | memoryview, key: bytes | bytearray | memoryview) -> bytes: ...
+def twilio_frames(
+    media_prefix: bytes, mark_prefix: bytes, frames: list[tuple[bytes, str, str]]
+) -> bytes: ...
+
+class TwilioFrameParser(Generic[_C]):
+    stream_sid: str
+    max_message: int
+    def __init__(
+        self,
+        stream_sid: str,
+        *,
+        max_message: int = 65536,
+        control: Callable[[int, bytes], _C],
+        violation: Callable[[str, int], Exception],
+    ) -> None: ...
+    def feed(self, data: bytes) -> list[str | bytes | tuple[int, str] | tuple[str] | _C]: ...

@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""relay's audio hot path: G.711, streaming resampler, fused Twilio paths, jitter buffers.
+"""relay's audio hot path: G.711, streaming resampler, fused Twilio paths, jitter buffers,
+and the Twilio -> relay WebSocket reader (RFC 6455 frames + media/mark scanner).
 
 relay.media.codec_ref is the executable specification: every name here has a pure-Python twin
 there with bit-identical output (tests/test_codec_*.py check it differentially), and its
@@ -18,10 +19,11 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.math cimport INFINITY
 from libc.stdint cimport int16_t, uint8_t, uint16_t
-from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memset
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memset
 
 from collections import deque
+from types import GenericAlias
 
 cdef extern from "Python.h":
     bint PyBytes_CheckExact(object)
@@ -29,6 +31,8 @@ cdef extern from "Python.h":
     bint PyUnicode_IS_COMPACT_ASCII(object)
     void* PyUnicode_DATA(object)
     Py_ssize_t PyUnicode_GET_LENGTH(object)
+    object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
+    object PyUnicode_DecodeUTF8(const char *s, Py_ssize_t size, const char *errors)
 
 cdef extern from *:
     """
@@ -1336,7 +1340,13 @@ def ws_mask(data, key) -> bytes:
 
 cdef bytes _ws_mask(const uint8_t *src, Py_ssize_t n, const uint8_t *key):
     cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
-    cdef uint8_t *dst = <uint8_t *>PyBytes_AS_STRING(out)
+    _xor4(<uint8_t *>PyBytes_AS_STRING(out), src, n, key)
+    return out
+
+
+cdef void _xor4(uint8_t *dst, const uint8_t *src, Py_ssize_t n,
+                const uint8_t *key) noexcept nogil:
+    # dst[i] = src[i] ^ key[i % 4] for i < n (dst may be src)
     cdef uint8_t k8[8]
     cdef unsigned long long kw, w
     cdef Py_ssize_t i = 0
@@ -1352,4 +1362,521 @@ cdef bytes _ws_mask(const uint8_t *src, Py_ssize_t n, const uint8_t *key):
     while i < n:
         dst[i] = src[i] ^ key[i & 3]
         i += 1
+
+
+# ======================================================================================
+# Twilio -> relay WebSocket fast path (semantics: relay.media.codec_ref.TwilioFrameParser)
+# ======================================================================================
+# RFC 6455 frames exactly as relay.media.websocket.FrameParser(expect_masked=True) reads
+# them, plus a strict scanner that turns the two hot Twilio messages (media, mark for this
+# stream) into tuples without building a str, a dict and a dataclass per message.  Anything
+# the scanner does not fully understand stays a str for TwilioStream.parse to decide.
+
+cdef enum:
+    _MAX_MEMBERS = 16   # members per JSON object the scanner accepts (more: fall back)
+    _MAX_DIGITS = 15    # media.timestamp / media.chunk: 1..15 ASCII digits
+
+
+cdef struct _Scan:
+    const uint8_t *s
+    Py_ssize_t n
+    # offset and length of each string value read; offset -1 while absent
+    Py_ssize_t event, event_n, sid, sid_n
+    Py_ssize_t payload, payload_n, ts, ts_n, chunk, chunk_n, name, name_n
+    bint media_obj, mark_obj
+
+
+cdef uint8_t _JSTR[256]  # byte in a scanned string: 0 plain, 1 closing quote, 2 outside
+for _c in range(256):
+    _JSTR[_c] = 1 if _c == 0x22 else 2 if _c < 0x20 or _c > 0x7E or _c == 0x5C else 0
+
+
+cdef inline bint _is_ws(uint8_t c) noexcept nogil:
+    return c == 0x20 or c == 0x09 or c == 0x0A or c == 0x0D
+
+
+cdef inline Py_ssize_t _skip_ws(const uint8_t *s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    while i < n and _is_ws(s[i]):
+        i += 1
+    return i
+
+
+cdef extern from *:
+    """
+    /* How many leading bytes of s[0:n], in whole 16-byte blocks, may stand unescaped in a
+       JSON string the Twilio scanner reads: 0x20..0x7E except '"' and '\\'.  The payload
+       (most of a media message) goes 16 bytes per step; the caller finishes bytewise. */
+    static Py_ssize_t relay_json_plain16(const unsigned char *s, Py_ssize_t n)
+    {
+        Py_ssize_t i = 0;
+    #if defined(__GNUC__) || defined(__clang__)
+        typedef signed char v16 __attribute__((vector_size(16)));
+        typedef signed char v16u __attribute__((vector_size(16), aligned(1)));
+        typedef long long v2 __attribute__((vector_size(16)));
+        for (; i + 16 <= n; i += 16) {
+            v16 c = *(const v16u *)(s + i);
+            /* signed: bytes 0x80..0xFF are negative, so "< 0x20" catches them too */
+            v2 m = (v2)((c < 0x20) | (c == 0x7F) | (c == 0x22) | (c == 0x5C));
+            if (m[0] | m[1])
+                break;
+        }
+    #endif
+        return i;
+    }
+    """
+    Py_ssize_t relay_json_plain16(const uint8_t *s, Py_ssize_t n) noexcept nogil
+
+
+cdef inline Py_ssize_t _str_end(const uint8_t *s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    # i is just after an opening quote: the index of the closing quote, or -1 when the
+    # string holds anything but printable ASCII without backslashes (0x20..0x7E).
+    cdef uint8_t c
+    i += relay_json_plain16(s + i, n - i)
+    while i < n:
+        c = _JSTR[s[i]]
+        if c:
+            return i if c == 1 else -1
+        i += 1
+    return -1
+
+
+cdef inline bint _key_is(const uint8_t *s, Py_ssize_t k, Py_ssize_t kn,
+                         const char *name, Py_ssize_t nn) noexcept nogil:
+    return kn == nn and s[k] == <uint8_t>name[0] and memcmp(s + k, name, nn) == 0
+
+
+cdef Py_ssize_t _scan_obj(_Scan *st, Py_ssize_t i, int kind) noexcept nogil:
+    # i is just after '{'.  kind 0: the message; 1: its "media" object; 2: its "mark"
+    # object.  Returns the index after the matching '}', or -1 outside the subset.
+    cdef const uint8_t *s = st.s
+    cdef Py_ssize_t n = st.n
+    cdef Py_ssize_t keys[_MAX_MEMBERS]
+    cdef Py_ssize_t lens[_MAX_MEMBERS]
+    cdef Py_ssize_t k, kn, v, vn
+    cdef int m = 0, j
+    i = _skip_ws(s, i, n)
+    if i < n and s[i] == 0x7D:  # '}'
+        return i + 1
+    while True:
+        if i >= n or s[i] != 0x22:
+            return -1
+        k = i + 1
+        i = _str_end(s, k, n)
+        if i < 0:
+            return -1
+        kn = i - k
+        if m == _MAX_MEMBERS:
+            return -1
+        for j in range(m):
+            if (lens[j] == kn and (kn == 0 or s[keys[j]] == s[k])
+                    and memcmp(s + keys[j], s + k, kn) == 0):
+                return -1  # duplicate key (orjson would keep the last one)
+        keys[m] = k
+        lens[m] = kn
+        m += 1
+        i = _skip_ws(s, i + 1, n)
+        if i >= n or s[i] != 0x3A:  # ':'
+            return -1
+        i = _skip_ws(s, i + 1, n)
+        if i >= n:
+            return -1
+        if s[i] == 0x22:
+            v = i + 1
+            i = _str_end(s, v, n)
+            if i < 0:
+                return -1
+            vn = i - v
+            i += 1
+            if kind == 0:
+                if _key_is(s, k, kn, "event", 5):
+                    st.event = v
+                    st.event_n = vn
+                elif _key_is(s, k, kn, "streamSid", 9):
+                    st.sid = v
+                    st.sid_n = vn
+            elif kind == 1:
+                if _key_is(s, k, kn, "payload", 7):
+                    st.payload = v
+                    st.payload_n = vn
+                elif _key_is(s, k, kn, "timestamp", 9):
+                    st.ts = v
+                    st.ts_n = vn
+                elif _key_is(s, k, kn, "chunk", 5):
+                    st.chunk = v
+                    st.chunk_n = vn
+            elif _key_is(s, k, kn, "name", 4):
+                st.name = v
+                st.name_n = vn
+        elif s[i] == 0x7B and kind == 0 and _key_is(s, k, kn, "media", 5):
+            st.media_obj = True
+            i = _scan_obj(st, i + 1, 1)
+            if i < 0:
+                return -1
+        elif s[i] == 0x7B and kind == 0 and _key_is(s, k, kn, "mark", 4):
+            st.mark_obj = True
+            i = _scan_obj(st, i + 1, 2)
+            if i < 0:
+                return -1
+        else:
+            return -1  # number, literal, array, or an object where none is read
+        i = _skip_ws(s, i, n)
+        if i >= n:
+            return -1
+        if s[i] == 0x2C:  # ','
+            i = _skip_ws(s, i + 1, n)
+        elif s[i] == 0x7D:
+            return i + 1
+        else:
+            return -1
+
+
+cdef inline long long _digits(const uint8_t *s, Py_ssize_t n) noexcept nogil:
+    # 1..15 ASCII digits -> value; -1 otherwise
+    cdef long long v = 0
+    cdef Py_ssize_t i
+    if n < 1 or n > _MAX_DIGITS:
+        return -1
+    for i in range(n):
+        if s[i] < 0x30 or s[i] > 0x39:
+            return -1
+        v = v * 10 + (s[i] - 0x30)
+    return v
+
+
+cdef inline str _ascii(const uint8_t *s, Py_ssize_t n):
+    cdef object out = PyUnicode_New(n, 127)
+    memcpy(PyUnicode_DATA(out), s, n)
+    return <str>out
+
+
+cdef object _scan_twilio(const uint8_t *s, Py_ssize_t n, const uint8_t *sid, Py_ssize_t sid_n):
+    # (timestamp, payload) for a media message of this stream, (name,) for a mark, None for
+    # anything else (then TwilioStream.parse decides).
+    cdef _Scan st
+    cdef Py_ssize_t i
+    cdef long long ts
+    if sid_n == 0:
+        return None
+    st.s = s
+    st.n = n
+    st.event = st.sid = st.payload = st.ts = st.chunk = st.name = -1
+    st.event_n = st.sid_n = st.payload_n = st.ts_n = st.chunk_n = st.name_n = 0
+    st.media_obj = st.mark_obj = False
+    i = _skip_ws(s, 0, n)
+    if i >= n or s[i] != 0x7B:
+        return None
+    i = _scan_obj(&st, i + 1, 0)
+    if i < 0 or _skip_ws(s, i, n) != n:
+        return None
+    if st.event < 0 or st.sid < 0 or st.sid_n != sid_n or memcmp(s + st.sid, sid, sid_n) != 0:
+        return None
+    if _key_is(s, st.event, st.event_n, "media", 5):
+        if not st.media_obj or st.payload < 0 or st.ts < 0:
+            return None
+        ts = _digits(s + st.ts, st.ts_n)
+        if ts < 0 or (st.chunk >= 0 and _digits(s + st.chunk, st.chunk_n) < 0):
+            return None
+        return (ts, _ascii(s + st.payload, st.payload_n))
+    if _key_is(s, st.event, st.event_n, "mark", 4):
+        if not st.mark_obj or st.name < 0:
+            return None
+        return (_ascii(s + st.name, st.name_n),)
+    return None
+
+
+cdef uint8_t *_reserve(uint8_t **buf, Py_ssize_t *cap, Py_ssize_t need) except NULL:
+    # grow a heap buffer to at least `need` bytes (contents kept); returns it
+    cdef Py_ssize_t size
+    cdef uint8_t *p
+    if need > cap[0] or buf[0] == NULL:
+        size = max(need, 2 * cap[0], 512)
+        p = <uint8_t *>realloc(buf[0], size)
+        if p == NULL:
+            raise MemoryError()
+        buf[0] = p
+        cap[0] = size
+    return buf[0]
+
+
+cdef class TwilioFrameParser:
+    """Frames from Twilio (masked, RFC 6455) -> messages, media/mark already parsed.
+
+    ``feed(data)`` behaves exactly like ``FrameParser(expect_masked=True,
+    max_message=max_message).feed(data)`` (same buffering, limits, order of checks and
+    messages), except that violations are ``violation(message, code)``, control frames are
+    ``control(opcode, payload)``, and a text message that is certainly a ``media`` (``mark``)
+    message of ``stream_sid`` comes out as ``(timestamp, payload)`` (``(name,)``) instead of
+    its str.  See relay.media.codec_ref.TwilioFrameParser for the exact subset recognised."""
+
+    @classmethod
+    def __class_getitem__(cls, item):
+        return GenericAlias(cls, item)  # generic in the stub (over control's return type)
+
+    def __cinit__(self, *args, **kwargs):
+        self._buf = b""
+        self._sid = b""  # also when __init__ is skipped: no fast path, no NULL deref
+        self._fbuf = NULL
+        self._tmp = NULL
+        self._fcap = 0
+        self._tcap = 0
+
+    def __dealloc__(self):
+        free(self._fbuf)
+        free(self._tmp)
+
+    def __init__(self, str stream_sid not None, *, long long max_message=65536,
+                 control, violation):
+        self.stream_sid = stream_sid
+        self.max_message = max_message
+        self._control = control
+        self._violation = violation
+        self._sid = stream_sid.encode("utf-8", "surrogatepass")
+        self._buf = b""
+        self._in_frag = False
+        self._frag_op = 0
+        self._frag_len = 0
+        self._fn = 0
+
+    cdef int _fail(self, str message, int code) except -1:
+        raise self._violation(message, code)
+
+    cdef object _text(self, const uint8_t *p, Py_ssize_t n):
+        cdef object msg = _scan_twilio(p, n, <const uint8_t *>PyBytes_AS_STRING(self._sid),
+                                       PyBytes_GET_SIZE(self._sid))
+        if msg is not None:
+            return msg
+        try:
+            return PyUnicode_DecodeUTF8(<const char *>p, n, NULL)
+        except UnicodeDecodeError:
+            raise self._violation("text frame is not valid UTF-8", 1007) from None
+
+    def feed(self, data) -> list:
+        cdef list out = []
+        cdef object buf
+        cdef bytes tail
+        cdef _In src
+        cdef const uint8_t *p
+        cdef const uint8_t *key
+        cdef const uint8_t *pay
+        cdef uint8_t *dst
+        cdef Py_ssize_t pos = 0, end, hdr, n, total
+        cdef unsigned long long ln
+        cdef long long max_message = self.max_message
+        cdef int b0, b1, opcode, j
+        cdef bint fin
+        if PyBytes_GET_SIZE(self._buf):
+            buf = self._buf + data
+        else:
+            buf = data
+        _in_get(buf, &src)
+        try:
+            p = src.p
+            end = src.n
+            while end - pos >= 2:
+                b0 = p[pos]
+                b1 = p[pos + 1]
+                if b0 & 0x70:
+                    self._fail("RSV bits set without a negotiated extension", 1002)
+                if not (b1 & 0x80):
+                    self._fail("unmasked client frame", 1002)
+                ln = b1 & 0x7F
+                hdr = 2
+                if ln == 126:
+                    if end - pos < 4:
+                        break
+                    ln = (<unsigned long long>p[pos + 2] << 8) | p[pos + 3]
+                    hdr = 4
+                elif ln == 127:
+                    if end - pos < 10:
+                        break
+                    ln = 0
+                    for j in range(8):
+                        ln = (ln << 8) | p[pos + 2 + j]
+                    hdr = 10
+                opcode = b0 & 0x0F
+                if max_message < 0 or ln > <unsigned long long>max_message:
+                    self._fail(f"frame of {ln} bytes exceeds {max_message}", 1009)
+                n = <Py_ssize_t>ln
+                hdr += 4
+                if end - pos - hdr < n:  # (no hdr + n: it could overflow for a huge limit)
+                    break
+                key = p + pos + hdr - 4
+                pay = p + pos + hdr
+                pos += hdr + n
+                fin = (b0 & 0x80) != 0
+                if opcode >= 0x8:
+                    if opcode != 0x8 and opcode != 0x9 and opcode != 0xA:
+                        self._fail(f"unknown control opcode {opcode:#x}", 1002)
+                    if not fin or n > 125:
+                        self._fail("fragmented or oversized control frame", 1002)
+                    out.append(self._control(opcode, _ws_mask(pay, n, key)))
+                    continue
+                if opcode == 0x0:
+                    if not self._in_frag:
+                        self._fail("continuation frame without a message to continue", 1002)
+                    self._frag_len += n
+                    if self._frag_len > max_message:
+                        self._fail("fragmented message too big", 1009)
+                    dst = _reserve(&self._fbuf, &self._fcap, self._fn + n)
+                    _xor4(dst + self._fn, pay, n, key)
+                    self._fn += n
+                    if not fin:
+                        continue
+                    total = self._fn
+                    opcode = self._frag_op
+                    self._in_frag = False
+                    self._frag_len = 0
+                    self._fn = 0
+                    if opcode == 0x1:
+                        out.append(self._text(self._fbuf, total))
+                    else:
+                        out.append(PyBytes_FromStringAndSize(<char *>self._fbuf, total))
+                    continue
+                if opcode == 0x1 or opcode == 0x2:
+                    if self._in_frag:
+                        self._fail("new data frame inside a fragmented message", 1002)
+                    if not fin:
+                        dst = _reserve(&self._fbuf, &self._fcap, n)
+                        _xor4(dst, pay, n, key)
+                        self._in_frag = True
+                        self._frag_op = opcode
+                        self._frag_len = n
+                        self._fn = n
+                        continue
+                else:
+                    self._fail(f"unknown data opcode {opcode:#x}", 1002)
+                if opcode == 0x1:
+                    dst = _reserve(&self._tmp, &self._tcap, n)
+                    _xor4(dst, pay, n, key)
+                    out.append(self._text(dst, n))
+                else:
+                    out.append(_ws_mask(pay, n, key))
+            if pos == 0 and PyBytes_CheckExact(buf):
+                tail = <bytes>buf
+            elif pos < end:
+                tail = PyBytes_FromStringAndSize(<const char *>p + pos, end - pos)
+            else:
+                tail = b""
+        finally:
+            _in_release(&src)
+        self._buf = tail
+        if PyBytes_GET_SIZE(tail) - 14 > max_message:
+            self._fail("frame header announces too much data", 1009)
+        return out
+
+
+# ======================================================================================
+# relay -> Twilio: the media + mark frames of a downlink pull, built in one buffer
+# ======================================================================================
+# Semantics: relay.media.codec_ref.twilio_frames.  Per frame sent to Twilio the pure-Python
+# path made a media message (base64 + concatenation), a mark message and two WebSocket
+# frames, then joined them; here the wire bytes of a whole pull are sized and written once.
+
+cdef const char *_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+cdef Py_ssize_t _b64_encode(const uint8_t *s, Py_ssize_t n, uint8_t *o) noexcept nogil:
+    # RFC 4648 base64 with padding, as binascii.b2a_base64(newline=False); returns the length
+    cdef Py_ssize_t i = 0, j = 0
+    cdef unsigned int v
+    while i + 3 <= n:
+        v = (<unsigned int>s[i] << 16) | (<unsigned int>s[i + 1] << 8) | s[i + 2]
+        o[j] = _B64_ALPHABET[v >> 18]
+        o[j + 1] = _B64_ALPHABET[(v >> 12) & 63]
+        o[j + 2] = _B64_ALPHABET[(v >> 6) & 63]
+        o[j + 3] = _B64_ALPHABET[v & 63]
+        i += 3
+        j += 4
+    if n - i == 1:
+        v = <unsigned int>s[i] << 16
+        o[j] = _B64_ALPHABET[v >> 18]
+        o[j + 1] = _B64_ALPHABET[(v >> 12) & 63]
+        o[j + 2] = 61  # '='
+        o[j + 3] = 61
+        j += 4
+    elif n - i == 2:
+        v = (<unsigned int>s[i] << 16) | (<unsigned int>s[i + 1] << 8)
+        o[j] = _B64_ALPHABET[v >> 18]
+        o[j + 1] = _B64_ALPHABET[(v >> 12) & 63]
+        o[j + 2] = _B64_ALPHABET[(v >> 6) & 63]
+        o[j + 3] = 61
+        j += 4
+    return j
+
+
+cdef inline Py_ssize_t _b64_encoded_size(Py_ssize_t n) noexcept nogil:
+    return 4 * ((n + 2) // 3)
+
+
+cdef inline Py_ssize_t _frame_head_size(Py_ssize_t n) noexcept nogil:
+    return 2 if n < 126 else 4 if n < 65536 else 10
+
+
+cdef inline Py_ssize_t _write_head(uint8_t *o, Py_ssize_t n) noexcept nogil:
+    # FIN + text opcode, unmasked (RFC 6455 §5.2: a server never masks)
+    cdef int j
+    o[0] = 0x81
+    if n < 126:
+        o[1] = <uint8_t>n
+        return 2
+    if n < 65536:
+        o[1] = 126
+        o[2] = <uint8_t>(n >> 8)
+        o[3] = <uint8_t>n
+        return 4
+    o[1] = 127
+    for j in range(8):
+        o[2 + j] = <uint8_t>((<unsigned long long>n) >> (56 - 8 * j))
+    return 10
+
+
+def twilio_frames(bytes media_prefix not None, bytes mark_prefix not None, list frames not None) -> bytes:
+    """Wire bytes of the frames relay sends Twilio for one downlink pull: for each
+    ``(ulaw, mark_name, response_id)`` of ``frames`` a text frame holding
+    ``media_prefix + base64(ulaw) + '"}}'`` and one holding ``mark_prefix + mark_name +
+    '"}}'`` (server frames: unmasked).  See relay.media.codec_ref.twilio_frames."""
+    cdef Py_ssize_t mp = PyBytes_GET_SIZE(media_prefix), kp = PyBytes_GET_SIZE(mark_prefix)
+    cdef Py_ssize_t total = 0, n, m, pos = 0, k
+    cdef Py_ssize_t count = len(frames)
+    cdef tuple item
+    cdef bytes audio
+    cdef object name
+    cdef bytes out
+    cdef uint8_t *o
+    # pass 1: sizes, and the checks (audio is bytes, names are ASCII str)
+    for k in range(count):
+        item = <tuple?>frames[k]
+        audio = <bytes?>item[0]
+        name = item[1]
+        if not (PyUnicode_Check(name) and PyUnicode_IS_COMPACT_ASCII(name)):
+            raise ValueError("mark names must be ASCII strings")
+        m = mp + _b64_encoded_size(PyBytes_GET_SIZE(audio)) + 3
+        total += _frame_head_size(m) + m
+        m = kp + PyUnicode_GET_LENGTH(name) + 3
+        total += _frame_head_size(m) + m
+    out = _new_bytes(total)
+    o = <uint8_t *>PyBytes_AS_STRING(out)
+    # pass 2 (nothing can change in between: bytes and str are immutable, the list is ours
+    # for the duration): per audio frame its media frame, then its mark frame
+    for k in range(count):
+        item = <tuple>frames[k]
+        audio = <bytes>item[0]
+        name = item[1]
+        n = PyBytes_GET_SIZE(audio)
+        m = mp + _b64_encoded_size(n) + 3
+        pos += _write_head(o + pos, m)
+        memcpy(o + pos, PyBytes_AS_STRING(media_prefix), mp)
+        pos += mp
+        pos += _b64_encode(<const uint8_t *>PyBytes_AS_STRING(audio), n, o + pos)
+        memcpy(o + pos, b'"}}', 3)
+        pos += 3
+        n = PyUnicode_GET_LENGTH(name)
+        m = kp + n + 3
+        pos += _write_head(o + pos, m)
+        memcpy(o + pos, PyBytes_AS_STRING(mark_prefix), kp)
+        pos += kp
+        memcpy(o + pos, PyUnicode_DATA(name), n)
+        pos += n
+        memcpy(o + pos, b'"}}', 3)
+        pos += 3
     return out

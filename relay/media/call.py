@@ -70,7 +70,17 @@ from ..protocol.twilio import (
 )
 from ..tools import ToolRegistry
 from . import codec, hold, recording
-from .websocket import CLOSE_NORMAL, CLOSE_POLICY, OP_TEXT, SendTimedOut, WebSocket, build_frame
+from .websocket import (
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    OP_TEXT,
+    Control,
+    FrameParser,
+    ProtocolViolation,
+    SendTimedOut,
+    WebSocket,
+    build_frame,
+)
 
 if TYPE_CHECKING:
     from ..state import RelayState
@@ -132,6 +142,7 @@ class Call:
         except ConnectionClosed:
             return
         self.call_sid = start.call_sid
+        self._compiled_parser(start.stream_sid)
         agent_name = start.custom_parameters.get("agent", "")
         record = self.state.records.ensure(start.call_sid)
         self.record = record
@@ -168,6 +179,22 @@ class Call:
                 self.call_sid,
                 record.end_reason,
                 record.duration_s or 0.0,
+            )
+
+    def _compiled_parser(self, stream_sid: str) -> None:
+        # From the start event on, frames are read by the compiled parser, which also
+        # turns this stream's media and mark messages into tuples without a JSON parse
+        # (the two are ~100 messages per call-second; anything else stays a str for
+        # TwilioStream.parse). Same RFC 6455 rules and errors as FrameParser.
+        old = self.ws.parser
+        if type(old) is FrameParser and old.expect_masked:
+            self.ws.replace_parser(
+                codec.TwilioFrameParser(
+                    stream_sid,
+                    max_message=old.max_message,
+                    control=Control,
+                    violation=ProtocolViolation,
+                )
             )
 
     async def _run_started(self, start: Start, agent_name: str) -> None:
@@ -365,7 +392,7 @@ class Call:
             except Exception:
                 self._internal_error("Twilio message handling")
 
-    def _on_twilio(self, batch: list[str | bytes]) -> None:
+    def _on_twilio(self, batch: list[Any]) -> None:
         t0 = _perf()
         parse = self.proto.parse
         uplink = self.uplink
@@ -373,29 +400,36 @@ class Call:
         recorder = self._recorder
         payloads: list[str] = []
         for msg in batch:
-            if type(msg) is not str:
+            kind = type(msg)
+            if kind is tuple:
+                # The compiled parser's hot shapes (codec.TwilioFrameParser): a media
+                # message as (timestamp, payload), a mark echo as (name,).
+                if len(msg) == 2:
+                    timestamp, payload_in = msg
+                else:
+                    self._mark_echo(msg[0])
+                    continue
+            elif kind is not str:
                 return self._fail_twilio("twilio_binary", "binary frame from Twilio")
-            try:
-                event = parse(msg)
-            except TwilioProtocolError as exc:
-                return self._fail_twilio(exc.kind, str(exc))
-            if type(event) is Media:
-                metrics.frames_in += 1
-                for _ts, payload, dur in uplink.push(event.timestamp_ms, event.payload, 20):
-                    payloads.append(
-                        cast(str, payload) if payload is not None else self._silence(dur)
-                    )
-                    if recorder is not None:
-                        recorder.caller(_ts, payloads[-1])
-            elif type(event) is MarkEcho:
-                self.downlink.on_mark(event.name, trio.current_time() * 1000.0)
-                if self._ending:
-                    self._wake.set()
-            elif type(event) is Dtmf:
-                self._dtmf(event.digit)
-            elif type(event) is Stop:
-                self._end("caller hung up")
-                return None
+            else:
+                try:
+                    event = parse(cast(str, msg))
+                except TwilioProtocolError as exc:
+                    return self._fail_twilio(exc.kind, str(exc))
+                if type(event) is Media:
+                    timestamp, payload_in = event.timestamp_ms, event.payload
+                elif type(event) is MarkEcho:
+                    self._mark_echo(event.name)
+                    continue
+                else:
+                    if not self._on_twilio_event(event):
+                        return None
+                    continue
+            metrics.frames_in += 1
+            for _ts, payload, dur in uplink.push(timestamp, payload_in, 20):
+                payloads.append(cast(str, payload) if payload is not None else self._silence(dur))
+                if recorder is not None:
+                    recorder.caller(_ts, payloads[-1])
         if payloads and not self._agent_dead:
             try:
                 self._forward_uplink(payloads)
@@ -404,6 +438,20 @@ class Call:
                 return None
             metrics.latency_up.observe(_perf() - t0)
         return None
+
+    def _mark_echo(self, name: str) -> None:
+        self.downlink.on_mark(name, trio.current_time() * 1000.0)
+        if self._ending:
+            self._wake.set()
+
+    def _on_twilio_event(self, event: object) -> bool:
+        """The rare events (DTMF, stop; others are ignored); False when the call is over."""
+        if type(event) is Dtmf:
+            self._dtmf(event.digit)
+        elif type(event) is Stop:
+            self._end("caller hung up")
+            return False
+        return True
 
     def _forward_uplink(self, payloads: list[str]) -> None:
         agent = self.agent
@@ -596,17 +644,15 @@ class Call:
             return 0
         if self._recorder is not None:
             self._recorder.agent(frames, self._elapsed_ms())
-        media = self.proto.media_message
-        mark = self.proto.mark_message
-        out = []
-        for ulaw, mark_name, _rid in frames:
-            out.append(build_frame(OP_TEXT, media(ulaw)))
-            out.append(build_frame(OP_TEXT, mark(mark_name)))
+        # Each frame goes out as a media message and the mark that says when it played,
+        # all of them built in one buffer (Cython; codec_ref.twilio_frames is the spec).
+        proto = self.proto
+        wire = codec.twilio_frames(proto.media_prefix, proto.mark_prefix, frames)
         if not self._first_audio_seen and frames[-1][2] != hold.HOLD_RID:
             self._first_audio_seen = True
             self.record.first_agent_audio_ms = (trio.current_time() - self._started_at) * 1000.0
         try:
-            self.ws.send_frames_nowait(out)
+            self.ws.send_wire_nowait(wire, 2 * len(frames))
         except ConnectionClosed as exc:
             self._twilio_closed(exc)
             return 0

@@ -15,6 +15,8 @@ Contents
 * ``Resampler``: stateful polyphase FIR, delay-compensated, chunk-size invariant.
 * ``UlawToPcm`` / ``PcmToUlaw``: fused Twilio paths (base64 -> μ-law -> PCM16 -> resample).
 * ``UplinkJitterBuffer`` / ``DownlinkBuffer``: Twilio-side reordering and pacing logic.
+* ``ws_mask`` and ``TwilioFrameParser``: the Twilio -> relay WebSocket fast path (RFC 6455
+  frames plus a strict scanner for the ``media`` and ``mark`` messages).
 
 Resampler arithmetic (the part the C code must match bit for bit)
 -----------------------------------------------------------------
@@ -33,8 +35,9 @@ import math
 import sys
 from array import array
 from collections import deque
+from collections.abc import Callable
 from operator import add
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ._filters import FILTER_HEX, filter_taps
 
@@ -42,11 +45,13 @@ __all__ = [
     "DownlinkBuffer",
     "PcmToUlaw",
     "Resampler",
+    "TwilioFrameParser",
     "UlawToPcm",
     "UplinkJitterBuffer",
     "alaw_decode",
     "alaw_encode",
     "b64decode",
+    "twilio_frames",
     "ulaw_decode",
     "ulaw_encode",
     "ws_mask",
@@ -867,3 +872,310 @@ def ws_mask(data: bytes | bytearray | memoryview, key: bytes | bytearray | memor
         return b""
     stream = (key * ((n >> 2) + 1))[:n]
     return (int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")).to_bytes(n, "little")
+
+
+# --------------------------------------------------------------------------------------
+# Twilio -> relay WebSocket: RFC 6455 frames + the media/mark fast path
+# --------------------------------------------------------------------------------------
+# The frame half is relay.media.websocket.FrameParser(expect_masked=True) line for line (a
+# copy, not an import: websocket imports relay.media.codec, and this module stays stdlib
+# only); the tests check both against each other.  The other half is a scanner over the
+# unmasked bytes of each text message: it reads a strict subset of JSON in which a message
+# is certainly what TwilioStream.parse (on a started stream with this streamSid) turns into
+# Media(timestamp, payload, ...) or MarkEcho(name), and returns those values as a tuple.
+# Everything else (any doubt) stays the decoded str, for the slow path to decide.
+#
+# The subset, over bytes:
+# * JSON whitespace is space, tab, LF and CR, allowed around every token;
+# * the message is one object; its member values are strings, except that the members
+#   "media" and "mark" may be objects; those nested objects have string values only;
+# * strings (keys and values) hold printable ASCII (0x20..0x7E) other than '"' and '\':
+#   no escape sequence, no control character, no non-ASCII byte;
+# * no object repeats a key (orjson keeps the last one) or has more than 16 members;
+# * numbers, true/false/null, arrays, deeper objects, trailing bytes: outside the subset.
+# Within it, a message is
+# * media: "event" is "media", "streamSid" is the stream's sid, "media" is an object with
+#   a "payload" string and a "timestamp" of 1..15 ASCII digits (int() accepts more: signs,
+#   spaces, underscores, non-ASCII digits; those stay on the slow path), and a "chunk", if
+#   present, of 1..15 ASCII digits too; other members are ignored, as the slow path does;
+# * mark: "event" is "mark", "streamSid" is the stream's sid, "mark" is an object with a
+#   "name" string.
+# An empty stream_sid (no stream started) disables the scanner.
+
+_C = TypeVar("_C")
+
+_MAX_MEMBERS = 16
+_MAX_DIGITS = 15
+_JSON_WS = b" \t\n\r"
+_PUNCT = b"{}:,"
+
+
+class _Outside(Exception):
+    """The message is outside the scanner's subset: fall back to the str."""
+
+
+def _tokens(data: bytes) -> list[str | bytes]:
+    """Punctuation as 1-char str ('{', '}', ':', ','), strings as their raw bytes."""
+    tokens: list[str | bytes] = []
+    i, n = 0, len(data)
+    while i < n:
+        c = data[i]
+        if c in _JSON_WS:
+            i += 1
+        elif c in _PUNCT:
+            tokens.append(chr(c))
+            i += 1
+        elif c == 0x22:  # '"'
+            j = i + 1
+            while j < n and data[j] != 0x22:
+                if not 0x20 <= data[j] <= 0x7E or data[j] == 0x5C:  # 0x5C: backslash
+                    raise _Outside
+                j += 1
+            if j >= n:
+                raise _Outside  # unterminated string
+            tokens.append(data[i + 1 : j])
+            i = j + 1
+        else:
+            raise _Outside  # number, literal, array, non-ASCII...
+    return tokens
+
+
+_Obj = dict[bytes, "bytes | _Obj"]
+
+
+def _parse_object(tokens: list[str | bytes], pos: int, top: bool) -> tuple[_Obj, int]:
+    """The object whose '{' is tokens[pos]; returns it and the index after its '}'."""
+    if pos >= len(tokens) or tokens[pos] != "{":
+        raise _Outside
+    pos += 1
+    obj: _Obj = {}
+    if pos < len(tokens) and tokens[pos] == "}":
+        return obj, pos + 1
+    while True:
+        if pos + 2 >= len(tokens):
+            raise _Outside
+        key, colon, value = tokens[pos], tokens[pos + 1], tokens[pos + 2]
+        if not isinstance(key, bytes) or colon != ":" or key in obj:
+            raise _Outside
+        if len(obj) == _MAX_MEMBERS:
+            raise _Outside
+        if isinstance(value, bytes):
+            obj[key] = value
+            pos += 3
+        elif value == "{" and top and key in (b"media", b"mark"):
+            obj[key], pos = _parse_object(tokens, pos + 2, top=False)
+        else:
+            raise _Outside
+        if pos >= len(tokens):
+            raise _Outside
+        if tokens[pos] == "}":
+            return obj, pos + 1
+        if tokens[pos] != ",":
+            raise _Outside
+        pos += 1
+
+
+def _digits(value: bytes | _Obj | None) -> int | None:
+    if not isinstance(value, bytes) or not 1 <= len(value) <= _MAX_DIGITS:
+        return None
+    if not all(0x30 <= c <= 0x39 for c in value):
+        return None
+    return int(value)
+
+
+def scan_twilio(data: bytes, sid: bytes) -> tuple[int, str] | tuple[str] | None:
+    """(timestamp, payload) for a media message of stream ``sid``, (name,) for a mark
+    message, None for anything else (see the subset above)."""
+    if not sid:
+        return None
+    try:
+        tokens = _tokens(data)
+        msg, end = _parse_object(tokens, 0, top=True)
+    except _Outside:
+        return None
+    if end != len(tokens) or msg.get(b"streamSid") != sid:
+        return None
+    event = msg.get(b"event")
+    if event == b"media":
+        media = msg.get(b"media")
+        if not isinstance(media, dict):
+            return None
+        payload = media.get(b"payload")
+        timestamp = _digits(media.get(b"timestamp"))
+        if not isinstance(payload, bytes) or timestamp is None:
+            return None
+        if b"chunk" in media and _digits(media[b"chunk"]) is None:
+            return None
+        return timestamp, payload.decode("ascii")
+    if event == b"mark":
+        mark = msg.get(b"mark")
+        name = mark.get(b"name") if isinstance(mark, dict) else None
+        if not isinstance(name, bytes):
+            return None
+        return (name.decode("ascii"),)
+    return None
+
+
+class TwilioFrameParser(Generic[_C]):
+    """Frames from Twilio (masked, RFC 6455) -> messages, media/mark already parsed.
+
+    ``feed(data)`` returns what ``relay.media.websocket.FrameParser(expect_masked=True,
+    max_message=max_message).feed(data)`` returns, with three differences:
+
+    * where it raises ``ProtocolViolation(message, code)``, this raises
+      ``violation(message, code)`` (same messages, same codes, same moment);
+    * a control frame is ``control(opcode, payload)`` instead of ``Control(...)``;
+    * a text message in the scanner's subset (above) is a tuple instead of its str:
+      ``(timestamp, payload)`` for media, ``(name,)`` for mark.
+
+    Binary messages are bytes; other text messages are str (invalid UTF-8 is a violation,
+    code 1007).  State after a violation is FrameParser's too (the unparsed buffer stays as
+    it was before the failing call), though callers close the connection at the first one.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_control",
+        "_frag",
+        "_frag_len",
+        "_frag_op",
+        "_sid",
+        "_violation",
+        "max_message",
+        "stream_sid",
+    )
+
+    def __init__(
+        self,
+        stream_sid: str,
+        *,
+        max_message: int = 65536,
+        control: Callable[[int, bytes], _C],
+        violation: Callable[[str, int], Exception],
+    ) -> None:
+        if not isinstance(stream_sid, str):
+            raise TypeError("stream_sid must be a str")
+        self.stream_sid = stream_sid
+        self.max_message = max_message
+        self._control = control
+        self._violation = violation
+        self._sid = stream_sid.encode("utf-8", "surrogatepass")
+        self._buf = b""
+        self._frag: list[bytes] = []
+        self._frag_op = 0
+        self._frag_len = 0
+
+    def _text(self, payload: bytes) -> str | tuple[int, str] | tuple[str]:
+        msg = scan_twilio(payload, self._sid)
+        if msg is not None:
+            return msg
+        try:
+            return payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self._violation("text frame is not valid UTF-8", 1007) from None
+
+    def feed(self, data: bytes) -> list[str | bytes | tuple[int, str] | tuple[str] | _C]:
+        violation = self._violation
+        buf = self._buf + data if self._buf else bytes(data)
+        out: list[str | bytes | tuple[int, str] | tuple[str] | _C] = []
+        pos = 0
+        end = len(buf)
+        max_message = self.max_message
+        while end - pos >= 2:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            if b0 & 0x70:
+                raise violation("RSV bits set without a negotiated extension", 1002)
+            if not b1 & 0x80:
+                raise violation("unmasked client frame", 1002)
+            n = b1 & 0x7F
+            hdr = 2
+            if n == 126:
+                if end - pos < 4:
+                    break
+                n = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                hdr = 4
+            elif n == 127:
+                if end - pos < 10:
+                    break
+                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                hdr = 10
+            opcode = b0 & 0x0F
+            if n > max_message:
+                raise violation(f"frame of {n} bytes exceeds {max_message}", 1009)
+            hdr += 4  # the masking key
+            if end - pos < hdr + n:
+                break
+            payload = ws_mask(buf[pos + hdr : pos + hdr + n], buf[pos + hdr - 4 : pos + hdr])
+            pos += hdr + n
+            fin = b0 & 0x80
+            if opcode >= 0x8:
+                if opcode not in (0x8, 0x9, 0xA):  # close, ping, pong
+                    raise violation(f"unknown control opcode {opcode:#x}", 1002)
+                if not fin or n > 125:
+                    raise violation("fragmented or oversized control frame", 1002)
+                out.append(self._control(opcode, payload))
+                continue
+            if opcode == 0x0:  # continuation
+                if not self._frag:
+                    raise violation("continuation frame without a message to continue", 1002)
+                self._frag_len += n
+                if self._frag_len > max_message:
+                    raise violation("fragmented message too big", 1009)
+                self._frag.append(payload)
+                if not fin:
+                    continue
+                payload = b"".join(self._frag)
+                opcode = self._frag_op
+                self._frag = []
+                self._frag_len = 0
+            elif opcode in (0x1, 0x2):  # text, binary
+                if self._frag:
+                    raise violation("new data frame inside a fragmented message", 1002)
+                if not fin:
+                    self._frag = [payload]
+                    self._frag_op = opcode
+                    self._frag_len = n
+                    continue
+            else:
+                raise violation(f"unknown data opcode {opcode:#x}", 1002)
+            out.append(self._text(payload) if opcode == 0x1 else payload)
+        self._buf = buf[pos:] if pos < end else b""
+        if len(self._buf) > max_message + 14:
+            raise violation("frame header announces too much data", 1009)
+        return out
+
+
+def _server_text_frame(payload: bytes) -> bytes:
+    # RFC 6455 §5.2: FIN + text opcode, unmasked, 7/16/64-bit length
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x81, n))
+    elif n < 65536:
+        head = bytes((0x81, 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x81, 127)) + n.to_bytes(8, "big")
+    return head + payload
+
+
+def twilio_frames(media_prefix: bytes, mark_prefix: bytes, frames: list[Any]) -> bytes:
+    """Wire bytes of the frames relay sends Twilio for one downlink pull
+    (``DownlinkBuffer.pull``): per ``(ulaw, mark_name, response_id)`` the media message
+    ``media_prefix + base64(ulaw) + '"}}'`` and then the mark message ``mark_prefix +
+    mark_name + '"}}'``, each in an unmasked text frame. The prefixes are the start of
+    Twilio's ``media`` / ``mark`` JSON up to the opening quote of the payload / name
+    (relay.protocol.twilio.TwilioStream); base64 and the buffer's mark names (digits) need
+    no JSON escaping. ``ulaw`` must be bytes and names ASCII str (else TypeError /
+    ValueError)."""
+    out = []
+    for item in frames:
+        if type(item) is not tuple:
+            raise TypeError("frames must be tuples (ulaw, mark_name, response_id)")
+        ulaw, name = item[0], item[1]
+        if type(ulaw) is not bytes:
+            raise TypeError("ulaw must be bytes")
+        if not isinstance(name, str) or not name.isascii():
+            raise ValueError("mark names must be ASCII strings")
+        out.append(_server_text_frame(media_prefix + base64.b64encode(ulaw) + b'"}}'))
+        out.append(_server_text_frame(mark_prefix + name.encode("ascii") + b'"}}'))
+    return b"".join(out)

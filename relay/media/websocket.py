@@ -22,6 +22,7 @@ import socket
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import trio
@@ -232,6 +233,14 @@ class FrameParser:
         return out
 
 
+class MessageParser(Protocol):
+    """What a connection reads frames with: :class:`FrameParser`, or a compiled one with
+    the same rules that also recognises a protocol's hot messages
+    (``relay.media.codec.TwilioFrameParser``)."""
+
+    def feed(self, data: bytes) -> list[Any]: ...
+
+
 def parse_close(payload: bytes) -> tuple[int, str]:
     if len(payload) >= 2:
         code = struct.unpack("!H", payload[:2])[0]
@@ -273,7 +282,9 @@ class WebSocket:
         self.client_side = client_side
         self.send_timeout = send_timeout
         self.max_pending = max_pending
-        self.parser = FrameParser(expect_masked=not client_side, max_message=max_message)
+        self.parser: MessageParser = FrameParser(
+            expect_masked=not client_side, max_message=max_message
+        )
         self._leftover = leftover
         self._send_lock = trio.Lock()
         self._out = bytearray()
@@ -419,6 +430,11 @@ class WebSocket:
         self.messages_out += len(frames)
         self.write_nowait(b"".join(frames))
 
+    def send_wire_nowait(self, data: bytes, count: int) -> None:
+        """``count`` whole frames already in wire form (e.g. codec.twilio_frames)."""
+        self.messages_out += count
+        self.write_nowait(data)
+
     def send_texts_nowait(self, texts: Sequence[str]) -> None:
         self.messages_out += len(texts)
         frame = self._frame
@@ -452,6 +468,19 @@ class WebSocket:
         await self._write(b"".join(frames))
 
     # -- receiving -------------------------------------------------------------------
+    def replace_parser(self, parser: MessageParser) -> bool:
+        """Read from now on with ``parser`` (same RFC 6455 rules, e.g. one that also turns
+        a protocol's hot messages into tuples). Bytes the old parser held back (half a
+        frame) are read again first. False, and nothing changes, while a fragmented
+        message is half received or the old parser is not a :class:`FrameParser`."""
+        old = self.parser
+        if type(old) is not FrameParser or old._frag:
+            return False
+        self._leftover = old._buf + self._leftover
+        old._buf = b""
+        self.parser = parser
+        return True
+
     def _consume(self, data: bytes) -> list[str | bytes]:
         """Parse ``data``; answer pings and closes; return the data messages.
 

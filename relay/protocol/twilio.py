@@ -213,6 +213,19 @@ class TwilioStream:
         self._need_start()
         return self._media_prefix + payload_b64 + b'"}}'
 
+    @property
+    def media_prefix(self) -> bytes:
+        """Outbound ``media`` JSON up to the payload's opening quote (for building many
+        frames at once: relay.media.codec.twilio_frames)."""
+        self._need_start()
+        return self._media_prefix
+
+    @property
+    def mark_prefix(self) -> bytes:
+        """Outbound ``mark`` JSON up to the name's opening quote."""
+        self._need_start()
+        return self._mark_prefix
+
     def mark_message(self, name: str) -> bytes:
         self._need_start()
         return self._mark_prefix + name.encode("ascii") + b'"}}'
