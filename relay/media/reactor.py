@@ -30,6 +30,10 @@ Handler = Callable[[], None]
 
 _EVENTS = getattr(select, "EPOLLIN", 1) | getattr(select, "EPOLLRDHUP", 0x2000)
 
+#: below this, a timer costs more than the wait it would buy (a Trio sleep costs ~100 µs
+#: of CPU on this machine kind, most of it the kernel's timer and wake-up)
+_MIN_SLEEP_S = 0.0001
+
 
 class Reactor:
     def __init__(self) -> None:
@@ -70,10 +74,11 @@ class Reactor:
     ) -> None:
         """Serve readiness until cancelled.
 
-        ``coalesce_s``: when messages arrive faster than about two per window, sleep that
-        long between passes instead of re-arming readiness after every message, so one
-        wake-up serves many sockets. It adds at most ``coalesce_s`` of delay per hop and
-        only under load; at low rates every message is served on its own wake-up.
+        ``coalesce_s``: when messages arrive faster than about two per window, passes start
+        at most every ``coalesce_s`` (the loop sleeps out the rest of the window after a
+        pass) instead of re-arming readiness after every message, so one wake-up serves
+        many sockets. It adds at most ``coalesce_s`` of delay per hop and only under load;
+        at low rates every message is served on its own wake-up.
         """
         epoll = self._epoll
         epfd = epoll.fileno()
@@ -87,13 +92,22 @@ class Reactor:
                     await trio.lowlevel.wait_readable(epfd)
                     continue
                 self.wakeups += 1
+                started = trio.current_time()
                 self._dispatch(ready)
                 now = trio.current_time()
                 elapsed = max(now - last, 1e-4)
                 last = now
                 rate += 0.2 * (len(ready) / elapsed - rate)
                 if coalesce_s > 0 and rate * coalesce_s >= 2.0:
-                    await trio.sleep(coalesce_s)
+                    # Passes start at most every coalesce_s: a pass that took longer
+                    # than that has let readiness pile up already, and sleeping the
+                    # whole window after it only adds dead time to every message's wait
+                    # (at 400 calls a pass served ~136 sockets every 5.5 ms that way).
+                    rest = coalesce_s - (now - started)
+                    if rest > _MIN_SLEEP_S:
+                        await trio.sleep(rest)
+                    else:
+                        await trio.lowlevel.checkpoint()  # let the other tasks run
                 else:
                     await trio.lowlevel.wait_readable(epfd)
         finally:

@@ -1,0 +1,149 @@
+"""relay.media.reactor: one epoll set serving every media socket.
+
+Timing is checked on trio's MockClock: handlers "take" time by jumping the clock, so the
+coalescing rule (a pass starts at most every window; no sleep after a pass that took
+longer) is observed exactly, without real time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from collections.abc import Callable, Iterator
+
+import pytest
+import trio
+import trio.testing
+
+from relay.media.reactor import Reactor
+
+pytestmark = pytest.mark.skipif(not Reactor.available(), reason="epoll is Linux-only")
+
+
+@pytest.fixture
+def pairs() -> Iterator[list[tuple[socket.socket, socket.socket]]]:
+    made: list[tuple[socket.socket, socket.socket]] = []
+    for _ in range(10):
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        made.append((a, b))
+    yield made
+    for a, b in made:
+        a.close()
+        b.close()
+
+
+async def test_serves_each_readable_socket_once_per_message(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    reactor = Reactor()
+    got: list[tuple[int, bytes]] = []
+
+    def reader(i: int, sock: socket.socket) -> Callable[[], None]:
+        def handler() -> None:
+            got.append((i, sock.recv(100)))
+
+        return handler
+
+    for i, (a, _b) in enumerate(pairs):
+        reactor.register(a, reader(i, a))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run)
+            for i, (_a, b) in enumerate(pairs):
+                b.send(b"m%d" % i)
+            while len(got) < len(pairs):
+                await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+    assert sorted(got) == [(i, b"m%d" % i) for i in range(len(pairs))]
+    assert reactor.dispatched == len(pairs)
+    assert reactor.handler_errors == 0
+
+
+async def test_unregister_removes_only_its_own_registration(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    reactor = Reactor()
+    a, _b = pairs[0]
+
+    def mine() -> None: ...
+
+    def other() -> None: ...
+
+    reactor.register(a, mine)
+    reactor.unregister(a, other)  # a stale owner of the same descriptor number: no effect
+    assert len(reactor) == 1
+    reactor.unregister(a, mine)
+    assert len(reactor) == 0
+
+
+async def test_a_failing_handler_drops_its_socket_only(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    reactor = Reactor()
+    (bad, bad_peer), (good, good_peer) = pairs[0], pairs[1]
+    served: list[bytes] = []
+
+    def broken() -> None:
+        raise RuntimeError("bug")
+
+    reactor.register(bad, broken)
+    reactor.register(good, lambda: served.append(good.recv(100)))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run)
+            bad_peer.send(b"x")
+            good_peer.send(b"y")
+            while not served or not reactor.handler_errors:
+                await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+    assert served == [b"y"]
+    assert reactor.handler_errors == 1
+    assert len(reactor) == 1  # the failing socket is no longer watched
+
+
+def _pass_starts(
+    pass_s: float, window_s: float, pairs: list[tuple[socket.socket, socket.socket]]
+) -> list[float]:
+    """Mock-clock start times of 40 passes over 10 always-readable sockets whose handlers
+    together take ``pass_s``."""
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    starts: list[float] = []
+
+    async def main() -> None:
+        reactor = Reactor()
+        for i, (a, b) in enumerate(pairs):
+            b.send(b"stays unread: the socket stays readable")
+
+            def handler(first: bool = i == 0) -> None:
+                if first:
+                    starts.append(trio.current_time())
+                clock.jump(pass_s / len(pairs))
+
+            reactor.register(a, handler)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run, window_s)
+            while len(starts) < 40:
+                await trio.sleep(window_s / 4)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock)
+    return starts
+
+
+def test_short_passes_start_one_window_apart(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    starts = _pass_starts(0.002, 0.005, pairs)
+    gaps = [b - a for a, b in itertools.pairwise(starts[20:])]
+    # the loop sleeps out the rest of the 5 ms window after a 2 ms pass
+    assert all(gap == pytest.approx(0.005, abs=1e-6) for gap in gaps)
+
+
+def test_a_pass_longer_than_the_window_is_followed_at_once(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    starts = _pass_starts(0.008, 0.005, pairs)
+    gaps = [b - a for a, b in itertools.pairwise(starts[20:])]
+    # no sleep after an 8 ms pass: readiness has piled up for longer than a window already
+    assert all(gap == pytest.approx(0.008, abs=1e-6) for gap in gaps)
