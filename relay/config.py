@@ -98,8 +98,8 @@ class MediaConfig:
     #: multiplex media sockets on one epoll set (see relay/reactor.py); off = one parked
     #: Trio task per socket (slower, same behaviour)
     reactor: bool = True
-    #: under load, let media messages gather this long between reactor passes (see
-    #: relay/reactor.py); 0 = wake up for every message
+    #: under load, start a reactor pass at most this often, so media messages gather in
+    #: between (see relay/media/reactor.py); 0 = wake up for every message
     reactor_coalesce_ms: float = 1.0
 
 
