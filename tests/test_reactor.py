@@ -131,19 +131,16 @@ def _pass_starts(
     return starts
 
 
-def test_short_passes_start_one_window_apart(
-    pairs: list[tuple[socket.socket, socket.socket]],
+@pytest.mark.parametrize(
+    ("pass_s", "gap_s"),
+    [
+        (0.002, 0.005),  # a 2 ms pass: the loop sleeps out the rest of the 5 ms window
+        (0.008, 0.008),  # an 8 ms pass: no sleep, readiness has piled up for a window already
+    ],
+)
+def test_passes_start_at_most_one_window_apart(
+    pairs: list[tuple[socket.socket, socket.socket]], pass_s: float, gap_s: float
 ) -> None:
-    starts = _pass_starts(0.002, 0.005, pairs)
+    starts = _pass_starts(pass_s, 0.005, pairs)
     gaps = [b - a for a, b in itertools.pairwise(starts[20:])]
-    # the loop sleeps out the rest of the 5 ms window after a 2 ms pass
-    assert all(gap == pytest.approx(0.005, abs=1e-6) for gap in gaps)
-
-
-def test_a_pass_longer_than_the_window_is_followed_at_once(
-    pairs: list[tuple[socket.socket, socket.socket]],
-) -> None:
-    starts = _pass_starts(0.008, 0.005, pairs)
-    gaps = [b - a for a, b in itertools.pairwise(starts[20:])]
-    # no sleep after an 8 ms pass: readiness has piled up for longer than a window already
-    assert all(gap == pytest.approx(0.008, abs=1e-6) for gap in gaps)
+    assert all(gap == pytest.approx(gap_s, abs=1e-6) for gap in gaps)
