@@ -99,8 +99,9 @@ class MediaConfig:
     #: Trio task per socket (slower, same behaviour)
     reactor: bool = True
     #: under load, start a reactor pass at most this often, so media messages gather in
-    #: between (see relay/media/reactor.py); 0 = wake up for every message
-    reactor_coalesce_ms: float = 1.0
+    #: between (see relay/media/reactor.py; paced by a kernel timer, relay/media/passtimer.py);
+    #: 0 = wake up for every message
+    reactor_coalesce_ms: float = 1.5
 
 
 @dataclass

@@ -111,7 +111,7 @@ def _pass_starts(
     starts: list[float] = []
 
     async def main() -> None:
-        reactor = Reactor()
+        reactor = Reactor(kernel_timer=False)  # a kernel timer runs on real time
         for i, (a, b) in enumerate(pairs):
             b.send(b"stays unread: the socket stays readable")
 
@@ -144,3 +144,49 @@ def test_passes_start_at_most_one_window_apart(
     starts = _pass_starts(pass_s, 0.005, pairs)
     gaps = [b - a for a, b in itertools.pairwise(starts[20:])]
     assert all(gap == pytest.approx(gap_s, abs=1e-6) for gap in gaps)
+
+
+def test_kernel_timer_paces_passes_by_its_ticks(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    """With the timerfd pass clock, sockets that stay readable are served once per tick,
+    never in a busy loop: passes never outnumber the timer's expirations (plus the first
+    pass, which arms it)."""
+    seen: dict[str, int] = {}
+
+    async def main() -> None:
+        reactor = Reactor()
+        for a, b in pairs:
+            b.send(b"stays unread: the socket stays readable")
+            reactor.register(a, lambda: None)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(reactor.run, 0.002)
+                while reactor.wakeups < 50:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        seen["wakeups"] = reactor.wakeups
+        seen["ticks"] = reactor.timer_ticks
+
+    trio.run(main)
+    assert seen["ticks"] >= seen["wakeups"] - 1 > 0
+
+
+async def test_kernel_timer_still_serves_every_message(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    reactor = Reactor()
+    got: list[bytes] = []
+    for a, _b in pairs:
+        reactor.register(a, lambda a=a: got.append(a.recv(100)))  # type: ignore[misc]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run, 0.002)
+            for round_ in range(20):  # a steady stream: the reactor coalesces
+                for _a, b in pairs:
+                    b.send(b"r%02d" % round_)
+                await trio.sleep(0.001)
+            while sum(len(x) for x in got) < 20 * len(pairs) * 3:
+                await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+    assert b"".join(got).count(b"r") == 20 * len(pairs)
