@@ -204,12 +204,12 @@ class AssemblyAIAgent(SessionSocketAgent):
     # -- sending (non-blocking; see Agent) -------------------------------------------------
     def send_audio_b64(self, payload: str) -> None:
         """Passthrough: Twilio's base64 string goes into ``input.audio`` untouched."""
-        self._send_text(self.protocol.input_audio_b64(payload))
+        self.send_audio_b64_many([payload])
 
     def send_audio_b64_many(self, payloads: list[str]) -> None:
         # Frames that arrived in one read leave in one write (one syscall).
-        audio = self.protocol.input_audio_b64
-        self._send_texts([audio(p) for p in payloads])
+        proto = self.protocol
+        self._send_audio_spliced(proto.input_audio_parts, payloads, proto.input_audio_b64)
 
     def send_audio(self, audio: bytes) -> None:
         self._send_text(self.protocol.input_audio(audio))

@@ -227,6 +227,9 @@ class AssemblyAIProtocol(EventDispatcher):
     def session_end(self) -> str:
         return '{"type":"session.end"}'
 
+    #: (head, tail) of ``input.audio`` around the base64 audio (WebSocket.send_b64_texts_nowait)
+    input_audio_parts = (_INPUT_AUDIO.head_bytes, _INPUT_AUDIO.tail_bytes)
+
     def input_audio_b64(self, payload: str) -> str:
         """``input.audio`` for caller audio already in base64 (hot path): concatenation,
         since base64 needs no JSON escaping; anything else is escaped properly."""

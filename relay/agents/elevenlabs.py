@@ -208,16 +208,17 @@ class ElevenLabsAgent(SocketAgent):
 
     def send_audio_b64(self, payload: str) -> None:
         """Passthrough: Twilio's base64 string goes into ``user_audio_chunk`` untouched."""
-        ws = self._open_socket()
-        if ws is not None:
-            ws.send_text_nowait(self.protocol.audio_chunk_b64(payload))
+        self.send_audio_b64_many([payload])
 
     def send_audio_b64_many(self, payloads: list[str]) -> None:
-        # Frames that arrived in one read leave in one write (one syscall).
+        # Frames that arrived in one read leave in one write (one syscall), built in one
+        # compiled call; a payload that is not plain base64 is serialised properly.
         ws = self._open_socket()
         if ws is not None:
-            chunk = self.protocol.audio_chunk_b64
-            ws.send_texts_nowait([chunk(p) for p in payloads])
+            proto = self.protocol
+            head, tail = proto.audio_chunk_parts
+            if not ws.send_b64_texts_nowait(head, payloads, tail):
+                ws.send_texts_nowait([proto.audio_chunk_b64(p) for p in payloads])
 
     def send_audio(self, audio: bytes) -> None:
         ws = self._open_socket()

@@ -267,6 +267,10 @@ class ElevenLabsProtocol(EventDispatcher):
             deep_merge(msg, o.init_extra)
         return dumps(msg)
 
+    #: (head, tail) of ``user_audio_chunk`` around the base64 audio
+    #: (WebSocket.send_b64_texts_nowait)
+    audio_chunk_parts = (_CHUNK.head_bytes, _CHUNK.tail_bytes)
+
     def audio_chunk_b64(self, payload: str) -> str:
         """``user_audio_chunk`` for audio already in base64 (the passthrough hot path).
         Base64 never needs JSON escaping; anything else is escaped properly."""

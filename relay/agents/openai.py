@@ -260,22 +260,21 @@ class OpenAIRealtimeAgent(SessionSocketAgent):
         """Passthrough: Twilio's base64 string goes into the append message untouched.
         While the connection is being replaced (``reconnect``), the audio is kept for the
         new session instead (hot path: the ``try`` costs nothing until a send fails)."""
-        message = self.protocol.append_audio_b64(payload)
-        try:
-            self._socket().send_text_nowait(message)
-        except ConnectionClosed as exc:
-            self._send_failed(exc)  # re-raised unless a recovery takes over
-            self._keep([message], len(payload) * 3 // 4)
+        self.send_audio_b64_many([payload])
 
     def send_audio_b64_many(self, payloads: list[str]) -> None:
-        # Frames that arrived in one read leave in one write (one syscall).
-        append = self.protocol.append_audio_b64
-        messages = [append(p) for p in payloads]
+        # Frames that arrived in one read leave in one write (one syscall), built and
+        # masked in one compiled call; a payload that is not plain base64 is serialised.
+        head, tail = self.protocol.append_parts
         try:
-            self._socket().send_texts_nowait(messages)
+            ws = self._socket()
+            if not ws.send_b64_texts_nowait(head, payloads, tail):
+                append = self.protocol.append_audio_b64
+                ws.send_texts_nowait([append(p) for p in payloads])
         except ConnectionClosed as exc:
-            self._send_failed(exc)
-            self._keep(messages, sum(len(p) for p in payloads) * 3 // 4)
+            self._send_failed(exc)  # re-raised unless a recovery takes over
+            append = self.protocol.append_audio_b64
+            self._keep([append(p) for p in payloads], sum(len(p) for p in payloads) * 3 // 4)
 
     def send_audio(self, audio: bytes) -> None:
         message = self.protocol.append_audio(audio)

@@ -410,6 +410,10 @@ class OpenAIRealtimeProtocol(EventDispatcher):
                 events += self._finish(item_id)
         return events
 
+    #: (head, tail) of the append message around the base64 audio, UTF-8: the hot path
+    #: splices Twilio's payload in (WebSocket.send_b64_texts_nowait)
+    append_parts = (_APPEND.head_bytes, _APPEND.tail_bytes)
+
     def append_audio_b64(self, payload: str) -> str:
         """``input_audio_buffer.append`` for caller audio already in base64 (hot path:
         concatenation, see :class:`~relay.agents.wire.AudioMessage`)."""

@@ -530,6 +530,19 @@ class SessionSocketAgent(SocketAgent):
         except ConnectionClosed as exc:
             self._send_failed(exc)
 
+    def _send_audio_spliced(
+        self, parts: tuple[bytes, bytes], payloads: list[str], message: Callable[[str], str]
+    ) -> None:
+        """Caller audio (base64) spliced into the agent's JSON message, all of one read in
+        one compiled build and one write (``WebSocket.send_b64_texts_nowait``); a payload
+        that is not plain base64 is serialised by ``message`` instead."""
+        try:
+            ws = self._socket()
+            if not ws.send_b64_texts_nowait(parts[0], payloads, parts[1]):
+                ws.send_texts_nowait([message(p) for p in payloads])
+        except ConnectionClosed as exc:
+            self._send_failed(exc)
+
     def _send_bytes(self, data: bytes) -> None:
         try:
             self._socket().send_bytes_nowait(data)

@@ -163,6 +163,9 @@ class AudioMessage:
             raise ValueError("the audio must be a string value of the message")
         self._head = head
         self._tail = tail
+        #: the message around the audio as UTF-8, for WebSocket.send_b64_texts_nowait
+        self.head_bytes = head.encode("utf-8")
+        self.tail_bytes = tail.encode("utf-8")
 
     def b64(self, payload: str) -> str:
         """The message for audio already in base64 (Twilio's ``media.payload``)."""

@@ -1880,3 +1880,75 @@ def twilio_frames(bytes media_prefix not None, bytes mark_prefix not None, list 
         memcpy(o + pos, b'"}}', 3)
         pos += 3
     return out
+
+
+# ======================================================================================
+# relay -> agent: caller audio spliced into the agent's JSON, as masked client frames
+# ======================================================================================
+# Semantics: relay.media.codec_ref.client_b64_frames.  Passthrough agents take Twilio's
+# base64 payload inside a JSON message (OpenAI's input_audio_buffer.append, ElevenLabs'
+# user_audio_chunk, AssemblyAI's input.audio).  Per media message the Python path built
+# the message by concatenation, encoded it, framed it and masked it (four allocations and
+# a dozen calls); here the frames of one read are sized, filled and masked in one buffer.
+
+import os as _os
+
+cdef bytes _mask_pool = b""
+cdef Py_ssize_t _mask_pos = 0
+
+
+cdef inline bint _plain_b64(const uint8_t *s, Py_ssize_t n) noexcept nogil:
+    # only A-Z a-z 0-9 + / = : characters JSON never escapes (RFC 8259 §7)
+    cdef Py_ssize_t i
+    for i in range(n):
+        if _B64[s[i]] < 0 and s[i] != 61:
+            return False
+    return True
+
+
+def client_b64_frames(bytes head not None, list payloads not None, bytes tail not None):
+    """Wire bytes of one masked client text frame per payload, each holding ``head +
+    payload + tail``, or ``None`` (nothing built) when a payload is not plain base64, which
+    the caller must then serialise properly.  Masking keys come from ``os.urandom``
+    (RFC 6455 §5.3: unpredictable, a fresh key per frame).  See
+    relay.media.codec_ref.client_b64_frames."""
+    global _mask_pool, _mask_pos
+    cdef Py_ssize_t hp = PyBytes_GET_SIZE(head), tp = PyBytes_GET_SIZE(tail)
+    cdef Py_ssize_t count = len(payloads), total = 0, k, n, m, pos = 0, h
+    cdef object p
+    cdef bytes out
+    cdef uint8_t *o
+    cdef const uint8_t *key
+    if count == 0:
+        return b""
+    for k in range(count):
+        p = payloads[k]
+        if not (PyUnicode_Check(p) and PyUnicode_IS_COMPACT_ASCII(p)):
+            return None
+        n = PyUnicode_GET_LENGTH(p)
+        if not _plain_b64(<const uint8_t *>PyUnicode_DATA(p), n):
+            return None
+        m = hp + n + tp
+        total += _frame_head_size(m) + 4 + m
+    if _mask_pos + 4 * count > PyBytes_GET_SIZE(_mask_pool):
+        _mask_pool = _os.urandom(max(4096, 4 * count))
+        _mask_pos = 0
+    out = _new_bytes(total)
+    o = <uint8_t *>PyBytes_AS_STRING(out)
+    for k in range(count):
+        p = payloads[k]
+        n = PyUnicode_GET_LENGTH(p)
+        m = hp + n + tp
+        h = _write_head(o + pos, m)
+        o[pos + 1] |= 0x80  # MASK bit: a client always masks (RFC 6455 §5.2)
+        pos += h
+        key = <const uint8_t *>PyBytes_AS_STRING(_mask_pool) + _mask_pos
+        _mask_pos += 4
+        memcpy(o + pos, key, 4)
+        pos += 4
+        memcpy(o + pos, PyBytes_AS_STRING(head), hp)
+        memcpy(o + pos + hp, PyUnicode_DATA(p), n)
+        memcpy(o + pos + hp + n, PyBytes_AS_STRING(tail), tp)
+        _xor4(o + pos, o + pos, m, key)
+        pos += m
+    return out

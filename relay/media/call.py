@@ -457,10 +457,7 @@ class Call:
         agent = self.agent
         assert agent is not None
         if self._to_pcm is None:
-            if len(payloads) == 1:
-                agent.send_audio_b64(payloads[0])
-            else:
-                agent.send_audio_b64_many(payloads)
+            agent.send_audio_b64_many(payloads)
         else:
             feed = self._to_pcm.feed_b64
             agent.send_audio(b"".join([feed(p) for p in payloads]))

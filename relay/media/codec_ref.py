@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 import sys
 from array import array
 from collections import deque
@@ -51,6 +52,7 @@ __all__ = [
     "alaw_decode",
     "alaw_encode",
     "b64decode",
+    "client_b64_frames",
     "twilio_frames",
     "ulaw_decode",
     "ulaw_encode",
@@ -1178,4 +1180,31 @@ def twilio_frames(media_prefix: bytes, mark_prefix: bytes, frames: list[Any]) ->
             raise ValueError("mark names must be ASCII strings")
         out.append(_server_text_frame(media_prefix + base64.b64encode(ulaw) + b'"}}'))
         out.append(_server_text_frame(mark_prefix + name.encode("ascii") + b'"}}'))
+    return b"".join(out)
+
+
+_PLAIN_B64 = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+
+
+def client_b64_frames(head: bytes, payloads: list[str], tail: bytes) -> bytes | None:
+    """Wire bytes of one masked client text frame per payload, each holding ``head +
+    payload + tail`` (caller audio spliced into an agent's JSON message), or ``None`` when
+    a payload is not plain base64 (A-Z a-z 0-9 + / =, which JSON never escapes): the
+    caller then serialises that message properly. Each frame has its own masking key from
+    ``os.urandom`` (RFC 6455 §5.3); a 7/16/64-bit length as RFC 6455 §5.2."""
+    for p in payloads:
+        if type(p) is not str or not p.isascii() or not _PLAIN_B64.issuperset(p.encode()):
+            return None
+    out = []
+    for p in payloads:
+        body = head + p.encode("ascii") + tail
+        n = len(body)
+        if n < 126:
+            hdr = bytes((0x81, 0x80 | n))
+        elif n < 65536:
+            hdr = bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
+        else:
+            hdr = bytes((0x81, 0x80 | 127)) + n.to_bytes(8, "big")
+        key = os.urandom(4)
+        out.append(hdr + key + ws_mask(body, key))
     return b"".join(out)

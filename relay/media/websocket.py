@@ -29,7 +29,7 @@ import trio
 
 from .. import netguard
 from ..errors import ConnectionClosed, RemoteProtocolError
-from .codec import ws_mask
+from .codec import client_b64_frames, ws_mask
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 
@@ -434,6 +434,20 @@ class WebSocket:
         """``count`` whole frames already in wire form (e.g. codec.twilio_frames)."""
         self.messages_out += count
         self.write_nowait(data)
+
+    def send_b64_texts_nowait(self, head: bytes, payloads: list[str], tail: bytes) -> bool:
+        """One text message ``head + payload + tail`` per payload, in one write: a client's
+        hot path for caller audio spliced into an agent's JSON message (the frames are built
+        and masked in one compiled call, ``codec.client_b64_frames``). Sends nothing and
+        returns False when a payload is not plain base64 (the caller serialises it then)."""
+        if not self.client_side:
+            raise RuntimeError("send_b64_texts_nowait builds masked (client) frames")
+        wire = client_b64_frames(head, payloads, tail)
+        if wire is None:
+            return False
+        self.messages_out += len(payloads)
+        self.write_nowait(wire)
+        return True
 
     def send_texts_nowait(self, texts: Sequence[str]) -> None:
         self.messages_out += len(texts)
