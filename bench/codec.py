@@ -187,6 +187,26 @@ def fused_tasks() -> dict[str, dict[str, Candidate]]:
     return tasks
 
 
+def wire_tasks() -> dict[str, dict[str, Candidate]]:
+    """The media path's WebSocket frames: caller audio spliced into the agent's append
+    message as masked client frames (one read's worth: 1 or 2 messages)."""
+    from relay.agents.openai_protocol import _APPEND, OpenAIRealtimeProtocol
+    from relay.media.websocket import OP_TEXT, build_frame
+
+    b64 = base64.b64encode(ours.ulaw_encode(_frame(8000))).decode()  # a Twilio payload
+    head, tail = OpenAIRealtimeProtocol.append_parts
+    tasks: dict[str, dict[str, Candidate]] = {}
+    for n in (1, 2):
+        payloads = [b64] * n
+        tasks[f"agent append frames x{n}"] = {
+            "ours (1 call)": lambda p=payloads: ours.client_b64_frames(head, p, tail),
+            "python: splice+frame+mask": lambda p=payloads: b"".join(
+                [build_frame(OP_TEXT, _APPEND.b64(x).encode("utf-8"), True) for x in p]
+            ),
+        }
+    return tasks
+
+
 # -- timing -------------------------------------------------------------------------------
 
 
@@ -417,10 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     g711 = time_tasks(g711_tasks(), rounds, target)
     resample = time_tasks(resample_tasks(), rounds, target)
     fused = time_tasks(fused_tasks(), rounds, target)
+    wire = time_tasks(wire_tasks(), rounds, target)
     qual = quality_table(args.quick)
     _print_timings("G.711, one 20 ms frame (160 samples)", g711)
     _print_timings("resampling, one 20 ms frame (streaming)", resample)
     _print_timings("fused Twilio paths, one 20 ms frame", fused)
+    _print_timings("WebSocket frames to the agent, 20 ms frames", wire)
     _print_quality(qual)
     delays = {f"{a // 1000}k->{b // 1000}k": ours.Resampler(a, b).delay_ms for a, b in ALL_PAIRS}
     result = {
@@ -436,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "g711": {"ns": g711[0], "ratio": g711[1]},
         "resample": {"ns": resample[0], "ratio": resample[1]},
         "fused": {"ns": fused[0], "ratio": fused[1]},
+        "wire": {"ns": wire[0], "ratio": wire[1]},
         "quality": qual,
         "delay_ms": delays,
         "seconds": round(time.time() - started, 1),
