@@ -700,12 +700,16 @@ def relay_metrics(port: int) -> dict[str, float]:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Unlabelled relay_* samples of a Prometheus text exposition, and admission control's
-    refusals by rule (``relay_admission_refusals_total{rule="cpu"}``)."""
+    """Unlabelled relay_* samples of a Prometheus text exposition, admission control's
+    refusals by rule (``relay_admission_refusals_total{rule="cpu"}``) and the collector's
+    pauses by generation (``relay_gc_pause_seconds_*{generation="1",...}``: the loop
+    stalls a run's tail latency competes with)."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("relay_") and (
-            "{" not in line or line.startswith("relay_admission_refusals_total{")
+            "{" not in line
+            or line.startswith("relay_admission_refusals_total{")
+            or line.startswith("relay_gc_pause_seconds_")
         ):
             name, _, value = line.partition(" ")
             with contextlib.suppress(ValueError):

@@ -23,8 +23,13 @@ handlers unbound, a call drops its reactor registration at the end, a closed soc
 a fresh exception rather than the one it keeps, the webhook server's protocol is dropped
 when its connection ends), so an ended call is freed by reference counting. What others
 still leave (a routing closure per webhook request) is short-lived, and :class:`GcSweeper`
-collects the young generations every ``server.gc_young_s`` (1 s): a walk of only what was
-allocated since, well under a millisecond, so such garbage is freed before it is promoted.
+collects the young generations every ``server.gc_young_s`` (0.25 s): a walk of only what
+was allocated since and still lives, so such garbage is freed before it is promoted. The
+walk is mostly the calls' current waits (each wait's coroutine and cancel scope), so its
+length grows with the interval: at 270 calls on one core a 1 s clock paused the loop
+~3.6 ms per sweep (some 5–10 ms), 0.25 s ~1.1 ms (none over 5 ms), for about the same
+total (``relay_gc_pause_seconds`` in ``python -m bench load`` runs' JSON). Near
+saturation the length of a stall, not the sum, is what reaches the tail latency.
 A full collection, which walks every live call's objects (tens of ms at a few hundred
 calls, hence never on a short clock), runs every ``server.gc_full_s`` (10 min) for whatever
 cycles a rarer path still makes. Pauses are measured (``relay_gc_pause_seconds``) so the

@@ -38,11 +38,15 @@ def test_parse_metrics_reads_the_task_gauge():
         'relay_frames_total{direction="twilio_to_agent"} 9\n'
         "# TYPE relay_trio_tasks gauge\nrelay_trio_tasks 41\n"
         'relay_admission_refusals_total{rule="cpu"} 7\n'
+        'relay_gc_pause_seconds_bucket{generation="1",le="0.005"} 12\n'
+        'relay_gc_pause_seconds_count{generation="1"} 13\n'
     )
     assert parse_metrics(text) == {
         "relay_active_calls": 3.0,
         "relay_trio_tasks": 41.0,
         'relay_admission_refusals_total{rule="cpu"}': 7.0,
+        'relay_gc_pause_seconds_bucket{generation="1",le="0.005"}': 12.0,
+        'relay_gc_pause_seconds_count{generation="1"}': 13.0,
     }
 
 
