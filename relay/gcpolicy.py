@@ -27,9 +27,10 @@ collects the young generations every ``server.gc_young_s`` (0.25 s): a walk of o
 was allocated since and still lives, so such garbage is freed before it is promoted. The
 walk is mostly the calls' current waits (each wait's coroutine and cancel scope), so its
 length grows with the interval: at 270 calls on one core a 1 s clock paused the loop
-~3.6 ms per sweep (some 5–10 ms), 0.25 s ~1.1 ms (none over 5 ms), for about the same
-total (``relay_gc_pause_seconds`` in ``python -m bench load`` runs' JSON). Near
-saturation the length of a stall, not the sum, is what reaches the tail latency.
+2.7–3.5 ms per sweep on average (1–3 of 15 sweeps over 5 ms), 0.25 s 0.8–1.0 ms, for
+~15 % more in total (``bench/published/gc-young/``, ``relay_gc_pause_seconds`` in each
+run's metrics). Near saturation the length of a stall, not the sum, is what reaches the
+tail latency.
 A full collection, which walks every live call's objects (tens of ms at a few hundred
 calls, hence never on a short clock), runs every ``server.gc_full_s`` (10 min) for whatever
 cycles a rarer path still makes. Pauses are measured (``relay_gc_pause_seconds``) so the
