@@ -1914,7 +1914,10 @@ def client_b64_frames(bytes head not None, list payloads not None, bytes tail no
     relay.media.codec_ref.client_b64_frames."""
     global _mask_pool, _mask_pos
     cdef Py_ssize_t hp = PyBytes_GET_SIZE(head), tp = PyBytes_GET_SIZE(tail)
-    cdef Py_ssize_t count = len(payloads), total = 0, k, n, m, pos = 0, h
+    # a tuple: what pass 1 checked is what pass 2 copies, whatever runs in between
+    # (os.urandom, an allocation that triggers a collection and its finalizers)
+    cdef tuple items = tuple(payloads)
+    cdef Py_ssize_t count = len(items), total = 0, k, n, m, pos = 0, h
     cdef object p
     cdef bytes out
     cdef uint8_t *o
@@ -1922,7 +1925,7 @@ def client_b64_frames(bytes head not None, list payloads not None, bytes tail no
     if count == 0:
         return b""
     for k in range(count):
-        p = payloads[k]
+        p = items[k]
         if not (PyUnicode_Check(p) and PyUnicode_IS_COMPACT_ASCII(p)):
             return None
         n = PyUnicode_GET_LENGTH(p)
@@ -1936,7 +1939,7 @@ def client_b64_frames(bytes head not None, list payloads not None, bytes tail no
     out = _new_bytes(total)
     o = <uint8_t *>PyBytes_AS_STRING(out)
     for k in range(count):
-        p = payloads[k]
+        p = items[k]
         n = PyUnicode_GET_LENGTH(p)
         m = hp + n + tp
         h = _write_head(o + pos, m)

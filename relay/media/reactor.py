@@ -81,10 +81,11 @@ class Reactor:
         """Serve readiness until cancelled.
 
         ``coalesce_s``: when messages arrive faster than about two per window, passes start
-        at most every ``coalesce_s`` (the loop sleeps out the rest of the window after a
-        pass) instead of re-arming readiness after every message, so one wake-up serves
-        many sockets. It adds at most ``coalesce_s`` of delay per hop and only under load;
-        at low rates every message is served on its own wake-up.
+        at most every ``coalesce_s`` (on the ticks of a periodic kernel timer, or sleeping
+        out the rest of the window after a pass without one) instead of re-arming readiness
+        after every message, so one wake-up serves many sockets. It adds at most
+        ``coalesce_s`` of delay per hop and only under load; at low rates every message is
+        served on its own wake-up.
         """
         epoll = self._epoll
         epfd = epoll.fileno()
