@@ -45,7 +45,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from ..errors import AgentError, ConnectionClosed
-from ..media import websocket
+from ..media import codec, websocket
 from ..tools import ToolRegistry
 from .base import Agent, AgentEvent, AudioFormat
 from .liveness import (
@@ -206,6 +206,10 @@ class OpenAIRealtimeAgent(SessionSocketAgent):
                 send_timeout_s=o.send_timeout_s,
                 then="session.updated",
             )
+            if isinstance(ws.parser, codec.ServerFrameParser):
+                # audio deltas come out of the compiled frame reader already parsed
+                # (OpenAIRealtimeProtocol.parse_message takes both forms)
+                ws.parser.openai_audio = True
             if seeded:
                 proto.begin_connection()
             await ws.send_text(proto.session_update(seeded=seeded))

@@ -32,7 +32,7 @@ from __future__ import annotations
 import binascii
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ..errors import ConfigError
 from .base import (
@@ -474,9 +474,14 @@ class OpenAIRealtimeProtocol(EventDispatcher):
         return dumps({"type": "response.cancel"})
 
     # -- server messages -----------------------------------------------------------------
-    def parse_message(self, message: str | bytes) -> list[AgentEvent]:
-        """A WebSocket message as received: OpenAI sends only text frames."""
-        return self.dispatch(refuse_binary(message, "OpenAI Realtime"))
+    def parse_message(self, message: str | bytes | tuple[str, bytes]) -> list[AgentEvent]:
+        """A WebSocket message as received: OpenAI sends only text frames. An audio delta
+        may arrive already parsed as ``(item_id, audio)`` (relay's compiled frame reader,
+        ``codec.ServerFrameParser(openai_audio=True)``: the same event, minus the JSON)."""
+        if type(message) is tuple:
+            self.events_in += 1
+            return self._audio(*message)
+        return self.dispatch(refuse_binary(cast("str | bytes", message), "OpenAI Realtime"))
 
     def parse(self, text: str | bytes) -> list[AgentEvent]:
         """One server event (JSON text) -> zero or more agent events."""
@@ -519,6 +524,9 @@ class OpenAIRealtimeProtocol(EventDispatcher):
             audio = binascii.a2b_base64(delta)
         except (binascii.Error, ValueError):
             raise bad_event(etype, "delta is not valid base64") from None
+        return self._audio(item_id, audio)
+
+    def _audio(self, item_id: str, audio: bytes) -> list[AgentEvent]:
         items = self._item_bytes
         n = items.get(item_id)
         if n is None:

@@ -95,12 +95,11 @@ cdef class DownlinkBuffer:
     cdef double _heard(self, object rid, double now_ms)
 
 
-cdef class TwilioFrameParser:
-    cdef readonly str stream_sid
+cdef class _FrameReader:
     cdef readonly long long max_message
     cdef object _control        # control(opcode, payload) -> item for a control frame
     cdef object _violation      # violation(message, close_code) -> exception to raise
-    cdef bytes _sid             # stream_sid in UTF-8, compared with the raw streamSid
+    cdef bint _masked           # frames from a client (masked) or from a server
     cdef bytes _buf             # bytes of an incomplete frame from earlier feeds
     cdef bint _in_frag          # a fragmented data message is open
     cdef int _frag_op
@@ -113,3 +112,12 @@ cdef class TwilioFrameParser:
 
     cdef int _fail(self, str message, int code) except -1
     cdef object _text(self, const uint8_t* p, Py_ssize_t n)
+
+
+cdef class TwilioFrameParser(_FrameReader):
+    cdef readonly str stream_sid
+    cdef bytes _sid             # stream_sid in UTF-8, compared with the raw streamSid
+
+
+cdef class ServerFrameParser(_FrameReader):
+    cdef public bint openai_audio   # OpenAI Realtime audio deltas -> (item_id, audio)

@@ -118,3 +118,16 @@ class TwilioFrameParser(Generic[_C]):
         violation: Callable[[str, int], Exception],
     ) -> None: ...
     def feed(self, data: bytes) -> list[str | bytes | tuple[int, str] | tuple[str] | _C]: ...
+
+class ServerFrameParser(Generic[_C]):
+    max_message: int
+    openai_audio: bool
+    def __init__(
+        self,
+        *,
+        max_message: int = 65536,
+        control: Callable[[int, bytes], _C],
+        violation: Callable[[str, int], Exception],
+        openai_audio: bool = False,
+    ) -> None: ...
+    def feed(self, data: bytes) -> list[str | bytes | tuple[str, bytes] | _C]: ...

@@ -1598,15 +1598,11 @@ cdef uint8_t *_reserve(uint8_t **buf, Py_ssize_t *cap, Py_ssize_t need) except N
     return buf[0]
 
 
-cdef class TwilioFrameParser:
-    """Frames from Twilio (masked, RFC 6455) -> messages, media/mark already parsed.
-
-    ``feed(data)`` behaves exactly like ``FrameParser(expect_masked=True,
-    max_message=max_message).feed(data)`` (same buffering, limits, order of checks and
-    messages), except that violations are ``violation(message, code)``, control frames are
-    ``control(opcode, payload)``, and a text message that is certainly a ``media`` (``mark``)
-    message of ``stream_sid`` comes out as ``(timestamp, payload)`` (``(name,)``) instead of
-    its str.  See relay.media.codec_ref.TwilioFrameParser for the exact subset recognised."""
+cdef class _FrameReader:
+    """RFC 6455 frames -> messages, exactly as relay.media.websocket.FrameParser reads them
+    (masked client frames when ``masked``, unmasked server frames otherwise), except that
+    violations are ``violation(message, code)`` and control frames ``control(opcode,
+    payload)``.  Subclasses turn hot text messages into tuples by overriding ``_text``."""
 
     @classmethod
     def __class_getitem__(cls, item):
@@ -1614,7 +1610,6 @@ cdef class TwilioFrameParser:
 
     def __cinit__(self, *args, **kwargs):
         self._buf = b""
-        self._sid = b""  # also when __init__ is skipped: no fast path, no NULL deref
         self._fbuf = NULL
         self._tmp = NULL
         self._fcap = 0
@@ -1624,27 +1619,10 @@ cdef class TwilioFrameParser:
         free(self._fbuf)
         free(self._tmp)
 
-    def __init__(self, str stream_sid not None, *, long long max_message=65536,
-                 control, violation):
-        self.stream_sid = stream_sid
-        self.max_message = max_message
-        self._control = control
-        self._violation = violation
-        self._sid = stream_sid.encode("utf-8", "surrogatepass")
-        self._buf = b""
-        self._in_frag = False
-        self._frag_op = 0
-        self._frag_len = 0
-        self._fn = 0
-
     cdef int _fail(self, str message, int code) except -1:
         raise self._violation(message, code)
 
     cdef object _text(self, const uint8_t *p, Py_ssize_t n):
-        cdef object msg = _scan_twilio(p, n, <const uint8_t *>PyBytes_AS_STRING(self._sid),
-                                       PyBytes_GET_SIZE(self._sid))
-        if msg is not None:
-            return msg
         try:
             return PyUnicode_DecodeUTF8(<const char *>p, n, NULL)
         except UnicodeDecodeError:
@@ -1664,6 +1642,7 @@ cdef class TwilioFrameParser:
         cdef long long max_message = self.max_message
         cdef int b0, b1, opcode, j
         cdef bint fin
+        cdef bint masked = self._masked
         if PyBytes_GET_SIZE(self._buf):
             buf = self._buf + data
         else:
@@ -1677,8 +1656,10 @@ cdef class TwilioFrameParser:
                 b1 = p[pos + 1]
                 if b0 & 0x70:
                     self._fail("RSV bits set without a negotiated extension", 1002)
-                if not (b1 & 0x80):
+                if masked and not (b1 & 0x80):
                     self._fail("unmasked client frame", 1002)
+                if not masked and (b1 & 0x80):
+                    self._fail("masked server frame", 1002)
                 ln = b1 & 0x7F
                 hdr = 2
                 if ln == 126:
@@ -1697,10 +1678,11 @@ cdef class TwilioFrameParser:
                 if max_message < 0 or ln > <unsigned long long>max_message:
                     self._fail(f"frame of {ln} bytes exceeds {max_message}", 1009)
                 n = <Py_ssize_t>ln
-                hdr += 4
+                if masked:
+                    hdr += 4
                 if end - pos - hdr < n:  # (no hdr + n: it could overflow for a huge limit)
                     break
-                key = p + pos + hdr - 4
+                key = p + pos + hdr - 4 if masked else NULL
                 pay = p + pos + hdr
                 pos += hdr + n
                 fin = (b0 & 0x80) != 0
@@ -1709,7 +1691,7 @@ cdef class TwilioFrameParser:
                         self._fail(f"unknown control opcode {opcode:#x}", 1002)
                     if not fin or n > 125:
                         self._fail("fragmented or oversized control frame", 1002)
-                    out.append(self._control(opcode, _ws_mask(pay, n, key)))
+                    out.append(self._control(opcode, _payload(pay, n, key)))
                     continue
                 if opcode == 0x0:
                     if not self._in_frag:
@@ -1718,7 +1700,7 @@ cdef class TwilioFrameParser:
                     if self._frag_len > max_message:
                         self._fail("fragmented message too big", 1009)
                     dst = _reserve(&self._fbuf, &self._fcap, self._fn + n)
-                    _xor4(dst + self._fn, pay, n, key)
+                    _unmask_into(dst + self._fn, pay, n, key)
                     self._fn += n
                     if not fin:
                         continue
@@ -1737,7 +1719,7 @@ cdef class TwilioFrameParser:
                         self._fail("new data frame inside a fragmented message", 1002)
                     if not fin:
                         dst = _reserve(&self._fbuf, &self._fcap, n)
-                        _xor4(dst, pay, n, key)
+                        _unmask_into(dst, pay, n, key)
                         self._in_frag = True
                         self._frag_op = opcode
                         self._frag_len = n
@@ -1746,11 +1728,14 @@ cdef class TwilioFrameParser:
                 else:
                     self._fail(f"unknown data opcode {opcode:#x}", 1002)
                 if opcode == 0x1:
-                    dst = _reserve(&self._tmp, &self._tcap, n)
-                    _xor4(dst, pay, n, key)
-                    out.append(self._text(dst, n))
+                    if key == NULL:  # unmasked: read in place
+                        out.append(self._text(pay, n))
+                    else:
+                        dst = _reserve(&self._tmp, &self._tcap, n)
+                        _xor4(dst, pay, n, key)
+                        out.append(self._text(dst, n))
                 else:
-                    out.append(_ws_mask(pay, n, key))
+                    out.append(_payload(pay, n, key))
             if pos == 0 and PyBytes_CheckExact(buf):
                 tail = <bytes>buf
             elif pos < end:
@@ -1763,6 +1748,201 @@ cdef class TwilioFrameParser:
         if PyBytes_GET_SIZE(tail) - 14 > max_message:
             self._fail("frame header announces too much data", 1009)
         return out
+
+
+cdef inline bytes _payload(const uint8_t *pay, Py_ssize_t n, const uint8_t *key):
+    if key == NULL:
+        return PyBytes_FromStringAndSize(<const char *>pay, n)
+    return _ws_mask(pay, n, key)
+
+
+cdef inline void _unmask_into(uint8_t *dst, const uint8_t *pay, Py_ssize_t n,
+                              const uint8_t *key) noexcept nogil:
+    if key == NULL:
+        memcpy(dst, pay, n)
+    else:
+        _xor4(dst, pay, n, key)
+
+
+cdef class TwilioFrameParser(_FrameReader):
+    """Frames from Twilio (masked, RFC 6455) -> messages, media/mark already parsed.
+
+    ``feed(data)`` behaves exactly like ``FrameParser(expect_masked=True,
+    max_message=max_message).feed(data)`` (same buffering, limits, order of checks and
+    messages), except that violations are ``violation(message, code)``, control frames are
+    ``control(opcode, payload)``, and a text message that is certainly a ``media`` (``mark``)
+    message of ``stream_sid`` comes out as ``(timestamp, payload)`` (``(name,)``) instead of
+    its str.  See relay.media.codec_ref.TwilioFrameParser for the exact subset recognised."""
+
+    def __cinit__(self, *args, **kwargs):
+        self._sid = b""  # also when __init__ is skipped: no fast path, no NULL deref
+
+    def __init__(self, str stream_sid not None, *, long long max_message=65536,
+                 control, violation):
+        self.stream_sid = stream_sid
+        self.max_message = max_message
+        self._control = control
+        self._violation = violation
+        self._masked = True
+        self._sid = stream_sid.encode("utf-8", "surrogatepass")
+        self._buf = b""
+        self._in_frag = False
+        self._frag_op = 0
+        self._frag_len = 0
+        self._fn = 0
+
+    cdef object _text(self, const uint8_t *p, Py_ssize_t n):
+        cdef object msg = _scan_twilio(p, n, <const uint8_t *>PyBytes_AS_STRING(self._sid),
+                                       PyBytes_GET_SIZE(self._sid))
+        if msg is not None:
+            return msg
+        return _FrameReader._text(self, p, n)
+
+
+cdef class ServerFrameParser(_FrameReader):
+    """Frames from a server (unmasked, RFC 6455) -> messages: relay's agent connections.
+
+    ``feed(data)`` behaves exactly like ``FrameParser(expect_masked=False,
+    max_message=max_message).feed(data)``, except that violations are ``violation(message,
+    code)`` and control frames ``control(opcode, payload)``.  With ``openai_audio`` set, a
+    text message that is certainly an OpenAI Realtime audio delta comes out as ``(item_id,
+    audio)`` (the delta's base64 decoded) instead of its str.  See
+    relay.media.codec_ref.ServerFrameParser for the exact subset recognised."""
+
+    def __init__(self, *, long long max_message=65536, control, violation,
+                 bint openai_audio=False):
+        self.max_message = max_message
+        self._control = control
+        self._violation = violation
+        self._masked = False
+        self.openai_audio = openai_audio
+        self._buf = b""
+        self._in_frag = False
+        self._frag_op = 0
+        self._frag_len = 0
+        self._fn = 0
+
+    cdef object _text(self, const uint8_t *p, Py_ssize_t n):
+        cdef object msg
+        if self.openai_audio:
+            msg = _scan_openai_audio(p, n)
+            if msg is not None:
+                return msg
+        return _FrameReader._text(self, p, n)
+
+
+# OpenAI Realtime audio deltas (semantics: relay.media.codec_ref.scan_openai_audio): the
+# agent -> relay hot message, ~50 per call-second.  The slow path is orjson.loads, a dict,
+# the protocol core's dispatch and binascii.a2b_base64; here one pass over the bytes.
+
+cdef inline Py_ssize_t _int_end(const uint8_t *s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    # i at the first byte of a JSON number: the index after it when it is an integer
+    # -?(0|[1-9][0-9]*) of at most 18 digits, else -1 (fractions and exponents included)
+    cdef Py_ssize_t start
+    if i < n and s[i] == 0x2D:  # '-'
+        i += 1
+    start = i
+    if i >= n or s[i] < 0x30 or s[i] > 0x39:
+        return -1
+    if s[i] == 0x30:
+        i += 1
+    else:
+        while i < n and 0x30 <= s[i] <= 0x39:
+            i += 1
+    if i - start > 18:
+        return -1
+    if i < n and (s[i] == 0x2E or s[i] == 0x65 or s[i] == 0x45 or 0x30 <= s[i] <= 0x39):
+        return -1  # '.', 'e', 'E', or a digit after a leading 0
+    return i
+
+
+cdef object _scan_openai_audio(const uint8_t *s, Py_ssize_t n):
+    cdef Py_ssize_t keys[_MAX_MEMBERS]
+    cdef Py_ssize_t lens[_MAX_MEMBERS]
+    cdef Py_ssize_t i, k, kn, v, vn, pad
+    cdef Py_ssize_t typ = -1, typ_n = 0, item = -1, item_n = 0, dl = -1, dl_n = 0
+    cdef int m = 0, j
+    cdef bytes audio
+    i = _skip_ws(s, 0, n)
+    if i >= n or s[i] != 0x7B:
+        return None
+    i = _skip_ws(s, i + 1, n)
+    while True:
+        if i >= n or s[i] != 0x22:
+            return None
+        k = i + 1
+        i = _str_end(s, k, n)
+        if i < 0:
+            return None
+        kn = i - k
+        if m == _MAX_MEMBERS:
+            return None
+        for j in range(m):
+            if (lens[j] == kn and (kn == 0 or s[keys[j]] == s[k])
+                    and memcmp(s + keys[j], s + k, kn) == 0):
+                return None  # duplicate key (orjson would keep the last one)
+        keys[m] = k
+        lens[m] = kn
+        m += 1
+        i = _skip_ws(s, i + 1, n)
+        if i >= n or s[i] != 0x3A:
+            return None
+        i = _skip_ws(s, i + 1, n)
+        if i >= n:
+            return None
+        if s[i] == 0x22:
+            v = i + 1
+            i = _str_end(s, v, n)
+            if i < 0:
+                return None
+            vn = i - v
+            i += 1
+            if _key_is(s, k, kn, "type", 4):
+                typ = v
+                typ_n = vn
+            elif _key_is(s, k, kn, "item_id", 7):
+                item = v
+                item_n = vn
+            elif _key_is(s, k, kn, "delta", 5):
+                dl = v
+                dl_n = vn
+        elif s[i] == 0x2D or 0x30 <= s[i] <= 0x39:
+            if (_key_is(s, k, kn, "type", 4) or _key_is(s, k, kn, "item_id", 7)
+                    or _key_is(s, k, kn, "delta", 5)):
+                return None
+            i = _int_end(s, i, n)
+            if i < 0:
+                return None
+        else:
+            return None  # literal, array, object
+        i = _skip_ws(s, i, n)
+        if i >= n:
+            return None
+        if s[i] == 0x2C:
+            i = _skip_ws(s, i + 1, n)
+        elif s[i] == 0x7D:
+            i += 1
+            break
+        else:
+            return None
+    if _skip_ws(s, i, n) != n or typ < 0 or item < 0 or dl < 0:
+        return None
+    if not (_key_is(s, typ, typ_n, "response.output_audio.delta", 27)
+            or _key_is(s, typ, typ_n, "response.audio.delta", 20)):
+        return None
+    # strict base64 only (whole quanta, '=' only as padding): binascii.a2b_base64 decodes
+    # it the same; anything it would treat leniently stays on the slow path
+    if dl_n & 3:
+        return None
+    pad = 0
+    while pad < 2 and pad < dl_n and s[dl + dl_n - 1 - pad] == 61:
+        pad += 1
+    for j in range(dl_n - pad):
+        if _B64[s[dl + j]] < 0:
+            return None
+    audio = _new_bytes(dl_n // 4 * 3 - pad)  # exactly what the checked quanta decode to
+    _b64_decode(s + dl, dl_n, <uint8_t *>PyBytes_AS_STRING(audio))
+    return (_ascii(s + item, item_n), audio)
 
 
 # ======================================================================================

@@ -38,7 +38,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable
 from operator import add
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from ._filters import FILTER_HEX, filter_taps
 
@@ -46,6 +46,7 @@ __all__ = [
     "DownlinkBuffer",
     "PcmToUlaw",
     "Resampler",
+    "ServerFrameParser",
     "TwilioFrameParser",
     "UlawToPcm",
     "UplinkJitterBuffer",
@@ -1018,22 +1019,16 @@ def scan_twilio(data: bytes, sid: bytes) -> tuple[int, str] | tuple[str] | None:
     return None
 
 
-class TwilioFrameParser(Generic[_C]):
-    """Frames from Twilio (masked, RFC 6455) -> messages, media/mark already parsed.
-
-    ``feed(data)`` returns what ``relay.media.websocket.FrameParser(expect_masked=True,
-    max_message=max_message).feed(data)`` returns, with three differences:
-
-    * where it raises ``ProtocolViolation(message, code)``, this raises
-      ``violation(message, code)`` (same messages, same codes, same moment);
-    * a control frame is ``control(opcode, payload)`` instead of ``Control(...)``;
-    * a text message in the scanner's subset (above) is a tuple instead of its str:
-      ``(timestamp, payload)`` for media, ``(name,)`` for mark.
-
-    Binary messages are bytes; other text messages are str (invalid UTF-8 is a violation,
-    code 1007).  State after a violation is FrameParser's too (the unparsed buffer stays as
-    it was before the failing call), though callers close the connection at the first one.
-    """
+class _FrameReader(Generic[_C]):
+    """RFC 6455 frames -> messages: ``feed(data)`` returns what
+    ``relay.media.websocket.FrameParser(expect_masked=masked, max_message=max_message)
+    .feed(data)`` returns, except that where it raises ``ProtocolViolation(message, code)``
+    this raises ``violation(message, code)`` (same messages, same codes, same moment) and a
+    control frame is ``control(opcode, payload)`` instead of ``Control(...)``.  Subclasses
+    turn hot text messages into tuples (``_text``).  Binary messages are bytes; other text
+    messages are str (invalid UTF-8 is a violation, code 1007).  State after a violation is
+    FrameParser's too (the unparsed buffer stays as it was before the failing call), though
+    callers close the connection at the first one."""
 
     __slots__ = (
         "_buf",
@@ -1041,45 +1036,39 @@ class TwilioFrameParser(Generic[_C]):
         "_frag",
         "_frag_len",
         "_frag_op",
-        "_sid",
+        "_masked",
         "_violation",
         "max_message",
-        "stream_sid",
     )
 
     def __init__(
         self,
-        stream_sid: str,
         *,
-        max_message: int = 65536,
+        masked: bool,
+        max_message: int,
         control: Callable[[int, bytes], _C],
         violation: Callable[[str, int], Exception],
     ) -> None:
-        if not isinstance(stream_sid, str):
-            raise TypeError("stream_sid must be a str")
-        self.stream_sid = stream_sid
+        self._masked = masked
         self.max_message = max_message
         self._control = control
         self._violation = violation
-        self._sid = stream_sid.encode("utf-8", "surrogatepass")
         self._buf = b""
         self._frag: list[bytes] = []
         self._frag_op = 0
         self._frag_len = 0
 
-    def _text(self, payload: bytes) -> str | tuple[int, str] | tuple[str]:
-        msg = scan_twilio(payload, self._sid)
-        if msg is not None:
-            return msg
+    def _text(self, payload: bytes) -> Any:
         try:
             return payload.decode("utf-8")
         except UnicodeDecodeError:
             raise self._violation("text frame is not valid UTF-8", 1007) from None
 
-    def feed(self, data: bytes) -> list[str | bytes | tuple[int, str] | tuple[str] | _C]:
+    def feed(self, data: bytes) -> list[Any]:
         violation = self._violation
+        masked = self._masked
         buf = self._buf + data if self._buf else bytes(data)
-        out: list[str | bytes | tuple[int, str] | tuple[str] | _C] = []
+        out: list[Any] = []
         pos = 0
         end = len(buf)
         max_message = self.max_message
@@ -1088,8 +1077,10 @@ class TwilioFrameParser(Generic[_C]):
             b1 = buf[pos + 1]
             if b0 & 0x70:
                 raise violation("RSV bits set without a negotiated extension", 1002)
-            if not b1 & 0x80:
+            if masked and not b1 & 0x80:
                 raise violation("unmasked client frame", 1002)
+            if not masked and b1 & 0x80:
+                raise violation("masked server frame", 1002)
             n = b1 & 0x7F
             hdr = 2
             if n == 126:
@@ -1105,10 +1096,13 @@ class TwilioFrameParser(Generic[_C]):
             opcode = b0 & 0x0F
             if n > max_message:
                 raise violation(f"frame of {n} bytes exceeds {max_message}", 1009)
-            hdr += 4  # the masking key
+            if masked:
+                hdr += 4  # the masking key
             if end - pos < hdr + n:
                 break
-            payload = ws_mask(buf[pos + hdr : pos + hdr + n], buf[pos + hdr - 4 : pos + hdr])
+            payload = buf[pos + hdr : pos + hdr + n]
+            if masked:
+                payload = ws_mask(payload, buf[pos + hdr - 4 : pos + hdr])
             pos += hdr + n
             fin = b0 & 0x80
             if opcode >= 0x8:
@@ -1146,6 +1140,177 @@ class TwilioFrameParser(Generic[_C]):
         if len(self._buf) > max_message + 14:
             raise violation("frame header announces too much data", 1009)
         return out
+
+
+class TwilioFrameParser(_FrameReader[_C]):
+    """Frames from Twilio (masked, RFC 6455) -> messages, media/mark already parsed.
+
+    ``feed(data)`` returns what ``_FrameReader`` (``FrameParser(expect_masked=True)``)
+    returns, except that a text message in the scanner's subset (above) is a tuple instead
+    of its str: ``(timestamp, payload)`` for media, ``(name,)`` for mark.
+    """
+
+    __slots__ = ("_sid", "stream_sid")
+
+    def __init__(
+        self,
+        stream_sid: str,
+        *,
+        max_message: int = 65536,
+        control: Callable[[int, bytes], _C],
+        violation: Callable[[str, int], Exception],
+    ) -> None:
+        if not isinstance(stream_sid, str):
+            raise TypeError("stream_sid must be a str")
+        super().__init__(masked=True, max_message=max_message, control=control, violation=violation)
+        self.stream_sid = stream_sid
+        self._sid = stream_sid.encode("utf-8", "surrogatepass")
+
+    def _text(self, payload: bytes) -> str | tuple[int, str] | tuple[str]:
+        msg = scan_twilio(payload, self._sid)
+        if msg is not None:
+            return msg
+        return cast(str, super()._text(payload))
+
+
+# --------------------------------------------------------------------------------------
+# agent -> relay WebSocket: RFC 6455 server frames + OpenAI Realtime audio deltas
+# --------------------------------------------------------------------------------------
+# The subset scan_openai_audio recognises, over the bytes of a text message: one JSON
+# object (whitespace as above) whose member values are strings (printable ASCII other than
+# '"' and '\', as above) or integers -?(0|[1-9][0-9]*) of at most 18 digits; no repeated
+# key, at most 16 members, nothing after it; "type" is "response.output_audio.delta" (GA)
+# or "response.audio.delta" (beta), and "item_id" and "delta" are strings; the delta is
+# strict base64: a multiple of 4 characters of A-Z a-z 0-9 + /, with '=' only as its last
+# one or two.  Within it OpenAIRealtimeProtocol's slow path (orjson, binascii.a2b_base64)
+# yields exactly AgentAudio(base64-decoded delta, item_id); anything else stays a str.
+
+_OPENAI_AUDIO_TYPES = (b"response.output_audio.delta", b"response.audio.delta")
+_B64_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+
+
+def _json_int_end(data: bytes, i: int) -> int:
+    """Index after the integer at data[i] (-?(0|[1-9][0-9]*), <= 18 digits), else -1."""
+    n = len(data)
+    if i < n and data[i] == 0x2D:
+        i += 1
+    start = i
+    if i >= n or not 0x30 <= data[i] <= 0x39:
+        return -1
+    if data[i] == 0x30:
+        i += 1
+    else:
+        while i < n and 0x30 <= data[i] <= 0x39:
+            i += 1
+    if i - start > 18:
+        return -1
+    if i < n and (data[i] in b".eE" or 0x30 <= data[i] <= 0x39):
+        return -1
+    return i
+
+
+def _flat_object(data: bytes) -> dict[bytes, bytes | None] | None:
+    """The members of a flat JSON object in the subset (string values as raw bytes,
+    integers as None), or None outside it."""
+    n = len(data)
+
+    def ws(i: int) -> int:
+        while i < n and data[i] in _JSON_WS:
+            i += 1
+        return i
+
+    def string_end(i: int) -> int:  # i after the opening quote
+        while i < n and data[i] != 0x22:
+            if not 0x20 <= data[i] <= 0x7E or data[i] == 0x5C:
+                return -1
+            i += 1
+        return i if i < n else -1
+
+    obj: dict[bytes, bytes | None] = {}
+    i = ws(0)
+    if i >= n or data[i] != 0x7B:
+        return None
+    i = ws(i + 1)
+    while True:
+        if i >= n or data[i] != 0x22:
+            return None
+        j = string_end(i + 1)
+        if j < 0:
+            return None
+        key = data[i + 1 : j]
+        if key in obj or len(obj) == _MAX_MEMBERS:
+            return None
+        i = ws(j + 1)
+        if i >= n or data[i] != 0x3A:
+            return None
+        i = ws(i + 1)
+        if i >= n:
+            return None
+        if data[i] == 0x22:
+            j = string_end(i + 1)
+            if j < 0:
+                return None
+            obj[key] = data[i + 1 : j]
+            i = j + 1
+        else:
+            i = _json_int_end(data, i)
+            if i < 0:
+                return None
+            obj[key] = None
+        i = ws(i)
+        if i >= n:
+            return None
+        if data[i] == 0x2C:
+            i = ws(i + 1)
+        elif data[i] == 0x7D:
+            return obj if ws(i + 1) == n else None
+        else:
+            return None
+
+
+def scan_openai_audio(data: bytes) -> tuple[str, bytes] | None:
+    """(item_id, audio) for an OpenAI Realtime audio delta in the subset above, else None."""
+    obj = _flat_object(data)
+    if obj is None or obj.get(b"type") not in _OPENAI_AUDIO_TYPES:
+        return None
+    item_id, delta = obj.get(b"item_id"), obj.get(b"delta")
+    if item_id is None or delta is None or len(delta) % 4:
+        return None
+    body = delta[:-2] if delta.endswith(b"==") else delta[:-1] if delta.endswith(b"=") else delta
+    if not _B64_CHARS.issuperset(body):
+        return None
+    return item_id.decode("ascii"), base64.b64decode(delta, validate=True)
+
+
+class ServerFrameParser(_FrameReader[_C]):
+    """Frames from a server (unmasked, RFC 6455) -> messages: relay's agent connections.
+
+    ``feed(data)`` returns what ``_FrameReader`` (``FrameParser(expect_masked=False)``)
+    returns; with ``openai_audio`` set, a text message in scan_openai_audio's subset is
+    ``(item_id, audio)`` instead of its str.
+    """
+
+    __slots__ = ("openai_audio",)
+
+    def __init__(
+        self,
+        *,
+        max_message: int = 65536,
+        control: Callable[[int, bytes], _C],
+        violation: Callable[[str, int], Exception],
+        openai_audio: bool = False,
+    ) -> None:
+        super().__init__(
+            masked=False, max_message=max_message, control=control, violation=violation
+        )
+        self.openai_audio = openai_audio
+
+    def _text(self, payload: bytes) -> str | tuple[str, bytes]:
+        if self.openai_audio:
+            msg = scan_openai_audio(payload)
+            if msg is not None:
+                return msg
+        return cast(str, super()._text(payload))
 
 
 def _server_text_frame(payload: bytes) -> bytes:

@@ -29,7 +29,7 @@ import trio
 
 from .. import netguard
 from ..errors import ConnectionClosed, RemoteProtocolError
-from .codec import client_b64_frames, ws_mask
+from .codec import ServerFrameParser, client_b64_frames, ws_mask
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 
@@ -282,8 +282,15 @@ class WebSocket:
         self.client_side = client_side
         self.send_timeout = send_timeout
         self.max_pending = max_pending
-        self.parser: MessageParser = FrameParser(
-            expect_masked=not client_side, max_message=max_message
+        # A client (relay's agent connections) reads the server's frames with the compiled
+        # reader, ServerFrameParser: FrameParser's rules to the letter (both are checked
+        # against each other, tests/test_codec_server_frames.py) at a fraction of the cost
+        # per message. The server side starts with FrameParser; a call swaps in the
+        # compiled TwilioFrameParser once the stream has started (replace_parser).
+        self.parser: MessageParser = (
+            ServerFrameParser(max_message=max_message, control=Control, violation=ProtocolViolation)
+            if client_side
+            else FrameParser(expect_masked=True, max_message=max_message)
         )
         self._leftover = leftover
         self._send_lock = trio.Lock()
