@@ -112,6 +112,7 @@ class Call:
         self._to_pcm: Any = None  # codec.UlawToPcm when the agent wants PCM
         self._to_ulaw: Any = None  # codec.PcmToUlaw when the agent speaks PCM
         self._silence_b64: dict[int, str] = {}
+        self._prefixes: tuple[bytes, bytes] = (b"", b"")  # set once the stream has started
         self._wake = trio.Event()
         self._playout_due = 0.0  # ms; when the playout task plans to wake (inf: not before woken)
         self._ending = False
@@ -143,6 +144,9 @@ class Call:
             return
         self.call_sid = start.call_sid
         self._compiled_parser(start.stream_sid)
+        # the start of every media / mark message relay sends this stream (per message,
+        # the properties would check the stream state again)
+        self._prefixes = (self.proto.media_prefix, self.proto.mark_prefix)
         agent_name = start.custom_parameters.get("agent", "")
         record = self.state.records.ensure(start.call_sid)
         self.record = record
@@ -624,27 +628,31 @@ class Call:
                     self._agent_gone(f"agent error {ev.code}")  # type: ignore[union-attr]
                     return
         if pushed:
-            if self._send_due():
+            now_ms = trio.current_time() * 1000.0  # one clock read for the send and the plan
+            if self._send_due(now_ms):
                 self.metrics.latency_down.observe(_perf() - t_event)
             # Wake the playout task only if it now has to send earlier than it planned:
             # in steady state the agent's audio goes out right here and playout sleeps.
-            due = downlink.next_due(trio.current_time() * 1000.0)
+            due = downlink.next_due(now_ms)
             if due is not None and due < self._playout_due:
                 self._wake.set()
 
-    def _send_due(self) -> int:
-        """Send every frame the lead bound allows now; returns how many were sent."""
+    def _send_due(self, now_ms: float | None = None) -> int:
+        """Send every frame the lead bound allows at ``now_ms`` (default: now); returns how
+        many were sent."""
         if self._twilio_gone:
             return 0
-        frames = self.downlink.pull(trio.current_time() * 1000.0)
+        if now_ms is None:
+            now_ms = trio.current_time() * 1000.0
+        frames = self.downlink.pull(now_ms)
         if not frames:
             return 0
         if self._recorder is not None:
             self._recorder.agent(frames, self._elapsed_ms())
         # Each frame goes out as a media message and the mark that says when it played,
         # all of them built in one buffer (Cython; codec_ref.twilio_frames is the spec).
-        proto = self.proto
-        wire = codec.twilio_frames(proto.media_prefix, proto.mark_prefix, frames)
+        media_prefix, mark_prefix = self._prefixes
+        wire = codec.twilio_frames(media_prefix, mark_prefix, frames)
         if not self._first_audio_seen and frames[-1][2] != hold.HOLD_RID:
             self._first_audio_seen = True
             self.record.first_agent_audio_ms = (trio.current_time() - self._started_at) * 1000.0
