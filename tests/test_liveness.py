@@ -130,6 +130,31 @@ async def test_healthy_idle_peer_stays_alive(clock: trio.testing.MockClock) -> N
     assert relay.last_pong > 55  # pongs kept coming
 
 
+async def test_healthy_peer_costs_one_wake_per_ping(
+    clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each wake is a task step (a cancel scope, a deadline) of every call: a healthy
+    connection wakes the watchdog once per ping interval, not twice (the ping's own due
+    time once came out as the next wake)."""
+    from relay.agents import liveness
+
+    wakes: list[float] = []
+    real_sleep_until = trio.sleep_until
+
+    async def counting_sleep_until(deadline: float) -> None:
+        wakes.append(deadline)
+        await real_sleep_until(deadline)
+
+    monkeypatch.setattr(liveness.trio, "sleep_until", counting_sleep_until)
+    relay, peer = pair()
+    with trio.move_on_after(10.5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_peer, peer)
+            nursery.start_soon(read_forever, relay)
+            await run_connection(relay, LivenessOptions(ping_interval_s=1.0))
+    assert wakes == pytest.approx([float(t) for t in range(1, 12)], abs=0.01)
+
+
 async def test_silent_peer_is_dead_within_dead_after(clock: trio.testing.MockClock) -> None:
     """The peer vanishes (no FIN, nothing more sent or read): noticed dead_after_s after
     the last thing it sent, not a ping interval later."""

@@ -182,6 +182,13 @@ async def watch(
                 f"ping unanswered for {now - ping_out:.1f} s, nothing read for "
                 f"{now - read_at:.1f} s (peer not reading)"
             )
+        if now >= next_ping:
+            ws.send_ping_nowait()
+            if ping_out is None:
+                ping_out = now
+            next_ping = now + interval
+        # (the wake is planned after the ping: planned before it, the ping's own due time
+        # came out as the next wake, one extra task step per ping)
         wake = min(next_ping, ws.last_received + dead_after)
         if backlog is not None:
             wake = min(wake, backlog + dead_after)
@@ -195,12 +202,6 @@ async def watch(
                 sent_count = ws.messages_out
                 sent_at = now
             wake = min(wake, sent_at + keepalive)
-        if now >= next_ping:
-            ws.send_ping_nowait()
-            if ping_out is None:
-                ping_out = now
-            next_ping = now + interval
-            wake = min(wake, next_ping)
         if ping_out is not None and read_at is not None:
             wake = min(wake, read_at + dead_after)
         await trio.sleep_until(max(wake, now))
