@@ -8,7 +8,11 @@ of relay.media._codec side by side with what Python relays use instead:
   its lowest-delay setting QQ, ``audioop.ratecv``;
 * the fused Twilio paths: uplink base64 μ-law -> PCM16 at 16/24 kHz in one call, and
   downlink PCM16 16/24 kHz -> μ-law, against the same work done with
-  binascii + audioop (+ ratecv or soxr).
+  binascii + audioop (+ ratecv or soxr);
+* the agent WebSocket's hot messages: caller audio spliced into masked append frames
+  (``client_b64_frames``) against building each frame in Python, and an OpenAI audio delta
+  from its frame to the AgentAudio event (``ServerFrameParser`` with the delta parsed in
+  the reader) against the compiled and the Python frame reader followed by orjson.
 
 Every candidate keeps its streaming state across calls (as in a real call).  Timings are
 medians over rounds; in each round every candidate of a task is timed once, in rotating
@@ -204,6 +208,45 @@ def wire_tasks() -> dict[str, dict[str, Candidate]]:
                 [build_frame(OP_TEXT, _APPEND.b64(x).encode("utf-8"), True) for x in p]
             ),
         }
+    return tasks
+
+
+def _reader_candidates(wire: bytes) -> dict[str, Candidate]:
+    from relay.agents.openai_protocol import OpenAIOptions, OpenAIRealtimeProtocol
+    from relay.media.websocket import Control, FrameParser, ProtocolViolation
+
+    parse = OpenAIRealtimeProtocol(OpenAIOptions()).parse_message
+    fast = ours.ServerFrameParser(control=Control, violation=ProtocolViolation)
+    fast.openai_audio = True
+    compiled = ours.ServerFrameParser(control=Control, violation=ProtocolViolation)
+    python = FrameParser(expect_masked=False)
+    return {
+        "ours (delta parsed in the reader)": lambda: [e for m in fast.feed(wire) for e in parse(m)],
+        "compiled frames + orjson": lambda: [e for m in compiled.feed(wire) for e in parse(m)],
+        "python frames + orjson": lambda: [e for m in python.feed(wire) for e in parse(m)],
+    }
+
+
+def reader_tasks() -> dict[str, dict[str, Candidate]]:
+    """The agent -> relay hot message: one OpenAI Realtime audio delta (20 / 100 ms of
+    μ-law) from its WebSocket frame to the protocol core's AgentAudio event."""
+    from relay.media.websocket import OP_TEXT
+    from relay.media.websocket import build_frame as frame
+
+    tasks: dict[str, dict[str, Candidate]] = {}
+    for ms in (20, 100):
+        audio = ours.ulaw_encode(_frame(8000) * (ms // 20))
+        message = {
+            "type": "response.output_audio.delta",
+            "event_id": "event_BRF3nWdHnv8SeY0ybFbBD",
+            "response_id": "resp_BRF3nlGvMx6gq4xVoQGjp",
+            "item_id": "item_BRF3nmnIOHJBMTB6hSvNc",
+            "output_index": 0,
+            "content_index": 0,
+            "delta": base64.b64encode(audio).decode(),
+        }
+        wire = frame(OP_TEXT, json.dumps(message, separators=(",", ":")).encode())
+        tasks[f"agent audio delta {ms} ms -> event"] = _reader_candidates(wire)
     return tasks
 
 
@@ -438,11 +481,13 @@ def main(argv: list[str] | None = None) -> int:
     resample = time_tasks(resample_tasks(), rounds, target)
     fused = time_tasks(fused_tasks(), rounds, target)
     wire = time_tasks(wire_tasks(), rounds, target)
+    reader = time_tasks(reader_tasks(), rounds, target)
     qual = quality_table(args.quick)
     _print_timings("G.711, one 20 ms frame (160 samples)", g711)
     _print_timings("resampling, one 20 ms frame (streaming)", resample)
     _print_timings("fused Twilio paths, one 20 ms frame", fused)
     _print_timings("WebSocket frames to the agent, 20 ms frames", wire)
+    _print_timings("WebSocket frames from the agent, one message", reader)
     _print_quality(qual)
     delays = {f"{a // 1000}k->{b // 1000}k": ours.Resampler(a, b).delay_ms for a, b in ALL_PAIRS}
     result = {
@@ -459,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         "resample": {"ns": resample[0], "ratio": resample[1]},
         "fused": {"ns": fused[0], "ratio": fused[1]},
         "wire": {"ns": wire[0], "ratio": wire[1]},
+        "reader": {"ns": reader[0], "ratio": reader[1]},
         "quality": qual,
         "delay_ms": delays,
         "seconds": round(time.time() - started, 1),

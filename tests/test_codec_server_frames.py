@@ -18,9 +18,21 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from frame_cases import (
+    SEEDS,
+    WS,
+    Obj,
+    Raw,
+    check_scanned,
+    chunked_stream,
+    frame,
+    has_raw,
+    mutate,
+    render,
+    side_by_side,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_codec_twilio_frames import SEEDS, WS, Obj, Raw, frame, has_raw, outcome, render
 
 from relay.agents.base import AgentAudio
 from relay.agents.openai_protocol import OpenAIOptions, OpenAIRealtimeProtocol
@@ -104,13 +116,7 @@ def run_all(chunks: list[bytes], max_message: int = 65536, openai_audio: bool = 
     """Feed the same chunks to all three readers; assert they agree; return the outcomes."""
     readers = [make(_codec, max_message, openai_audio), make(codec_ref, max_message, openai_audio)]
     oracle = Oracle(max_message, openai_audio)
-    results = []
-    for chunk in chunks:
-        want = outcome(oracle.feed, chunk)
-        for r in readers:
-            assert outcome(r.feed, chunk) == want, chunk
-        results.append(want)
-    return results
+    return side_by_side([r.feed for r in readers], oracle.feed, chunks)
 
 
 # -- message generator ----------------------------------------------------------------------
@@ -190,42 +196,15 @@ def openai_message(draw: st.DrawFn) -> tuple[bytes, bool | None]:
         not isinstance(v, Raw) or v.text.lstrip("-").isdigit() for _, v in pairs
     ) and not has_raw([v for _, v in pairs if isinstance(v, Obj)])
     subset = subset and raw_ok and "\\" not in text and data.isascii()
-    verdict: bool | None = ok and subset
-    mutation = rnd.randrange(20)
-    if mutation == 1:
-        data += draw(st.sampled_from([b"x", b"}", b",", b"{}", b"\x00"]))
-        verdict = False
-    elif mutation == 2:
-        data = data.rstrip()
-        data = data[: draw(st.integers(0, max(0, len(data) - 1)))]
-        verdict = False
-    elif mutation == 3:
-        i = draw(st.integers(0, len(data)))
-        data = data[:i] + bytes([draw(st.integers(0, 255))]) + data[i:]
-        verdict = None
-    elif mutation == 4:
-        data = draw(st.binary(max_size=40) | st.text(max_size=40).map(str.encode))
-        verdict = None
-    return data, verdict
+    return mutate(draw, rnd, data, ok and subset)
 
 
 @settings(max_examples=500, deadline=None)
 @given(openai_message())
 def test_scanner_against_slow_path(msg: tuple[bytes, bool | None]) -> None:
     data, verdict = msg
-    got = [outcome(make(impl).feed, sframe(0x1, data)) for impl in (_codec, codec_ref)]
-    assert got[0] == got[1]
-    if got[0][0] == "violation":
-        assert got[0][1:] == ("text frame is not valid UTF-8", CLOSE_INVALID_DATA)
-        with pytest.raises(UnicodeDecodeError):
-            data.decode("utf-8")
-        return
-    ((_, value),) = got[0][1]
-    check_slow_path(data.decode("utf-8"), value)
-    if verdict is True:
-        assert isinstance(value, tuple), data
-    elif verdict is False:
-        assert isinstance(value, str), data
+    feeds = [make(impl).feed for impl in (_codec, codec_ref)]
+    check_scanned(feeds, sframe(0x1, data), data, verdict, check_slow_path)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -303,69 +282,13 @@ def test_seventeen_members_fall_back() -> None:
 # -- frame streams --------------------------------------------------------------------------
 
 
-@st.composite
-def frame_spec(draw: st.DrawFn, max_message: int) -> bytes:
-    rnd = random.Random(draw(SEEDS))
-    what = rnd.randrange(100)
-    if what < 45:
-        data, _ = draw(openai_message())
-        form = draw(st.sampled_from([None, None, None, 16, 64]))
-        if form == 16 and len(data) >= 65536:
-            form = None
-        return sframe(0x1, data, form=form)
-    if what < 55:
-        return sframe(0x2, draw(st.binary(max_size=300)))
-    if what < 68:
-        op = draw(st.sampled_from([0x8, 0x9, 0xA]))
-        size = draw(st.sampled_from([0, 2, 10, 125, 126]))
-        return sframe(op, draw(st.binary(min_size=size, max_size=size)))
-    if what < 82:  # a fragmented message with control frames in between
-        op = draw(st.sampled_from([0x1, 0x2]))
-        data = draw(openai_message())[0] if op == 0x1 else draw(st.binary(max_size=300))
-        cuts = sorted(draw(st.lists(st.integers(0, len(data)), min_size=1, max_size=4)))
-        pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
-        out = b""
-        for i, piece in enumerate(pieces):
-            out += sframe(op if i == 0 else 0x0, piece, fin=i == len(pieces) - 1)
-            if rnd.random() < 0.25:
-                out += sframe(0x9, b"ping")
-        return out
-    if what < 86:
-        n = max(0, max_message + draw(st.integers(-2, 2)))
-        return sframe(draw(st.sampled_from([0x1, 0x2])), b"a" * n)
-    if what < 88:
-        n = draw(st.sampled_from([2**16 + 1, 2**31, 2**63, 2**64 - 1]))
-        return sframe(0x2, b"", length=n, form=64)
-    bad = rnd.randrange(7)
-    if bad == 0:
-        return sframe(0x1, b"{}", rsv=draw(st.integers(1, 7)))
-    if bad == 1:
-        return sframe(0x1, b"{}", mask=True)  # a server never masks
-    if bad == 2:
-        return sframe(draw(st.sampled_from([3, 4, 5, 6, 7, 11, 12, 13, 14, 15])), b"x")
-    if bad == 3:
-        return sframe(0x9, b"x", fin=False)
-    if bad == 4:
-        return sframe(0x0, b"x", fin=draw(st.booleans()))
-    if bad == 5:
-        return sframe(0x1, b"\xff\xfe")
-    return sframe(0x1, b"part", fin=False)
-
-
-@st.composite
-def chunked_stream(draw: st.DrawFn) -> tuple[list[bytes], int, bool]:
-    max_message = draw(st.sampled_from([65536, 65536, 1000, 300, 0]))
-    frames = draw(st.lists(frame_spec(max_message), min_size=1, max_size=8))
-    data = b"".join(frames)
-    cuts = sorted(set(draw(st.lists(st.integers(0, len(data)), max_size=6))))
-    chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
-    return chunks, max_message, draw(st.booleans())
-
-
 @settings(max_examples=250, deadline=None)
-@given(chunked_stream())
-def test_compiled_ref_and_frameparser_agree(stream: tuple[list[bytes], int, bool]) -> None:
-    run_all(*stream)
+@given(chunked_stream(openai_message(), masked=False), st.booleans())
+def test_compiled_ref_and_frameparser_agree(
+    stream: tuple[list[bytes], int], openai_audio: bool
+) -> None:
+    chunks, max_message = stream
+    run_all(chunks, max_message, openai_audio)
 
 
 @settings(max_examples=60, deadline=None)

@@ -13,12 +13,24 @@ from __future__ import annotations
 import base64
 import json
 import random
-import struct
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import pytest
+from frame_cases import (
+    KEYS,
+    SEEDS,
+    WS,
+    Obj,
+    Raw,
+    check_scanned,
+    chunked_stream,
+    frame,
+    has_raw,
+    mutate,
+    render,
+    side_by_side,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,35 +50,6 @@ SID = "MZ" + "0123456789abcdef" * 2
 OTHER_SID = "MZ" + "fedcba9876543210" * 2
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def frame(
-    opcode: int,
-    payload: bytes,
-    *,
-    fin: bool = True,
-    rsv: int = 0,
-    mask: bool = True,
-    key: bytes = b"\x37\xfa\x21\x3d",
-    length: int | None = None,
-    form: int | None = None,
-) -> bytes:
-    """One frame; ``length`` overrides the announced length, ``form`` forces the length
-    encoding (7, 16 or 64 bits; the RFC wants the shortest, FrameParser accepts any)."""
-    n = len(payload) if length is None else length
-    if form is None:
-        form = 7 if n < 126 else 16 if n < 65536 else 64
-    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
-    mbit = 0x80 if mask else 0
-    if form == 7:
-        head += bytes([mbit | n])
-    elif form == 16:
-        head += bytes([mbit | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([mbit | 127]) + struct.pack("!Q", n)
-    if not mask:
-        return head + payload
-    return head + key + codec_ref.ws_mask(payload, key)
 
 
 def make(impl: ModuleType, max_message: int = 65536, sid: str = SID) -> Any:
@@ -95,25 +78,10 @@ class Oracle:
         return out
 
 
-def outcome(feed: Callable[[bytes], list[Any]], data: bytes) -> tuple[Any, ...]:
-    try:
-        items = feed(data)
-    except ProtocolViolation as exc:
-        return ("violation", str(exc), exc.code)
-    return ("ok", [(type(x), x) for x in items])
-
-
 def run_all(chunks: list[bytes], max_message: int = 65536, sid: str = SID) -> list[Any]:
     """Feed the same chunks to all three parsers; assert they agree; return the outcomes."""
     parsers = [make(_codec, max_message, sid), make(codec_ref, max_message, sid)]
-    oracle = Oracle(max_message, sid)
-    results = []
-    for chunk in chunks:
-        want = outcome(oracle.feed, chunk)
-        for p in parsers:
-            assert outcome(p.feed, chunk) == want, chunk
-        results.append(want)
-    return results
+    return side_by_side([p.feed for p in parsers], Oracle(max_message, sid).feed, chunks)
 
 
 def started_stream(sid: str = SID) -> TwilioStream:
@@ -158,47 +126,11 @@ def one_text(impl: ModuleType, msg: bytes | str, sid: str = SID) -> object:
 
 # -- message generator ----------------------------------------------------------------------
 
-SEEDS = st.integers(0, 2**32 - 1)  # shapes are chosen by a seeded random.Random: hypothesis's
-# own integers and floats lean to their bounds, which would make the rare cases common
-WS = ["", "", "", " ", "\t", "\n", "\r\n", "  "]
 B64 = st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode())
 DIGITS = st.integers(0, 10**15 - 1).map(str)
 BAD_NUMBERS = st.sampled_from(
     ["", "+5", "-5", " 5", "5 ", "1_0", "0x10", "1e3", "5.0", "٣", "1" * 16, "abc"]
 )
-
-
-class Raw:
-    """A JSON value rendered verbatim (numbers, literals, arrays, broken bits)."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-
-class Obj:
-    def __init__(self, pairs: list[tuple[str, object]]) -> None:
-        self.pairs = pairs
-
-
-def render(value: object, rnd: random.Random, escape: bool) -> str:
-    def ws() -> str:
-        return rnd.choice(WS)
-
-    if isinstance(value, Raw):
-        return value.text
-    if isinstance(value, Obj):
-        members = [
-            f"{ws()}{render(k, rnd, escape)}{ws()}:{ws()}{render(v, rnd, escape)}{ws()}"
-            for k, v in value.pairs
-        ]
-        return "{" + ",".join(members) + ws() + "}"
-    assert isinstance(value, str)
-    if escape and value:  # the same string, one character written as \uXXXX
-        i = rnd.randrange(len(value))
-        return (
-            json.dumps(value[:i])[:-1] + f"\\u{ord(value[i]):04x}" + json.dumps(value[i + 1 :])[1:]
-        )
-    return json.dumps(value, ensure_ascii=rnd.random() < 0.5)
 
 
 EXTRA_VALUES = st.sampled_from(
@@ -269,125 +201,19 @@ def twilio_message(draw: st.DrawFn) -> tuple[bytes, bool | None]:
     data = text.encode("utf-8")
     # escapes (\uXXXX, \", \\) and non-ASCII are outside the subset wherever they appear
     subset = subset and not has_raw(pairs) and "\\" not in text and data.isascii()
-    verdict: bool | None = ok and subset
-    mutation = rnd.randrange(20)
-    if mutation == 1:
-        data += draw(st.sampled_from([b"x", b"}", b",", b"{}", b"\x00"]))
-        verdict = False
-    elif mutation == 2:
-        data = data.rstrip()  # trailing whitespace is no part of the object
-        data = data[: draw(st.integers(0, max(0, len(data) - 1)))]
-        verdict = False
-    elif mutation == 3:
-        i = draw(st.integers(0, len(data)))
-        data = data[:i] + bytes([draw(st.integers(0, 255))]) + data[i:]
-        verdict = None
-    elif mutation == 4:
-        data = draw(st.binary(max_size=40) | st.text(max_size=40).map(str.encode))
-        verdict = None
-    return data, verdict
-
-
-def has_raw(value: object) -> bool:
-    """Whether a Raw value (number, literal, array...) is anywhere in ``value``."""
-    if isinstance(value, Raw):
-        return True
-    if isinstance(value, Obj):
-        return has_raw(value.pairs)
-    if isinstance(value, list | tuple):
-        return any(has_raw(v) for v in value)
-    return False
+    return mutate(draw, rnd, data, ok and subset)
 
 
 @settings(max_examples=400, deadline=None)
 @given(twilio_message())
 def test_scanner_against_slow_path(msg: tuple[bytes, bool | None]) -> None:
     data, verdict = msg
-    got = [outcome(make(impl).feed, frame(0x1, data)) for impl in (_codec, codec_ref)]
-    assert got[0] == got[1]
-    if got[0][0] == "violation":
-        assert got[0][1:] == ("text frame is not valid UTF-8", CLOSE_INVALID_DATA)
-        with pytest.raises(UnicodeDecodeError):
-            data.decode("utf-8")
-        return
-    ((_, value),) = got[0][1]
-    check_slow_path(data.decode("utf-8"), value)
-    if verdict is True:
-        assert isinstance(value, tuple), data
-    elif verdict is False:
-        assert isinstance(value, str), data
-
-
-# -- frame streams --------------------------------------------------------------------------
-
-KEYS = st.binary(min_size=4, max_size=4)
-
-
-@st.composite
-def frame_spec(draw: st.DrawFn, max_message: int) -> bytes:
-    key = draw(KEYS)
-    rnd = random.Random(draw(SEEDS))
-    what = rnd.randrange(100)
-    if what < 45:  # a text message, sometimes with a non-minimal length encoding
-        data, _ = draw(twilio_message())
-        form = draw(st.sampled_from([None, None, None, 16, 64]))
-        if form == 16 and len(data) >= 65536:
-            form = None
-        return frame(0x1, data, key=key, form=form)
-    if what < 55:
-        return frame(0x2, draw(st.binary(max_size=300)), key=key)
-    if what < 68:  # ping / pong / close, mostly legal
-        op = draw(st.sampled_from([0x8, 0x9, 0xA]))
-        size = draw(st.sampled_from([0, 2, 10, 125, 126]))
-        return frame(op, draw(st.binary(min_size=size, max_size=size)), key=key)
-    if what < 82:  # a fragmented message with control frames in between
-        op = draw(st.sampled_from([0x1, 0x2]))
-        if op == 0x1:
-            data, _ = draw(twilio_message())
-        else:
-            data = draw(st.binary(max_size=300))
-        cuts = sorted(draw(st.lists(st.integers(0, len(data)), min_size=1, max_size=4)))
-        pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
-        out = b""
-        for i, piece in enumerate(pieces):
-            out += frame(op if i == 0 else 0x0, piece, fin=i == len(pieces) - 1, key=key)
-            if rnd.random() < 0.25:
-                out += frame(0x9, b"ping", key=key)
-        return out
-    if what < 86:  # around the size limit
-        n = max(0, max_message + draw(st.integers(-2, 2)))
-        return frame(draw(st.sampled_from([0x1, 0x2])), b"a" * n, key=key)
-    if what < 88:  # a header announcing a huge frame
-        n = draw(st.sampled_from([2**16 + 1, 2**31, 2**63, 2**64 - 1]))
-        return frame(0x2, b"", key=key, length=n, form=64)
-    bad = rnd.randrange(7)
-    if bad == 0:
-        return frame(0x1, b"{}", rsv=draw(st.integers(1, 7)), key=key)
-    if bad == 1:
-        return frame(0x1, b"{}", mask=False)
-    if bad == 2:
-        return frame(draw(st.sampled_from([3, 4, 5, 6, 7, 11, 12, 13, 14, 15])), b"x", key=key)
-    if bad == 3:
-        return frame(0x9, b"x", fin=False, key=key)
-    if bad == 4:
-        return frame(0x0, b"x", fin=draw(st.booleans()), key=key)
-    if bad == 5:
-        return frame(0x1, b"\xff\xfe", key=key)
-    return frame(0x1, b"part", fin=False, key=key)  # unfinished: the next data frame fails
-
-
-@st.composite
-def chunked_stream(draw: st.DrawFn) -> tuple[list[bytes], int]:
-    max_message = draw(st.sampled_from([65536, 65536, 1000, 300, 0]))
-    frames = draw(st.lists(frame_spec(max_message), min_size=1, max_size=8))
-    data = b"".join(frames)
-    cuts = sorted(set(draw(st.lists(st.integers(0, len(data)), max_size=6))))
-    chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
-    return chunks, max_message
+    feeds = [make(impl).feed for impl in (_codec, codec_ref)]
+    check_scanned(feeds, frame(0x1, data), data, verdict, check_slow_path)
 
 
 @settings(max_examples=250, deadline=None)
-@given(chunked_stream())
+@given(chunked_stream(twilio_message(), masked=True))
 def test_compiled_ref_and_frameparser_agree(stream: tuple[list[bytes], int]) -> None:
     chunks, max_message = stream
     run_all(chunks, max_message)  # (the oracle checks each tuple against TwilioStream)

@@ -110,6 +110,8 @@ cdef class _FrameReader:
     cdef uint8_t* _tmp          # scratch for one unmasked text frame
     cdef Py_ssize_t _tcap
 
+    cdef void _setup(self, bint masked, long long max_message, object control,
+                     object violation)
     cdef int _fail(self, str message, int code) except -1
     cdef object _text(self, const uint8_t* p, Py_ssize_t n)
 

@@ -1619,6 +1619,19 @@ cdef class _FrameReader:
         free(self._fbuf)
         free(self._tmp)
 
+    cdef void _setup(self, bint masked, long long max_message, object control,
+                     object violation):
+        # what every __init__ sets: the frame rules and an empty state
+        self._masked = masked
+        self.max_message = max_message
+        self._control = control
+        self._violation = violation
+        self._buf = b""
+        self._in_frag = False
+        self._frag_op = 0
+        self._frag_len = 0
+        self._fn = 0
+
     cdef int _fail(self, str message, int code) except -1:
         raise self._violation(message, code)
 
@@ -1779,17 +1792,9 @@ cdef class TwilioFrameParser(_FrameReader):
 
     def __init__(self, str stream_sid not None, *, long long max_message=65536,
                  control, violation):
+        self._setup(True, max_message, control, violation)
         self.stream_sid = stream_sid
-        self.max_message = max_message
-        self._control = control
-        self._violation = violation
-        self._masked = True
         self._sid = stream_sid.encode("utf-8", "surrogatepass")
-        self._buf = b""
-        self._in_frag = False
-        self._frag_op = 0
-        self._frag_len = 0
-        self._fn = 0
 
     cdef object _text(self, const uint8_t *p, Py_ssize_t n):
         cdef object msg = _scan_twilio(p, n, <const uint8_t *>PyBytes_AS_STRING(self._sid),
@@ -1811,16 +1816,8 @@ cdef class ServerFrameParser(_FrameReader):
 
     def __init__(self, *, long long max_message=65536, control, violation,
                  bint openai_audio=False):
-        self.max_message = max_message
-        self._control = control
-        self._violation = violation
-        self._masked = False
+        self._setup(False, max_message, control, violation)
         self.openai_audio = openai_audio
-        self._buf = b""
-        self._in_frag = False
-        self._frag_op = 0
-        self._frag_len = 0
-        self._fn = 0
 
     cdef object _text(self, const uint8_t *p, Py_ssize_t n):
         cdef object msg
