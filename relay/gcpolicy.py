@@ -23,15 +23,15 @@ handlers unbound, a call drops its reactor registration at the end, a closed soc
 a fresh exception rather than the one it keeps, the webhook server's protocol is dropped
 when its connection ends), so an ended call is freed by reference counting. What others
 still leave (a routing closure per webhook request) is short-lived, and :class:`GcSweeper`
-collects the young generations every ``server.gc_young_s`` (1 s): a walk of only what was
+collects the young generations every ``server.gc_young_s`` (0.25 s): a walk of only what was
 allocated since and still lives, so such garbage is freed before it is promoted. The walk
 is mostly the calls' current waits (each wait's coroutine and cancel scope), so its
 length grows with the interval: at 270 calls on one core a 1 s clock paused the loop
 2.7–3.5 ms per sweep on average (1–3 of 15 sweeps over 5 ms), 0.25 s 0.8–1.0 ms, for
 ~15 % more in total (``bench/published/gc-young/``, ``relay_gc_pause_seconds`` in each
 run's metrics). Near saturation the length of a stall, not the sum, is what reaches the
-tail latency; 1 s stays the default until an hour's soak shows 0.25 s holds memory as
-well (a 15-minute one, ``soak-15min-gc-young-0.25s.json``, passed but cannot tell).
+tail latency, hence 0.25 s; an hour's soak at 224 calls with it held memory flat (RSS
++1.68 MiB, ``bench/published/soak-224-gc-young-0.25s.json``).
 A full collection, which walks every live call's objects (tens of ms at a few hundred
 calls, hence never on a short clock), runs every ``server.gc_full_s`` (10 min) for whatever
 cycles a rarer path still makes. Pauses are measured (``relay_gc_pause_seconds``) so the
