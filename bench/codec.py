@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.report import save_json
 from relay.media import _codec as ours
 
 with warnings.catch_warnings():
@@ -509,8 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         "delay_ms": delays,
         "seconds": round(time.time() - started, 1),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    save_json(args.json, result)
     print(f"\nwrote {args.json} ({result['seconds']} s, FIR kernel {result['fir_kernel']})")
     return 0
 

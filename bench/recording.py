@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import platform
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import trio
+
+from bench.report import save_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -103,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             f"p99 {st['p99_us']:6.2f} µs  max {st['max_us']:7.1f} µs"
         )
     print(f"  audio held per call at most {result['peak_pending_ms_per_channel']} ms per channel")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save_json(args.out, result)
     print(f"\nJSON: {args.out}")
     return 0
 

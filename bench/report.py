@@ -20,6 +20,13 @@ TARGETS_TEXT = {
 }
 
 
+def save_json(path: Path, data: object, *, indent: int = 2) -> None:
+    """A bench result to ``path`` (its folder made if missing): every bench module's last
+    step. Values JSON does not know (paths, enums) are written as their str."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=indent, default=str) + "\n")
+
+
 def _ok_runs(suite: dict) -> list[dict]:
     return [r for r in suite["runs"] if not r.get("error")]
 
@@ -638,7 +645,6 @@ def generator_ceiling(suite: dict) -> str:
 
 
 def write_json(suite: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = dict(suite)
     data["ratios"] = ratios(suite)
     data["target_checks"] = target_checks(suite)
@@ -647,7 +653,7 @@ def write_json(suite: dict, path: Path) -> None:
     if len({r["agent"] for r in agents}) > 1:
         data["agent_medians"] = agents
         data["gemini_checks"] = gemini_checks(agents)
-    path.write_text(json.dumps(data, indent=1, default=str))
+    save_json(path, data, indent=1)
 
 
 # -- plots -----------------------------------------------------------------------------

@@ -75,6 +75,7 @@ from bench.harness import (
 )
 from bench.loadgen import LoadGenerator, TwilioCall
 from bench.netio import HttpRequest, Reactor, monotonic_ns
+from bench.report import save_json
 from bench.stats import NS_PER_MS, percentile
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -828,8 +829,7 @@ def text_report(result: dict) -> str:
 
 
 def write_json(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=str))
+    save_json(path, result, indent=1)
 
 
 def plot(result: dict, path: Path) -> Path | None:

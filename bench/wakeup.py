@@ -18,7 +18,6 @@ Run: ``python -m bench.wakeup`` (~20 s); writes ``bench/results/wakeup.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import select
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import trio
 
+from bench.report import save_json
 from relay.media.passtimer import PassTimer
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "wakeup.json"
@@ -121,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "periods": table,
         "seconds": round(time.time() - started, 1),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    save_json(args.json, result)
     print(f"\nwrote {args.json} ({result['seconds']} s)")
     return 0
 

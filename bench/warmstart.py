@@ -23,7 +23,6 @@ to the first audio of a response; Twilio's webhook-to-``start`` gap 300 ms (fast
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import secrets
 import statistics
@@ -34,6 +33,8 @@ from typing import Any
 
 import orjson
 import trio
+
+from bench.report import save_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TESTS = Path(__file__).resolve().parent.parent / "tests"
@@ -207,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     gaps = [int(g) for g in args.gaps.split(",") if g.strip()]
     results = trio.run(run, args.calls, gaps, args.handshake_ms, args.first_audio_ms)
     print(table(results))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    save_json(args.out, results)
     print(f"\nJSON: {args.out}")
     return 0
 

@@ -42,7 +42,6 @@ import argparse
 import binascii
 import gc
 import importlib.util
-import json
 import os
 import select
 import statistics
@@ -70,6 +69,7 @@ from bench.harness import (
     wait_quiet,
 )
 from bench.netio import OP_TEXT, Reactor, Ticker, WsClient, monotonic_ns, unmask
+from bench.report import save_json
 from bench.stats import NS_PER_MS, loadgen_validity, percentile
 from relay.config import MediaConfig
 from relay.errors import ConnectionClosed
@@ -710,8 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     suite = run_suite(stacks, _plan(args), not args.no_pin, Progress())
     suite["mode"] = "quick" if args.quick else "full"
     print(text_report(suite))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(suite, indent=1))
+    save_json(args.json, suite, indent=1)
     print(f"\nJSON: {args.json}")
     bad = [r for r in suite["runs"] if status(r) in ("ERROR", "BAD-ECHO")]
     return 1 if bad else 0
