@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.media import _codec, codec_ref
+from relay.media.call import downlink_slack_ms
 
 IMPLS = [pytest.param(_codec, id="compiled"), pytest.param(codec_ref, id="ref")]
 MS = 8  # μ-law 8 kHz: bytes per ms
@@ -66,6 +67,49 @@ def test_partial_frame_goes_at_once_when_twilio_is_dry(impl: ModuleType) -> None
     assert [len(f) for f, _, _ in db.pull(0.0)] == [720]  # nothing playing: no waiting
     db.push(audio(25), "r1")
     assert [len(f) for f, _, _ in db.pull(75.0)] == [200]  # 15 ms left: under the margin
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_partial_within_slack_goes_like_a_full_frame(impl: ModuleType) -> None:
+    db = impl.DownlinkBuffer(max_lead_ms=1000, slack_ms=4)
+    db.push(audio(100)[:779], "r1")  # a resampled 100 ms chunk: 21 bytes held back
+    db.push(audio(100), "r2")
+    assert [len(f) for f, _, _ in db.pull(0.0)] == [779, 800]  # no PARTIAL_HOLD_MS wait
+    db.push(audio(100)[:767], "r2")  # 33 bytes short: more than the slack
+    assert db.pull(0.0) == [] and db.buffered_ms == 95
+    assert db.next_due(0.0) == pytest.approx(10.0)
+    db.push(audio(10), "r2")  # carries on: a full frame and a 47-byte partial
+    assert [len(f) for f, _, _ in db.pull(1.0)] == [800]
+    assert db.buffered_ms == 5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_slack_is_checked(impl: ModuleType) -> None:
+    with pytest.raises(ValueError):
+        impl.DownlinkBuffer(frame_ms=20, slack_ms=20)
+    with pytest.raises(ValueError):
+        impl.DownlinkBuffer(slack_ms=-1)
+    assert impl.DownlinkBuffer(frame_ms=20, slack_ms=19).slack_ms == 19
+
+
+@pytest.mark.parametrize("rate", [16000, 24000])
+def test_resampled_chunks_leave_without_waiting(rate: int) -> None:
+    """What a call with a PCM agent does (Call._setup_transcoding): every 100 ms chunk of
+    the agent's answer leaves as one frame the moment it arrives, the first one too."""
+    to_ulaw = _codec.PcmToUlaw(rate)
+    db = _codec.DownlinkBuffer(max_lead_ms=10_000)
+    db.slack_ms = downlink_slack_ms(to_ulaw, db.frame_ms)
+    sizes = []
+    for i in range(6):
+        chunk = bytes([i * 16, 16]) * (rate // 10)  # 100 ms of PCM16 at a steady level
+        db.push(to_ulaw.feed(chunk), "r")
+        sizes += [len(f) for f, _, _ in db.pull(float(i))]
+        assert db.buffered_ms == 0
+    db.push(to_ulaw.flush(), "r")
+    db.end_response("r")
+    sizes += [len(f) for f, _, _ in db.pull(6.0)]
+    assert sizes[1:6] == [800] * 5 and 770 < sizes[0] < 800
+    assert sum(sizes) == 4800  # 600 ms in, 600 ms out
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -224,11 +268,15 @@ def test_properties_and_bytes_like(impl: ModuleType) -> None:
     ),
     frame_ms=st.sampled_from([20, 100]),
     lead=st.sampled_from([0, 60, 200]),
+    slack=st.sampled_from([0, 4]),
 )
 def test_frames_reassemble_the_input_and_lead_stays_bounded(
-    bursts: list[tuple[int, int, int]], frame_ms: int, lead: int
+    bursts: list[tuple[int, int, int]], frame_ms: int, lead: int, slack: int
 ) -> None:
-    dbs = [m.DownlinkBuffer(frame_ms=frame_ms, max_lead_ms=lead) for m in (_codec, codec_ref)]
+    dbs = [
+        m.DownlinkBuffer(frame_ms=frame_ms, max_lead_ms=lead, slack_ms=slack)
+        for m in (_codec, codec_ref)
+    ]
     sent: dict[str, bytearray] = {}
     pushed: dict[str, bytearray] = {}
     now = 0.0
@@ -279,12 +327,17 @@ ops = st.lists(
 
 
 @settings(max_examples=120, deadline=None)
-@given(ops=ops, frame_ms=st.sampled_from([20, 100]), cap=st.sampled_from([300, 600_000]))
+@given(
+    ops=ops,
+    frame_ms=st.sampled_from([20, 100]),
+    cap=st.sampled_from([300, 600_000]),
+    slack=st.sampled_from([0, 3, 15]),
+)
 def test_compiled_equals_reference(
-    ops: list[tuple[str, int, int]], frame_ms: int, cap: int
+    ops: list[tuple[str, int, int]], frame_ms: int, cap: int, slack: int
 ) -> None:
-    a = _codec.DownlinkBuffer(frame_ms=frame_ms, max_buffer_ms=cap)
-    b = codec_ref.DownlinkBuffer(frame_ms=frame_ms, max_buffer_ms=cap)
+    a = _codec.DownlinkBuffer(frame_ms=frame_ms, max_buffer_ms=cap, slack_ms=slack)
+    b = codec_ref.DownlinkBuffer(frame_ms=frame_ms, max_buffer_ms=cap, slack_ms=slack)
     now = 0.0
     names: list[str] = []
     for op, x, y in ops:

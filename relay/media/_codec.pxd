@@ -71,6 +71,7 @@ cdef class DownlinkBuffer:
     cdef readonly int frame_ms
     cdef readonly int max_lead_ms
     cdef readonly long long max_buffer_ms
+    cdef public int slack_ms
     cdef readonly long long frames_out
     cdef readonly long long overflow_bytes
     cdef readonly long long ignored_marks

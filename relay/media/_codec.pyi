@@ -77,11 +77,16 @@ class DownlinkBuffer:
     frame_ms: int
     max_lead_ms: int
     max_buffer_ms: int
+    slack_ms: int
     frames_out: int
     overflow_bytes: int
     ignored_marks: int
     def __init__(
-        self, frame_ms: int = 100, max_lead_ms: int = 200, max_buffer_ms: int = 600_000
+        self,
+        frame_ms: int = 100,
+        max_lead_ms: int = 200,
+        max_buffer_ms: int = 600_000,
+        slack_ms: int = 0,
     ) -> None: ...
     @property
     def pending_marks(self) -> int: ...

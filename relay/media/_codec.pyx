@@ -1081,10 +1081,14 @@ cdef class DownlinkBuffer:
     """Paces agent μ-law 8 kHz audio to Twilio under a bounded lead, tags frames with marks
     and tracks what the caller heard.  See relay.media.codec_ref.DownlinkBuffer for the rules."""
 
-    def __init__(self, int frame_ms=100, int max_lead_ms=200, long long max_buffer_ms=600_000):
+    def __init__(self, int frame_ms=100, int max_lead_ms=200, long long max_buffer_ms=600_000,
+                 int slack_ms=0):
         if frame_ms <= 0 or max_lead_ms < 0 or max_buffer_ms <= 0:
             raise ValueError("frame_ms > 0, max_lead_ms >= 0, max_buffer_ms > 0")
+        if not 0 <= slack_ms < frame_ms:
+            raise ValueError("0 <= slack_ms < frame_ms")
         self.frame_ms = frame_ms
+        self.slack_ms = slack_ms
         self.max_lead_ms = max_lead_ms
         self.max_buffer_ms = max_buffer_ms
         self._frame_bytes = frame_ms * _BYTES_PER_MS
@@ -1160,6 +1164,8 @@ cdef class DownlinkBuffer:
             r.offset += fb
             self._queue.append((frame, response_id, r.offset))
             self._queued += fb
+        if self._partial and len(self._partial) >= fb - self.slack_ms * _BYTES_PER_MS:
+            self._close_partial()  # full but for a resampler's hold-back: see the reference
         if not self._partial:
             self._partial_rid = None
             self._partial_timed = False

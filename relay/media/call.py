@@ -333,6 +333,7 @@ class Call:
             self._to_pcm = codec.UlawToPcm(agent.input_format.rate)
         if not agent.output_format.is_twilio_native:
             self._to_ulaw = codec.PcmToUlaw(agent.output_format.rate)
+            self.downlink.slack_ms = downlink_slack_ms(self._to_ulaw, self.downlink.frame_ms)
 
     # -- reactor registrations ------------------------------------------------------------
     def _register(self, sock: socket.socket, handler: Callable[[], None]) -> None:
@@ -820,6 +821,15 @@ class Call:
             "uplink_late_drops": up.late_drops,
             "downlink_pending_marks": self.downlink.pending_marks,
         }
+
+
+def downlink_slack_ms(to_ulaw: Any, frame_ms: int) -> int:
+    """How far short of a whole frame a transcoded agent chunk may come out: the resampler
+    holds back its filter's look-ahead (``delay_ms``, ~2.7 ms at 16 / 24 kHz), so a 100 ms
+    chunk of PCM gives 100 ms less those samples. Within that slack the downlink buffer
+    sends the frame at once instead of holding it ``PARTIAL_HOLD_MS`` for audio that would
+    only start the next frame (codec_ref.DownlinkBuffer). One ms more for the rounding."""
+    return max(0, min(math.ceil(to_ulaw.delay_ms) + 1, frame_ms - 1))
 
 
 class _Reject(Exception):

@@ -615,7 +615,12 @@ class DownlinkBuffer:
 
     * ``push`` re-chunks bursts of any size into frames of frame_ms; a different
       response_id first closes the previous response's partial frame; ``end_response``
-      closes the final partial frame.
+      closes the final partial frame.  A partial frame within ``slack_ms`` of frame_ms is
+      closed by the push that made it: a resampler holds the last ~3 ms of each chunk back
+      (its filter's look-ahead), so an agent's 100 ms chunk comes out a few samples short
+      of a frame and the shortfall carries over to the end of the answer. Holding such a
+      frame for PARTIAL_HOLD_MS would merge nothing (the next chunk makes its own whole
+      frame) and only delay it.
     * ``pull(now_ms)`` sends queued frames while the audio already scheduled ahead of now
       is at most max_lead_ms: ``play_end - now_ms <= max_lead_ms`` with, per frame of d ms,
       ``play_end = max(play_end, now_ms) + d``.  When no full frame is queued, the partial
@@ -644,11 +649,18 @@ class DownlinkBuffer:
     """
 
     def __init__(
-        self, frame_ms: int = 100, max_lead_ms: int = 200, max_buffer_ms: int = 600_000
+        self,
+        frame_ms: int = 100,
+        max_lead_ms: int = 200,
+        max_buffer_ms: int = 600_000,
+        slack_ms: int = 0,
     ) -> None:
         if frame_ms <= 0 or max_lead_ms < 0 or max_buffer_ms <= 0:
             raise ValueError("frame_ms > 0, max_lead_ms >= 0, max_buffer_ms > 0")
+        if not 0 <= slack_ms < frame_ms:
+            raise ValueError("0 <= slack_ms < frame_ms")
         self.frame_ms = frame_ms
+        self.slack_ms = slack_ms
         self.max_lead_ms = max_lead_ms
         self.max_buffer_ms = max_buffer_ms
         self._frame_bytes = frame_ms * _BYTES_PER_MS
@@ -718,6 +730,8 @@ class DownlinkBuffer:
             r.offset += fb
             self._queue.append((frame, response_id, r.offset))
             self._queued += fb
+        if self._partial and len(self._partial) >= fb - self.slack_ms * _BYTES_PER_MS:
+            self._close_partial()
         if not self._partial:
             self._partial_rid = None
             self._partial_since = None
