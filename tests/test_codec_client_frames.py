@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.agents.openai_protocol import OpenAIRealtimeProtocol
+from relay.agents.openai_protocol import OpenAIOptions, OpenAIRealtimeProtocol
 from relay.media import _codec, codec_ref
 from relay.media.websocket import FrameParser
 
@@ -91,3 +91,42 @@ def test_the_openai_append_parts_splice_to_the_serialised_message() -> None:
     (text,) = parsed(_codec.client_b64_frames(head, [payload], tail) or b"")
     assert isinstance(text, str)
     assert orjson.loads(text) == {"type": "input_audio_buffer.append", "audio": payload}
+
+
+# -- client_audio_frame: transcoded (PCM) caller audio, base64-encoded into the message ----
+
+
+@given(audio=st.binary(max_size=3000))
+@settings(max_examples=300, deadline=None)
+def test_audio_frame_compiled_and_reference_build_the_same_message(audio: bytes) -> None:
+    want = [(HEAD + base64.b64encode(audio) + TAIL).decode()]
+    for impl in (_codec, codec_ref):
+        assert parsed(impl.client_audio_frame(HEAD, audio, TAIL)) == want
+        assert parsed(impl.client_audio_frame(HEAD, bytearray(audio), TAIL)) == want
+        assert parsed(impl.client_audio_frame(HEAD, memoryview(audio), TAIL)) == want
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 58, 59, 60, 61, 49_100, 49_101, 49_200])
+def test_audio_frame_length_encodings_and_padding(impl: ModuleType, n: int) -> None:
+    """Lengths around the 7/16/64-bit switches (RFC 6455 §5.2) and every base64 padding."""
+    audio = bytes(range(256)) * (n // 256) + bytes(range(n % 256))
+    wire = impl.client_audio_frame(HEAD, audio, TAIL)
+    assert wire[0] == 0x81 and wire[1] & 0x80  # FIN + text, masked
+    (message,) = parsed(wire)
+    assert base64.b64decode(orjson.loads(message)["audio"], validate=True) == audio
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_audio_frames_get_fresh_masking_keys(impl: ModuleType) -> None:
+    keys = {impl.client_audio_frame(HEAD, b"\x01\x02", TAIL)[2:6] for _ in range(200)}
+    assert len(keys) > 190
+
+
+def test_audio_frame_is_the_protocols_own_message() -> None:
+    """What the OpenAI adapter sends for PCM audio is what its protocol would serialise."""
+    proto = OpenAIRealtimeProtocol(OpenAIOptions(audio="pcm24k"))
+    head, tail = proto.append_parts
+    audio = bytes(range(256)) * 4
+    (message,) = parsed(_codec.client_audio_frame(head, audio, tail))
+    assert message == proto.append_audio(audio)

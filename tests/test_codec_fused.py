@@ -113,6 +113,47 @@ def test_uplink_chunking_invariance(rate: int, cuts: list[int], seed: int) -> No
     assert got + up.flush() == want
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    rate=st.sampled_from(RATES),
+    batches=st.lists(st.lists(st.integers(0, 400), max_size=5), max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_uplink_feed_b64_many_equals_one_by_one(
+    rate: int, batches: list[list[int]], seed: int
+) -> None:
+    """One read's payloads in one call: the same PCM as feeding them one at a time, in both
+    implementations (str and bytes payloads)."""
+    one, many, ref = _codec.UlawToPcm(rate), _codec.UlawToPcm(rate), codec_ref.UlawToPcm(rate)
+    for i, sizes in enumerate(batches):
+        payloads: list[str | bytes] = [
+            base64.b64encode(ulaw_noise(n, seed + 10 * i + j)) for j, n in enumerate(sizes)
+        ]
+        payloads = [p.decode() if j % 2 else p for j, p in enumerate(payloads)]
+        want = b"".join(one.feed_b64(p) for p in payloads)
+        assert many.feed_b64_many(payloads) == want
+        assert ref.feed_b64_many(payloads) == want
+    assert many.flush() == one.flush() == ref.flush()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_uplink_feed_b64_many_bad_payload_feeds_nothing(impl: ModuleType) -> None:
+    good = base64.b64encode(ulaw_noise(160, 7)).decode()
+    a, b = impl.UlawToPcm(24000), impl.UlawToPcm(24000)
+    with pytest.raises(ValueError):
+        a.feed_b64_many([good, "not base64!"])
+    assert a.feed_b64_many([good]) == b.feed_b64(good)  # the bad batch left no trace
+    assert a.feed_b64_many([]) == b""
+
+
+def test_uplink_feed_b64_many_beyond_scratch() -> None:
+    """Batches larger than the compiled module's 16 KiB scratch take the malloc path."""
+    payloads = [base64.b64encode(ulaw_noise(6000, i)).decode() for i in range(5)]
+    for rate in RATES:
+        a, b = _codec.UlawToPcm(rate), codec_ref.UlawToPcm(rate)
+        assert a.feed_b64_many(payloads) == b.feed_b64_many(payloads)
+
+
 # -- PcmToUlaw ----------------------------------------------------------------------------
 
 

@@ -212,7 +212,7 @@ class AssemblyAIAgent(SessionSocketAgent):
         self._send_audio_spliced(proto.input_audio_parts, payloads, proto.input_audio_b64)
 
     def send_audio(self, audio: bytes) -> None:
-        self._send_text(self.protocol.input_audio(audio))
+        self._send_audio_encoded(self.protocol.input_audio_parts, audio)
 
     def send_tool_result(self, call_id: str, output: str) -> None:
         """Sent after the ``reply.done`` of the reply that made the call (documented order);

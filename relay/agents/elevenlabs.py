@@ -223,7 +223,8 @@ class ElevenLabsAgent(SocketAgent):
     def send_audio(self, audio: bytes) -> None:
         ws = self._open_socket()
         if ws is not None:
-            ws.send_text_nowait(self.protocol.audio_chunk(audio))
+            head, tail = self.protocol.audio_chunk_parts
+            ws.send_audio_text_nowait(head, audio, tail)  # one compiled build
 
     def send_tool_result(self, call_id: str, output: str) -> None:
         message = self.protocol.tool_result(call_id, output)

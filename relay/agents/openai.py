@@ -281,12 +281,14 @@ class OpenAIRealtimeAgent(SessionSocketAgent):
             self._keep([append(p) for p in payloads], sum(len(p) for p in payloads) * 3 // 4)
 
     def send_audio(self, audio: bytes) -> None:
-        message = self.protocol.append_audio(audio)
+        # Transcoded (PCM) caller audio: base64, message, frame and mask in one compiled
+        # call; the message itself is only made when it has to wait for a new connection.
+        head, tail = self.protocol.append_parts
         try:
-            self._socket().send_text_nowait(message)
+            self._socket().send_audio_text_nowait(head, audio, tail)
         except ConnectionClosed as exc:
             self._send_failed(exc)
-            self._keep([message], len(audio))
+            self._keep([self.protocol.append_audio(audio)], len(audio))
 
     def truncate(self, response_id: str, audio_end_ms: int) -> None:
         """``conversation.item.truncate`` for the assistant item; ``audio_end_ms`` is clamped

@@ -543,6 +543,14 @@ class SessionSocketAgent(SocketAgent):
         except ConnectionClosed as exc:
             self._send_failed(exc)
 
+    def _send_audio_encoded(self, parts: tuple[bytes, bytes], audio: bytes) -> None:
+        """Raw caller audio (transcoded PCM) base64-encoded into the agent's JSON message,
+        built in one compiled call (``WebSocket.send_audio_text_nowait``)."""
+        try:
+            self._socket().send_audio_text_nowait(parts[0], audio, parts[1])
+        except ConnectionClosed as exc:
+            self._send_failed(exc)
+
     def _send_bytes(self, data: bytes) -> None:
         try:
             self._socket().send_bytes_nowait(data)

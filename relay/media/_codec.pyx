@@ -838,6 +838,39 @@ cdef class UlawToPcm:
             if dst != _scratch:
                 free(dst)
 
+    def feed_b64_many(self, list payloads not None) -> bytes:
+        """The payloads of one read -> their PCM16 in one piece, as ``b"".join(feed_b64(p)
+        for p in payloads)``: all decoded first, then resampled in one pass.  A payload
+        that is not valid base64 raises ValueError and nothing is fed."""
+        # a tuple: what pass 1 sized is what pass 2 decodes
+        cdef tuple items = tuple(payloads)
+        cdef Py_ssize_t k, count = len(items), cap = 0, n = 0, size
+        cdef _In s
+        cdef object keep
+        cdef uint8_t* dst = _scratch
+        for k in range(count):
+            keep = _b64_source(items[k], &s)
+            cap += _b64_size(s.n)
+            _in_release(&s)
+        if cap > _SCRATCH:
+            dst = <uint8_t*>malloc(cap)
+            if dst == NULL:
+                raise MemoryError()
+        try:
+            for k in range(count):
+                keep = _b64_source(items[k], &s)
+                try:
+                    size = _b64_size(s.n)
+                    if n + size > cap:  # a bytes-like that grew in between
+                        raise ValueError("payload changed while it was decoded")
+                    n += _b64_decode(s.p, s.n, dst + n)
+                finally:
+                    _in_release(&s)
+            return self._rs._convert(dst, n, IN_ULAW, OUT_PCM)
+        finally:
+            if dst != _scratch:
+                free(dst)
+
     def flush(self) -> bytes:
         return self._rs._flush(OUT_PCM)
 
@@ -2137,4 +2170,38 @@ def client_b64_frames(bytes head not None, list payloads not None, bytes tail no
         memcpy(o + pos + hp + n, PyBytes_AS_STRING(tail), tp)
         _xor4(o + pos, o + pos, m, key)
         pos += m
+    return out
+
+
+def client_audio_frame(bytes head not None, audio, bytes tail not None) -> bytes:
+    """Wire bytes of one masked client text frame holding ``head + base64(audio) + tail``:
+    a transcoded agent's caller audio (PCM) in its JSON message, encoded, framed and masked
+    in one buffer (the Python path made the base64 string, the message, its UTF-8 bytes,
+    the frame and the masked copy).  See relay.media.codec_ref.client_audio_frame."""
+    global _mask_pool, _mask_pos
+    cdef Py_ssize_t hp = PyBytes_GET_SIZE(head), tp = PyBytes_GET_SIZE(tail), m, h
+    cdef _In s
+    cdef bytes out
+    cdef uint8_t *o
+    cdef const uint8_t *key
+    if _mask_pos + 4 > PyBytes_GET_SIZE(_mask_pool):
+        _mask_pool = _os.urandom(4096)
+        _mask_pos = 0
+    _in_get(audio, &s)
+    try:
+        m = hp + _b64_encoded_size(s.n) + tp
+        out = _new_bytes(_frame_head_size(m) + 4 + m)
+        o = <uint8_t *>PyBytes_AS_STRING(out)
+        h = _write_head(o, m)
+        o[1] |= 0x80  # MASK bit: a client always masks (RFC 6455 §5.2)
+        key = <const uint8_t *>PyBytes_AS_STRING(_mask_pool) + _mask_pos
+        _mask_pos += 4
+        memcpy(o + h, key, 4)
+        o += h + 4
+        memcpy(o, PyBytes_AS_STRING(head), hp)
+        _b64_encode(s.p, s.n, o + hp)
+        memcpy(o + m - tp, PyBytes_AS_STRING(tail), tp)
+        _xor4(o, o, m, key)
+    finally:
+        _in_release(&s)
     return out

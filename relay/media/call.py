@@ -464,8 +464,7 @@ class Call:
         if self._to_pcm is None:
             agent.send_audio_b64_many(payloads)
         else:
-            feed = self._to_pcm.feed_b64
-            agent.send_audio(b"".join([feed(p) for p in payloads]))
+            agent.send_audio(self._to_pcm.feed_b64_many(payloads))
 
     def _silence(self, duration_ms: int) -> str:
         # μ-law silence is 0xFF (G.711 table: code 0xFF decodes to 0). Cached per length.

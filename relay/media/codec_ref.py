@@ -31,6 +31,7 @@ multiply-add changes the rounding.
 from __future__ import annotations
 
 import base64
+import binascii
 import math
 import os
 import sys
@@ -392,6 +393,12 @@ class UlawToPcm:
 
     def feed_b64(self, payload: str | bytes) -> bytes:
         return self.feed(b64decode(payload))
+
+    def feed_b64_many(self, payloads: list[str | bytes]) -> bytes:
+        """``b"".join(feed_b64(p) for p in payloads)``, except that every payload is decoded
+        before any is fed: one that is not valid base64 raises ValueError, nothing fed."""
+        ulaw = b"".join([b64decode(p) for p in payloads])
+        return self.feed(ulaw)
 
     def flush(self) -> bytes:
         return self._rs.flush()
@@ -1365,6 +1372,27 @@ def twilio_frames(media_prefix: bytes, mark_prefix: bytes, frames: list[Any]) ->
 _PLAIN_B64 = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
 
 
+def client_audio_frame(head: bytes, audio: Any, tail: bytes) -> bytes:
+    """Wire bytes of one masked client text frame holding ``head + base64(audio) + tail``
+    (audio bytes-like, RFC 4648 base64 with padding): a transcoded agent's caller audio in
+    its JSON message. A fresh masking key from ``os.urandom`` (RFC 6455 §5.3)."""
+    body = head + binascii.b2a_base64(bytes(memoryview(audio).cast("B")), newline=False) + tail
+    return _masked_text(body)
+
+
+def _masked_text(body: bytes) -> bytes:
+    # one masked text frame: 7/16/64-bit length as RFC 6455 §5.2
+    n = len(body)
+    if n < 126:
+        hdr = bytes((0x81, 0x80 | n))
+    elif n < 65536:
+        hdr = bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        hdr = bytes((0x81, 0x80 | 127)) + n.to_bytes(8, "big")
+    key = os.urandom(4)
+    return hdr + key + ws_mask(body, key)
+
+
 def client_b64_frames(head: bytes, payloads: list[str], tail: bytes) -> bytes | None:
     """Wire bytes of one masked client text frame per payload, each holding ``head +
     payload + tail`` (caller audio spliced into an agent's JSON message), or ``None`` when
@@ -1374,16 +1402,4 @@ def client_b64_frames(head: bytes, payloads: list[str], tail: bytes) -> bytes | 
     for p in payloads:
         if type(p) is not str or not p.isascii() or not _PLAIN_B64.issuperset(p.encode()):
             return None
-    out = []
-    for p in payloads:
-        body = head + p.encode("ascii") + tail
-        n = len(body)
-        if n < 126:
-            hdr = bytes((0x81, 0x80 | n))
-        elif n < 65536:
-            hdr = bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
-        else:
-            hdr = bytes((0x81, 0x80 | 127)) + n.to_bytes(8, "big")
-        key = os.urandom(4)
-        out.append(hdr + key + ws_mask(body, key))
-    return b"".join(out)
+    return b"".join([_masked_text(head + p.encode("ascii") + tail) for p in payloads])

@@ -29,7 +29,7 @@ import trio
 
 from .. import netguard
 from ..errors import ConnectionClosed, RemoteProtocolError
-from .codec import ServerFrameParser, client_b64_frames, ws_mask
+from .codec import ServerFrameParser, client_audio_frame, client_b64_frames, ws_mask
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 
@@ -455,6 +455,16 @@ class WebSocket:
         self.messages_out += len(payloads)
         self.write_nowait(wire)
         return True
+
+    def send_audio_text_nowait(self, head: bytes, audio: bytes, tail: bytes) -> None:
+        """One text message ``head + base64(audio) + tail``: a client's hot path for
+        transcoded caller audio in an agent's JSON message (encoded, framed and masked in
+        one compiled call, ``codec.client_audio_frame``)."""
+        if not self.client_side:
+            raise RuntimeError("send_audio_text_nowait builds masked (client) frames")
+        wire = client_audio_frame(head, audio, tail)
+        self.messages_out += 1
+        self.write_nowait(wire)
 
     def send_texts_nowait(self, texts: Sequence[str]) -> None:
         self.messages_out += len(texts)
