@@ -914,9 +914,11 @@ def capacity_search(
 ) -> dict:
     """Largest N whose run passes at ``limit_ms``: step up the ladder, then bisect.
 
-    Assumes monotonicity (more calls never improve latency). Stops early when the
-    generator itself becomes the limit (an INVALID run): the capacity is then reported
-    as a lower bound.
+    Assumes monotonicity (more calls never improve latency). An INVALID run (the generator
+    itself saturated, or a disturbed run) is an upper bound like a failing one: the search
+    bisects below it to the largest N the generator can still drive, and when that bound
+    is what stopped it the capacity is reported as a lower bound (``bounded_by`` says why,
+    ``first_failing`` is None).
     """
     runs: list[dict] = []
     lo, hi, bound = 0, None, "ladder top"
@@ -927,7 +929,7 @@ def capacity_search(
         if v == "pass":
             lo = n
             continue
-        hi, bound = (n, "latency/loss") if v == "fail" else (None, _invalid_bound(r))
+        hi, bound = n, "latency/loss" if v == "fail" else _invalid_bound(r)
         break
     while hi is not None and hi - lo > max(10, int(lo * resolution)):
         mid = (lo + hi) // 2 // 10 * 10 or (lo + hi) // 2
@@ -938,16 +940,13 @@ def capacity_search(
         v = verdict(r, limit_ms)
         if v == "pass":
             lo = mid
-        elif v == "fail":
-            hi = mid
         else:
-            bound = _invalid_bound(r)
-            break
+            hi, bound = mid, "latency/loss" if v == "fail" else _invalid_bound(r)
     at5 = max((r["n"] for r in runs if verdict(r, 5.0) == "pass"), default=0)
     return {
         "limit_ms": limit_ms,
         "calls": lo,
-        "first_failing": hi,
+        "first_failing": hi if bound == "latency/loss" else None,
         "bounded_by": bound,
         "calls_at_p99_le_5ms_among_runs": at5,
         "runs": runs,

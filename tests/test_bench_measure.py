@@ -312,9 +312,18 @@ def test_capacity_search_brackets_the_limit(capacity):
     assert found["bounded_by"] == "latency/loss"
 
 
-def test_capacity_search_stops_at_generator_limit():
+def test_capacity_search_bisects_below_the_generator_limit():
+    """A saturated generator bounds the search like a failing run: the capacity reported
+    is the largest N it could still drive (a lower bound), not the last ladder step."""
     found = capacity_search(_fake_run(10**6, gen_limit=450))
-    assert found["calls"] == 400 and found["bounded_by"].startswith("load generator")
+    assert found["calls"] == 450 and found["bounded_by"].startswith("load generator")
+    assert found["first_failing"] is None
+
+
+def test_capacity_search_finds_a_limit_under_the_generator_limit():
+    found = capacity_search(_fake_run(420, gen_limit=450))
+    assert found["calls"] <= 420 < 450 and found["calls"] >= 400
+    assert found["bounded_by"] == "latency/loss" and found["first_failing"] is not None
 
 
 def test_marker_tracker_delivers_when_all_but_the_allowance_arrived():
