@@ -26,6 +26,8 @@ from relay.agents.gemini_protocol import (
     parse_duration,
 )
 from relay.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from relay.media.codec import client_audio_frame
+from relay.media.websocket import FrameParser
 
 KEY = "AIza-unit-test-key-0123456789"
 
@@ -154,6 +156,18 @@ def test_audio_message_is_pcm_16k_and_whole_samples() -> None:
     }
     with pytest.raises(LocalProtocolError):
         p.audio_message(b"\x01\x00\x02")
+    with pytest.raises(LocalProtocolError):
+        p.check_audio(b"\x01")
+
+
+def test_compiled_audio_frame_is_the_audio_message() -> None:
+    """What the adapter sends (codec.client_audio_frame around audio_parts) is exactly
+    audio_message's text."""
+    p = proto()
+    pcm = bytes(range(256)) * 3
+    head, tail = p.audio_parts
+    (sent,) = FrameParser(expect_masked=True).feed(client_audio_frame(head, pcm, tail))
+    assert sent == p.audio_message(pcm)
 
 
 # --- server messages ------------------------------------------------------------------------

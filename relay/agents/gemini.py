@@ -517,15 +517,18 @@ class GeminiLiveAgent(SocketAgent):
             raise self._dead
         if not audio:
             return
-        message = self.protocol.audio_message(audio)
+        proto = self.protocol
         if self._switching or self._lost:
-            self._keep(message, len(audio))
+            self._keep(proto.audio_message(audio), len(audio))
             return
+        proto.check_audio(audio)
+        head, tail = proto.audio_parts
         try:
-            self._socket().send_text_nowait(message)
+            # base64, message, frame and mask in one compiled call
+            self._socket().send_audio_text_nowait(head, audio, tail)
         except ConnectionClosed as exc:
             self._request_replace(self._gen, f"send failed: {exc}", lost=True, closed=exc)
-            self._keep(message, len(audio))
+            self._keep(proto.audio_message(audio), len(audio))
 
     def send_tool_result(self, call_id: str, output: str) -> None:
         if self._dead is not None:

@@ -360,10 +360,18 @@ class GeminiProtocol:
         ]
         return dumps({"clientContent": {"turns": turns, "turnComplete": False}})
 
-    def audio_message(self, pcm: bytes) -> str:
-        """``realtimeInput.audio`` for PCM16 16 kHz (whole samples only)."""
+    #: (head, tail) of ``realtimeInput.audio`` around the base64 audio, for the compiled
+    #: build of the whole frame (WebSocket.send_audio_text_nowait)
+    audio_parts = (_AUDIO.head_bytes, _AUDIO.tail_bytes)
+
+    def check_audio(self, pcm: bytes) -> None:
+        """PCM16 goes in whole samples: LocalProtocolError otherwise."""
         if len(pcm) & 1:
             raise LocalProtocolError(f"PCM16 audio must be whole samples, got {len(pcm)} bytes")
+
+    def audio_message(self, pcm: bytes) -> str:
+        """``realtimeInput.audio`` for PCM16 16 kHz (whole samples only)."""
+        self.check_audio(pcm)
         return _AUDIO.raw(pcm)
 
     def tool_response(self, call_id: str, output: str) -> str | None:
