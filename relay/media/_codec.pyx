@@ -2113,6 +2113,19 @@ cdef bytes _mask_pool = b""
 cdef Py_ssize_t _mask_pos = 0
 
 
+cdef const uint8_t *_mask_keys(Py_ssize_t count) except NULL:
+    """``count`` fresh 4-byte masking keys from the urandom pool (RFC 6455 §5.3), valid
+    until the next call (the pool object is replaced only here)."""
+    global _mask_pool, _mask_pos
+    cdef const uint8_t *keys
+    if _mask_pos + 4 * count > PyBytes_GET_SIZE(_mask_pool):
+        _mask_pool = _os.urandom(max(4096, 4 * count))
+        _mask_pos = 0
+    keys = <const uint8_t *>PyBytes_AS_STRING(_mask_pool) + _mask_pos
+    _mask_pos += 4 * count
+    return keys
+
+
 cdef inline bint _plain_b64(const uint8_t *s, Py_ssize_t n) noexcept nogil:
     # only A-Z a-z 0-9 + / = : characters JSON never escapes (RFC 8259 §7)
     cdef Py_ssize_t i
@@ -2128,7 +2141,6 @@ def client_b64_frames(bytes head not None, list payloads not None, bytes tail no
     the caller must then serialise properly.  Masking keys come from ``os.urandom``
     (RFC 6455 §5.3: unpredictable, a fresh key per frame).  See
     relay.media.codec_ref.client_b64_frames."""
-    global _mask_pool, _mask_pos
     cdef Py_ssize_t hp = PyBytes_GET_SIZE(head), tp = PyBytes_GET_SIZE(tail)
     # a tuple: what pass 1 checked is what pass 2 copies, whatever runs in between
     # (os.urandom, an allocation that triggers a collection and its finalizers)
@@ -2138,6 +2150,7 @@ def client_b64_frames(bytes head not None, list payloads not None, bytes tail no
     cdef bytes out
     cdef uint8_t *o
     cdef const uint8_t *key
+    cdef const uint8_t *keys
     if count == 0:
         return b""
     for k in range(count):
@@ -2149,9 +2162,7 @@ def client_b64_frames(bytes head not None, list payloads not None, bytes tail no
             return None
         m = hp + n + tp
         total += _frame_head_size(m) + 4 + m
-    if _mask_pos + 4 * count > PyBytes_GET_SIZE(_mask_pool):
-        _mask_pool = _os.urandom(max(4096, 4 * count))
-        _mask_pos = 0
+    keys = _mask_keys(count)
     out = _new_bytes(total)
     o = <uint8_t *>PyBytes_AS_STRING(out)
     for k in range(count):
@@ -2161,8 +2172,7 @@ def client_b64_frames(bytes head not None, list payloads not None, bytes tail no
         h = _write_head(o + pos, m)
         o[pos + 1] |= 0x80  # MASK bit: a client always masks (RFC 6455 §5.2)
         pos += h
-        key = <const uint8_t *>PyBytes_AS_STRING(_mask_pool) + _mask_pos
-        _mask_pos += 4
+        key = keys + 4 * k
         memcpy(o + pos, key, 4)
         pos += 4
         memcpy(o + pos, PyBytes_AS_STRING(head), hp)
@@ -2178,15 +2188,12 @@ def client_audio_frame(bytes head not None, audio, bytes tail not None) -> bytes
     a transcoded agent's caller audio (PCM) in its JSON message, encoded, framed and masked
     in one buffer (the Python path made the base64 string, the message, its UTF-8 bytes,
     the frame and the masked copy).  See relay.media.codec_ref.client_audio_frame."""
-    global _mask_pool, _mask_pos
     cdef Py_ssize_t hp = PyBytes_GET_SIZE(head), tp = PyBytes_GET_SIZE(tail), m, h
     cdef _In s
     cdef bytes out
     cdef uint8_t *o
     cdef const uint8_t *key
-    if _mask_pos + 4 > PyBytes_GET_SIZE(_mask_pool):
-        _mask_pool = _os.urandom(4096)
-        _mask_pos = 0
+    key = _mask_keys(1)
     _in_get(audio, &s)
     try:
         m = hp + _b64_encoded_size(s.n) + tp
@@ -2194,8 +2201,6 @@ def client_audio_frame(bytes head not None, audio, bytes tail not None) -> bytes
         o = <uint8_t *>PyBytes_AS_STRING(out)
         h = _write_head(o, m)
         o[1] |= 0x80  # MASK bit: a client always masks (RFC 6455 §5.2)
-        key = <const uint8_t *>PyBytes_AS_STRING(_mask_pool) + _mask_pos
-        _mask_pos += 4
         memcpy(o + h, key, 4)
         o += h + 4
         memcpy(o, PyBytes_AS_STRING(head), hp)
