@@ -53,10 +53,11 @@ import tempfile
 import time
 import traceback
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from bench import genfast
 from bench.fake_agent import FakeAgent
@@ -903,16 +904,20 @@ def verdict(result: dict, limit_ms: float) -> str:
     return "pass"
 
 
+K = TypeVar("K", bound=Hashable)
+
 LADDER = (50, 100, 200, 300, 400, 600, 800, 1000)
 
 
-def capacity_search(
-    run: Callable[[int], dict],
+def capacity_steps(
     limit_ms: float = 20.0,
     ladder: tuple[int, ...] = LADDER,
     resolution: float = 0.08,
-) -> dict:
+) -> Generator[int, dict, dict]:
     """Largest N whose run passes at ``limit_ms``: step up the ladder, then bisect.
+
+    A generator, so that several searches can take turns (``interleaved_capacity``): it
+    yields the N to run next, is sent that run's result, and returns the summary.
 
     Assumes monotonicity (more calls never improve latency). An INVALID run (the generator
     itself saturated, or a disturbed run) is an upper bound like a failing one: the search
@@ -923,7 +928,7 @@ def capacity_search(
     runs: list[dict] = []
     lo, hi, bound = 0, None, "ladder top"
     for n in ladder:
-        r = run(n)
+        r = yield n
         runs.append(r)
         v = verdict(r, limit_ms)
         if v == "pass":
@@ -935,7 +940,7 @@ def capacity_search(
         mid = (lo + hi) // 2 // 10 * 10 or (lo + hi) // 2
         if mid in (lo, hi):
             break
-        r = run(mid)
+        r = yield mid
         runs.append(r)
         v = verdict(r, limit_ms)
         if v == "pass":
@@ -951,6 +956,43 @@ def capacity_search(
         "calls_at_p99_le_5ms_among_runs": at5,
         "runs": runs,
     }
+
+
+def capacity_search(
+    run: Callable[[int], dict],
+    limit_ms: float = 20.0,
+    ladder: tuple[int, ...] = LADDER,
+    resolution: float = 0.08,
+) -> dict:
+    """One search on its own (see ``capacity_steps``)."""
+    return interleaved_capacity({"": (run, capacity_steps(limit_ms, ladder, resolution))})[""]
+
+
+def interleaved_capacity(
+    searches: dict[K, tuple[Callable[[int], dict], Generator[int, dict, dict]]],
+) -> dict[K, dict]:
+    """Run several capacity searches side by side: one step of each per round, the order
+    rotating from round to round. Run one after another, the searches of a full suite
+    were minutes apart, and this VM's speed drifts by ±20 % over minutes, which moved
+    the PCM / μ-law and relay / peer capacity ratios as much as any change did. Results
+    come back in the order of ``searches``."""
+    pending: dict[K, int] = {}
+    for key, (_run, steps) in searches.items():
+        pending[key] = next(steps)
+    found: dict[K, dict] = {}
+    round_no = 0
+    while pending:
+        keys = list(pending)
+        shift = round_no % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            run, steps = searches[key]
+            try:
+                pending[key] = steps.send(run(pending[key]))
+            except StopIteration as done:
+                del pending[key]
+                found[key] = done.value
+        round_no += 1
+    return {key: found[key] for key in searches}
 
 
 def _invalid_bound(r: dict) -> str:
@@ -1140,17 +1182,23 @@ def _run_pairs(
                 for n in opts.ns or QUICK_PLAN.get((target.base_name, audio), (50, 200)):
                     one(target, audio, n)
         return
-    for target, audio in pairs:
-        if opts.mode == "full":
-            ladder = opts.ns or FULL_LADDERS.get(target.base_name, LADDER)
-            found = capacity_search(
-                lambda n, t=target, a=audio: one(t, a, n), opts.limit_ms, ladder
+    if opts.mode == "full":
+        searches = {
+            (target, audio): (
+                lambda n, t=target, a=audio: one(t, a, n),
+                capacity_steps(
+                    opts.limit_ms, opts.ns or FULL_LADDERS.get(target.base_name, LADDER)
+                ),
             )
+            for target, audio in pairs
+        }
+        for (target, audio), found in interleaved_capacity(searches).items():
             found["runs"] = [r["n"] for r in found["runs"]]  # the runs are kept in `runs`
             capacity[f"{target.name}/{audio}"] = found
-        else:
-            for n in opts.ns or QUICK_PLAN.get((target.base_name, audio), (50, 200)):
-                one(target, audio, n)
+        return
+    for target, audio in pairs:
+        for n in opts.ns or QUICK_PLAN.get((target.base_name, audio), (50, 200)):
+            one(target, audio, n)
 
 
 def _disturbed(r: dict) -> bool:

@@ -11,6 +11,9 @@ perf_counter; medians over rounds):
   ``wait_readable``, what the reactor uses now
 * ``epoll_wait`` alone (``select.epoll().poll(period)`` outside Trio): the kernel's part,
   a floor no Trio code can go under
+* the reactor itself (``relay.media.reactor.Reactor``, four always-readable sockets, no-op
+  handlers), its ticks waited for through Trio (``idle_clock=False``) or served from Trio's
+  idle point (``relay.media.runloop``, the default): CPU per pass, what the relay pays
 
 Run: ``python -m bench.wakeup`` (~20 s); writes ``bench/results/wakeup.json``.
 """
@@ -21,16 +24,19 @@ import argparse
 import os
 import resource
 import select
+import socket
 import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from bench.report import save_json
 from relay.media.passtimer import PassTimer
+from relay.media.reactor import Reactor
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "wakeup.json"
 
@@ -66,10 +72,37 @@ async def _epoll(period: float, waits: int) -> None:
         ep.close()
 
 
+async def _reactor(idle_clock: bool, period: float, waits: int) -> None:
+    # Four sockets that stay readable: enough per pass for the reactor to coalesce (at one
+    # per pass it would serve each message on its own wake-up instead).
+    pairs = [socket.socketpair() for _ in range(4)]
+    reactor = Reactor(idle_clock=idle_clock)
+    done = trio.Event()
+
+    def handler() -> None:
+        if reactor.wakeups >= waits:
+            done.set()
+
+    try:
+        for a, b in pairs:
+            b.send(b"stays unread")
+            reactor.register(a, handler)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run, period)
+            await done.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
 CANDIDATES: dict[str, Callable[[float, int], Awaitable[None]]] = {
     "timerfd (PassTimer)": _timerfd,
     "trio.sleep": _trio_sleep,
     "epoll_wait alone": _epoll,
+    "reactor, through Trio": partial(_reactor, False),
+    "reactor, idle point": partial(_reactor, True),
 }
 
 
@@ -106,11 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     periods = [float(x) / 1000 for x in args.periods_ms.split(",")]
     started = time.time()
     table = trio.run(measure, periods, args.waits, args.rounds)
-    print(f"{'period':<8} {'wait':<22} {'µs CPU / wait':>14} {'µs wall / wait':>15}")
+    print(f"{'period':<8} {'wait':<24} {'µs CPU / wait':>14} {'µs wall / wait':>15}")
     for period, row in table.items():
         for name, v in row.items():
             cpu, wall = v["cpu_us_per_wait"], v["wall_us_per_wait"]
-            print(f"{period:<8} {name:<22} {cpu:14.1f} {wall:15.1f}")
+            print(f"{period:<8} {name:<24} {cpu:14.1f} {wall:15.1f}")
             period = ""
     result = {
         "python": sys.version.split()[0],

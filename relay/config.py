@@ -105,6 +105,10 @@ class MediaConfig:
     #: between (see relay/media/reactor.py; paced by a kernel timer, relay/media/passtimer.py);
     #: 0 = wake up for every message
     reactor_coalesce_ms: float = 1.5
+    #: serve that pass clock's ticks from Trio's idle point rather than a task wake-up
+    #: (relay/media/runloop.py: ~20-30 µs less CPU per tick, `python -m bench.wakeup`);
+    #: off = every tick waits through Trio
+    reactor_idle_clock: bool = True
 
 
 @dataclass

@@ -16,7 +16,14 @@ import pytest
 
 from bench import genfast
 from bench.fake_agent import FakeAgent
-from bench.harness import Timings, capacity_search, run_session, verdict
+from bench.harness import (
+    Timings,
+    capacity_search,
+    capacity_steps,
+    interleaved_capacity,
+    run_session,
+    verdict,
+)
 from bench.loadgen import LoadGenerator, parse_twiml
 from bench.netio import Reactor
 from bench.peers.null_relay import DelayRelay
@@ -324,6 +331,35 @@ def test_capacity_search_finds_a_limit_under_the_generator_limit():
     found = capacity_search(_fake_run(420, gen_limit=450))
     assert found["calls"] <= 420 < 450 and found["calls"] >= 400
     assert found["bounded_by"] == "latency/loss" and found["first_failing"] is not None
+
+
+def test_interleaved_searches_take_turns_and_find_what_each_finds_alone():
+    order: list[tuple[str, int]] = []
+
+    def logged(name: str, capacity: int):
+        run = _fake_run(capacity)
+
+        def step(n: int) -> dict:
+            order.append((name, n))
+            return run(n)
+
+        return step
+
+    caps = {"relay/pcmu": 470, "relay/pcm24k": 380, "fastapi/pcmu": 140}
+    found = interleaved_capacity(
+        {name: (logged(name, cap), capacity_steps()) for name, cap in caps.items()}
+    )
+    assert list(found) == list(caps)  # results in the order given
+    for name, cap in caps.items():
+        assert found[name] == capacity_search(_fake_run(cap))
+        assert found[name]["calls"] <= cap < found[name]["first_failing"]
+    # Side by side: while all three searches run, each round runs each one once, and no
+    # search ever runs twice in a row while another is still searching.
+    assert [name for name, _n in order[:3]] == list(caps)
+    assert {name for name, _n in order[3:6]} == set(caps)
+    fastapi_done = max(i for i, (name, _n) in enumerate(order) if name == "fastapi/pcmu")
+    for (a, _), (b, _) in itertools.pairwise(order[: fastapi_done + 1]):
+        assert a != b
 
 
 def test_marker_tracker_delivers_when_all_but_the_allowance_arrived():

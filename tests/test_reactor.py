@@ -190,3 +190,151 @@ async def test_kernel_timer_still_serves_every_message(
                 await trio.sleep(0.001)
             nursery.cancel_scope.cancel()
     assert b"".join(got).count(b"r") == 20 * len(pairs)
+
+
+def _steady(
+    reactor: Reactor,
+    pairs: list[tuple[socket.socket, socket.socket]],
+    got: list[bytes],
+    rounds: int = 40,
+) -> Callable[[], object]:
+    """A steady stream over every pair (the reactor coalesces), then every byte read."""
+    for a, _b in pairs:
+        reactor.register(a, lambda a=a: got.append(a.recv(100)))  # type: ignore[misc]
+
+    async def feed() -> None:
+        for round_ in range(rounds):
+            for _a, b in pairs:
+                b.send(b"r%02d" % round_)
+            await trio.sleep(0.001)
+        while sum(len(x) for x in got) < rounds * len(pairs) * 3:
+            await trio.sleep(0.001)
+
+    return feed
+
+
+async def test_ticks_are_served_from_trios_idle_point(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    reactor = Reactor()
+    got: list[bytes] = []
+    feed = _steady(reactor, pairs, got)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run, 0.002)
+            await feed()
+            nursery.cancel_scope.cancel()
+    assert b"".join(got).count(b"r") == 40 * len(pairs)
+    assert reactor.idle_passes > 0  # the hook, not the task, served passes
+    assert reactor.handler_errors == 0
+
+
+async def test_idle_clock_off_waits_through_trio(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    reactor = Reactor(idle_clock=False)
+    got: list[bytes] = []
+    feed = _steady(reactor, pairs, got)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run, 0.002)
+            await feed()
+            nursery.cancel_scope.cancel()
+    assert b"".join(got).count(b"r") == 40 * len(pairs)
+    assert reactor.idle_passes == 0
+
+
+async def test_trio_keeps_running_while_the_idle_clock_serves(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    """Sockets that stay readable keep the clock on; meanwhile deadlines fire, a socket
+    Trio itself waits on is served, and a worker thread's result comes back."""
+    reactor = Reactor()
+    for a, b in pairs:
+        b.send(b"stays unread: the socket stays readable")
+        reactor.register(a, lambda: None)
+    x, y = trio.socket.socketpair()
+    with x, y, trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run, 0.002)
+            while reactor.idle_passes < 20:
+                await trio.sleep(0.001)  # deadlines: each sleep ends while the hook serves
+            nursery.start_soon(y.send, b"ping")
+            assert await x.recv(10) == b"ping"
+            assert await trio.to_thread.run_sync(lambda: 42) == 42
+            before = reactor.idle_passes
+            while reactor.idle_passes < before + 20:
+                await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+
+
+async def test_handlers_run_in_the_reactor_tasks_context(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    seen: set[str] = set()
+    reactor = Reactor()
+    for a, b in pairs:
+        b.send(b"stays unread")
+        reactor.register(a, lambda: seen.add(var.get()))
+
+    async def run_reactor(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        var.set("reactor")
+        await reactor.run(0.002, task_status=task_status)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_reactor)
+            while reactor.idle_passes < 10:
+                await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+    assert seen == {"reactor"}
+
+
+async def test_a_failing_idle_clock_hands_ticks_back_to_the_task(
+    pairs: list[tuple[socket.socket, socket.socket]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from relay.media import reactor as reactor_mod
+
+    def broken(self: object) -> None:
+        raise RuntimeError("bug in the hook")
+
+    monkeypatch.setattr(reactor_mod._IdleClock, "_tick", broken)
+    reactor = Reactor()
+    got: list[bytes] = []
+    feed = _steady(reactor, pairs, got)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run, 0.002)
+            await feed()
+            nursery.cancel_scope.cancel()
+    assert b"".join(got).count(b"r") == 40 * len(pairs)  # nothing lost
+    assert reactor.idle_passes == 0
+    assert any("pass clock failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_two_reactors_in_one_run_both_serve(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    """Two reactors in one Trio run (two relays in one process, as some tests start):
+    one serves its ticks from the idle point, the other waits through Trio, and neither
+    starves the other while the rest of the run is idle."""
+    reactors = [Reactor(), Reactor()]
+    for i, (a, b) in enumerate(pairs):
+        b.send(b"stays unread: the socket stays readable")
+        reactors[i % 2].register(a, lambda: None)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for reactor in reactors:
+                await nursery.start(reactor.run, 0.002)
+            await trio.sleep(0.1)
+            before = [r.wakeups for r in reactors]
+            await trio.sleep(0.5)  # nothing else runs: ~250 ticks each
+            after = [r.wakeups for r in reactors]
+            nursery.cancel_scope.cancel()
+    assert all(b - a > 100 for a, b in zip(before, after, strict=True)), (before, after)
+    assert sum(r.idle_passes > 0 for r in reactors) == 1

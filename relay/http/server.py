@@ -108,7 +108,7 @@ class RelayServer:
     async def _serve(self, lifespan: Lifespan, task_status: trio.TaskStatus[list[int]]) -> None:
         async with trio.open_nursery() as lifespan_nursery:
             if self.cfg.media.reactor and Reactor.available():
-                reactor = self.state.reactor = Reactor()
+                reactor = self.state.reactor = Reactor(idle_clock=self.cfg.media.reactor_idle_clock)
                 self.state.metrics.reactor_stats = lambda: (reactor.wakeups, reactor.dispatched)
                 await lifespan_nursery.start(
                     self.state.reactor.run, self.cfg.media.reactor_coalesce_ms / 1000.0

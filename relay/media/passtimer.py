@@ -91,6 +91,15 @@ class PassTimer:
         except BlockingIOError:
             return 0
 
+    def fileno(self) -> int:
+        return self._fd
+
+    def due(self) -> int:
+        """Expirations since the last look (0: no tick due yet), without waiting."""
+        n = self._drain()
+        self.ticks += n
+        return n
+
     async def wait(self) -> None:
         """The next tick. A tick that already passed returns at once, after a checkpoint."""
         await trio.lowlevel.wait_readable(self._fd)

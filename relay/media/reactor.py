@@ -20,11 +20,13 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import time
 from collections.abc import Callable
 
 import trio
 
 from .passtimer import PassTimer
+from .runloop import TrioLoop
 
 log = logging.getLogger("relay.media.reactor")
 
@@ -38,16 +40,23 @@ _MIN_SLEEP_S = 0.0001
 
 
 class Reactor:
-    def __init__(self, *, kernel_timer: bool = True) -> None:
+    def __init__(self, *, kernel_timer: bool = True, idle_clock: bool = True) -> None:
         """``kernel_timer``: pace coalesced passes with a ``timerfd`` (``passtimer``) where
-        the platform has one; ``False`` sleeps with Trio (what a mock clock can drive)."""
+        the platform has one; ``False`` sleeps with Trio (what a mock clock can drive).
+        ``idle_clock``: serve the timer's ticks from Trio's idle point (``runloop``) where
+        the run loop can be probed; ``False`` waits for each tick through Trio."""
         self._epoll = select.epoll()
         self._kernel_timer = kernel_timer
+        self._idle_clock = idle_clock
+        self._rate = 0.0  # messages per second, smoothed
+        self._last = 0.0
         self._handlers: dict[int, Handler] = {}
         self.wakeups = 0
         self.dispatched = 0
         self.handler_errors = 0
         self.timer_ticks = 0
+        #: passes served from Trio's idle point (``_IdleClock``) rather than a task step
+        self.idle_passes = 0
 
     @staticmethod
     def available() -> bool:
@@ -90,9 +99,12 @@ class Reactor:
         epoll = self._epoll
         epfd = epoll.fileno()
         timer = PassTimer.create() if self._kernel_timer and coalesce_s > 0 else None
+        clock: _IdleClock | None = None
+        if timer is not None and self._idle_clock:
+            clock = _IdleClock.install(self, timer)
         task_status.started()
-        rate = 0.0  # messages per second, smoothed
-        last = trio.current_time()
+        self._rate = 0.0
+        self._last = trio.current_time()
         try:
             while True:
                 ready = epoll.poll(0)
@@ -101,14 +113,8 @@ class Reactor:
                         timer.disarm()  # idle: the next message is served when it comes
                     await trio.lowlevel.wait_readable(epfd)
                     continue
-                self.wakeups += 1
                 started = trio.current_time()
-                self._dispatch(ready)
-                now = trio.current_time()
-                elapsed = max(now - last, 1e-4)
-                last = now
-                rate += 0.2 * (len(ready) / elapsed - rate)
-                if coalesce_s > 0 and rate * coalesce_s >= 2.0:
+                if self._pass(ready, coalesce_s):
                     # Passes start at most every coalesce_s: a pass that took longer
                     # than that has let readiness pile up already, and sleeping the
                     # whole window after it only adds dead time to every message's wait
@@ -117,10 +123,14 @@ class Reactor:
                         # Periodic: the next pass starts on the next tick, at once (after
                         # a checkpoint) if this pass overran it.
                         timer.arm(coalesce_s)
-                        await timer.wait()
+                        if clock is not None and not clock.failed:
+                            # Ticks served from Trio's idle point until the rate drops.
+                            await clock.serve(coalesce_s)
+                        else:
+                            await timer.wait()
                         self.timer_ticks = timer.ticks
                         continue
-                    rest = coalesce_s - (now - started)
+                    rest = coalesce_s - (trio.current_time() - started)
                     if rest > _MIN_SLEEP_S:
                         await trio.sleep(rest)
                     else:
@@ -130,9 +140,21 @@ class Reactor:
                         timer.disarm()
                     await trio.lowlevel.wait_readable(epfd)
         finally:
+            if clock is not None:
+                clock.close()
             if timer is not None:
                 timer.close()
             epoll.close()
+
+    def _pass(self, ready: list[tuple[int, int]], coalesce_s: float) -> bool:
+        """Serve ``ready``; True while messages come fast enough to coalesce passes."""
+        self.wakeups += 1
+        self._dispatch(ready)
+        now = trio.current_time()
+        elapsed = max(now - self._last, 1e-4)
+        self._last = now
+        self._rate += 0.2 * (len(ready) / elapsed - self._rate)
+        return coalesce_s > 0 and self._rate * coalesce_s >= 2.0
 
     def _dispatch(self, ready: list[tuple[int, int]]) -> None:
         handlers = self._handlers
@@ -153,3 +175,133 @@ class Reactor:
                     self._epoll.unregister(fd)
                 except (OSError, ValueError):
                     pass
+
+
+class _IdleClock(trio.abc.Instrument):
+    """The reactor's pass clock, served from Trio's idle point (see ``runloop``).
+
+    While ``serve`` runs, the reactor task is parked and this instrument's
+    ``before_io_wait`` hook, which Trio calls once per run-loop iteration after every
+    runnable task has run, serves the ticks: when Trio is about to wait for I/O it blocks
+    on the timer and Trio's epoll together, running a pass on each tick, and returns as
+    soon as Trio has work (I/O ready, a task made runnable by a pass, a deadline due).
+    When Trio is busy (no wait ahead) it serves a tick that is already due without
+    waiting. The task resumes when passes should stop coalescing, when there is nothing
+    to serve, or when the hook fails (it then stays with Trio waits for good).
+
+    Handlers run in the reactor task's context, exactly as from the task's own passes.
+    """
+
+    #: the clock serving from each Trio run's idle point (by root task): one per run, since
+    #: a hook that blocks until its own tick would starve a second reactor's clock; a
+    #: second reactor in the same run (two relays in one process) waits through Trio, and
+    #: its ticks, on Trio's epoll, end the first one's blocking waits
+    _active: dict[int, _IdleClock] = {}
+
+    @classmethod
+    def install(cls, reactor: Reactor, timer: PassTimer) -> _IdleClock | None:
+        loop = TrioLoop.current()
+        if loop is None:
+            log.info("media reactor: pass clock waits through Trio (run loop not probed)")
+            return None
+        run_key = id(trio.lowlevel.current_root_task())
+        if run_key in cls._active:
+            return None
+        clock = cls(reactor, timer, loop)
+        clock._run_key = run_key
+        cls._active[run_key] = clock
+        trio.lowlevel.add_instrument(clock)
+        return clock
+
+    def __init__(self, reactor: Reactor, timer: PassTimer, loop: TrioLoop) -> None:
+        self._reactor = reactor
+        self._timer = timer
+        self._timer_fd = timer.fileno()
+        self._loop = loop
+        self._waits = select.epoll()
+        self._waits.register(self._timer_fd, select.EPOLLIN)
+        self._waits.register(loop.epoll_fd, select.EPOLLIN)
+        self._task: trio.lowlevel.Task | None = None
+        self._coalesce_s = 0.0
+        self._run_key = 0
+        self.failed = False
+
+    async def serve(self, coalesce_s: float) -> None:
+        """Park the reactor task while the hook serves the ticks."""
+        self._task, self._coalesce_s = trio.lowlevel.current_task(), coalesce_s
+        try:
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
+        finally:
+            self._task = None
+
+    def _abort(self, _raise_cancel: object) -> trio.lowlevel.Abort:
+        self._task = None  # cancelled: never reschedule it from the hook
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _resume(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    def before_io_wait(self, timeout: float) -> None:
+        if self._task is None:
+            return
+        try:
+            self._serve(timeout)
+        except BaseException:
+            # Trio drops an instrument that raises; never with the task parked: hand the
+            # ticks back to it for good.
+            self.failed = True
+            log.exception("media pass clock failed at Trio's idle point; waits go through Trio")
+            self._resume()
+            self._loop.force_wakeup()
+            raise
+
+    def _serve(self, timeout: float) -> None:
+        loop = self._loop
+        if timeout <= 0 or loop.idle_waiters:
+            # Trio has work (or a wait_all_tasks_blocked): only a tick already due.
+            if self._timer.due():
+                self._tick()
+            return
+        timer_fd, waits, runq = self._timer_fd, self._waits, loop.runq
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            events = waits.poll(left) if left > 0 else []
+            if not events:
+                loop.force_wakeup()  # a deadline is due; Trio would still wait `timeout`
+                return
+            io = False
+            for fd, _ev in events:
+                if fd == timer_fd:
+                    self._timer.due()
+                    self._tick()
+                else:
+                    io = True
+            if io:
+                return  # Trio's own wait returns at once with it
+            if runq or self._task is None:
+                loop.force_wakeup()  # a pass woke a task, or the reactor task resumes
+                return
+
+    def _tick(self) -> None:
+        reactor = self._reactor
+        ready = reactor._epoll.poll(0)
+        task = self._task
+        assert task is not None
+        if not ready or not task.context.run(reactor._pass, ready, self._coalesce_s):
+            self._resume()  # nothing to serve, or too little to coalesce: the task decides
+            return
+        reactor.idle_passes += 1
+        reactor.timer_ticks = self._timer.ticks
+
+    def close(self) -> None:
+        self._task = None
+        if _IdleClock._active.get(self._run_key) is self:
+            del _IdleClock._active[self._run_key]
+        try:
+            trio.lowlevel.remove_instrument(self)
+        except KeyError:  # Trio dropped it already (a hook raised)
+            pass
+        self._waits.close()
