@@ -1184,7 +1184,7 @@ def _run_pairs(
         return
     if opts.mode == "full":
         searches = {
-            (target, audio): (
+            f"{target.name}/{audio}": (
                 lambda n, t=target, a=audio: one(t, a, n),
                 capacity_steps(
                     opts.limit_ms, opts.ns or FULL_LADDERS.get(target.base_name, LADDER)
@@ -1192,9 +1192,9 @@ def _run_pairs(
             )
             for target, audio in pairs
         }
-        for (target, audio), found in interleaved_capacity(searches).items():
+        for key, found in interleaved_capacity(searches).items():
             found["runs"] = [r["n"] for r in found["runs"]]  # the runs are kept in `runs`
-            capacity[f"{target.name}/{audio}"] = found
+            capacity[key] = found
         return
     for target, audio in pairs:
         for n in opts.ns or QUICK_PLAN.get((target.base_name, audio), (50, 200)):
