@@ -172,59 +172,38 @@ def test_kernel_timer_paces_passes_by_its_ticks(
     assert seen["ticks"] >= seen["wakeups"] - 1 > 0
 
 
-async def test_kernel_timer_still_serves_every_message(
-    pairs: list[tuple[socket.socket, socket.socket]],
-) -> None:
-    reactor = Reactor()
+async def _serve_steady(
+    reactor: Reactor, pairs: list[tuple[socket.socket, socket.socket]], rounds: int = 40
+) -> bytes:
+    """A steady stream over every pair (the reactor coalesces); every byte the handlers
+    read once it has all arrived."""
     got: list[bytes] = []
     for a, _b in pairs:
         reactor.register(a, lambda a=a: got.append(a.recv(100)))  # type: ignore[misc]
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(reactor.run, 0.002)
-            for round_ in range(20):  # a steady stream: the reactor coalesces
+            for round_ in range(rounds):
                 for _a, b in pairs:
                     b.send(b"r%02d" % round_)
                 await trio.sleep(0.001)
-            while sum(len(x) for x in got) < 20 * len(pairs) * 3:
+            while sum(len(x) for x in got) < rounds * len(pairs) * 3:
                 await trio.sleep(0.001)
             nursery.cancel_scope.cancel()
-    assert b"".join(got).count(b"r") == 20 * len(pairs)
+    return b"".join(got)
 
 
-def _steady(
-    reactor: Reactor,
+async def test_kernel_timer_still_serves_every_message(
     pairs: list[tuple[socket.socket, socket.socket]],
-    got: list[bytes],
-    rounds: int = 40,
-) -> Callable[[], object]:
-    """A steady stream over every pair (the reactor coalesces), then every byte read."""
-    for a, _b in pairs:
-        reactor.register(a, lambda a=a: got.append(a.recv(100)))  # type: ignore[misc]
-
-    async def feed() -> None:
-        for round_ in range(rounds):
-            for _a, b in pairs:
-                b.send(b"r%02d" % round_)
-            await trio.sleep(0.001)
-        while sum(len(x) for x in got) < rounds * len(pairs) * 3:
-            await trio.sleep(0.001)
-
-    return feed
+) -> None:
+    assert (await _serve_steady(Reactor(), pairs, rounds=20)).count(b"r") == 20 * len(pairs)
 
 
 async def test_ticks_are_served_from_trios_idle_point(
     pairs: list[tuple[socket.socket, socket.socket]],
 ) -> None:
     reactor = Reactor()
-    got: list[bytes] = []
-    feed = _steady(reactor, pairs, got)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reactor.run, 0.002)
-            await feed()
-            nursery.cancel_scope.cancel()
-    assert b"".join(got).count(b"r") == 40 * len(pairs)
+    assert (await _serve_steady(reactor, pairs)).count(b"r") == 40 * len(pairs)
     assert reactor.idle_passes > 0  # the hook, not the task, served passes
     assert reactor.handler_errors == 0
 
@@ -233,14 +212,7 @@ async def test_idle_clock_off_waits_through_trio(
     pairs: list[tuple[socket.socket, socket.socket]],
 ) -> None:
     reactor = Reactor(idle_clock=False)
-    got: list[bytes] = []
-    feed = _steady(reactor, pairs, got)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reactor.run, 0.002)
-            await feed()
-            nursery.cancel_scope.cancel()
-    assert b"".join(got).count(b"r") == 40 * len(pairs)
+    assert (await _serve_steady(reactor, pairs)).count(b"r") == 40 * len(pairs)
     assert reactor.idle_passes == 0
 
 
@@ -305,14 +277,7 @@ async def test_a_failing_idle_clock_hands_ticks_back_to_the_task(
 
     monkeypatch.setattr(reactor_mod._IdleClock, "_tick", broken)
     reactor = Reactor()
-    got: list[bytes] = []
-    feed = _steady(reactor, pairs, got)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reactor.run, 0.002)
-            await feed()
-            nursery.cancel_scope.cancel()
-    assert b"".join(got).count(b"r") == 40 * len(pairs)  # nothing lost
+    assert (await _serve_steady(reactor, pairs)).count(b"r") == 40 * len(pairs)  # none lost
     assert reactor.idle_passes == 0
     assert any("pass clock failed" in r.getMessage() for r in caplog.records)
 
