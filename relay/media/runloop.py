@@ -2,12 +2,12 @@
 
 Why: between passes the reactor waits for its pass clock (``passtimer``). Waiting through
 Trio (``wait_readable`` on the timer, the run loop's ``epoll_wait``, a reschedule and a task
-step) costs ~70–80 µs of CPU per tick on this machine kind; blocking on the timer alone costs
-~30–38 µs, almost all of it the kernel's sleep and wake-up (``python -m bench.wakeup``). At
-~650 ticks a second the difference is ~3 % of a core, and ~15 % of the relay's CPU at 50
-calls. So while its pass clock runs, the reactor serves ticks from Trio's own idle point:
-an instrument's ``before_io_wait`` hook, which Trio calls once per run-loop iteration when
-every runnable task has run. There, with nothing runnable, it blocks on the timer *and* on
+step) cost 65 µs of CPU per pass on this machine kind; served as below, 37 µs, of which
+~22 µs is the kernel's sleep and wake-up (``python -m bench.wakeup``). At ~650 ticks a
+second the difference is ~2 % of a core: 7–8 % of the relay's CPU at 50–100 calls in
+interleaved runs (``bench/published/idle-clock/``). So while its pass clock runs, the
+reactor serves ticks from Trio's own idle point: an instrument's ``before_io_wait`` hook,
+which Trio calls once per run-loop iteration when every runnable task has run. There, with nothing runnable, it blocks on the timer *and* on
 Trio's epoll descriptor, so any I/O Trio waits for (sockets, ``run_sync_soon`` from worker
 threads, signals: all of them land on that epoll) ends the wait at once and Trio carries on.
 
