@@ -15,7 +15,7 @@ perf_counter; medians over rounds):
   handlers), its ticks waited for through Trio (``idle_clock=False``) or served from Trio's
   idle point (``relay.media.runloop``, the default): CPU per pass, what the relay pays
 
-Run: ``python -m bench.wakeup`` (~20 s); writes ``bench/results/wakeup.json``.
+Run: ``python -m bench.wakeup`` (~90 s); writes ``bench/results/wakeup.json``.
 """
 
 from __future__ import annotations
