@@ -187,3 +187,21 @@ async def test_local_agent_barge_in_keeps_only_what_was_heard(
     assert len(cut) == 1 and cut[0].startswith("We are open")
     assert "closed on Sunday" not in cut[0]  # the rest of the answer was never heard
     assert agents[-1].startswith("On Sunday we are closed")
+
+
+def test_recogniser_model_files_go_with_the_run() -> None:
+    """The pool kills its recogniser processes when the run ends (they cannot clean up
+    after themselves), so it removes their model directories too."""
+    import os
+
+    from relay.agents.text.local_speech import SphinxPool
+
+    seen: list[str] = []
+
+    async def main() -> None:
+        worker = await SphinxPool.get().worker(CORPUS, 10.0, 1)
+        seen.append(worker.workdir)
+        assert os.listdir(worker.workdir)  # the language model the process reads
+
+    trio.run(main)
+    assert seen and not os.path.exists(seen[0])

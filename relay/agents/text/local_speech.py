@@ -23,8 +23,10 @@ import hashlib
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -76,15 +78,24 @@ TTS_LIMITER = trio.CapacityLimiter(1)
 
 # --- the recogniser processes -----------------------------------------------------------------
 class _Worker:
-    def __init__(self, process: trio.Process, key: str) -> None:
+    def __init__(self, process: trio.Process, key: str, workdir: str) -> None:
         self.process = process
         self.key = key
+        #: the model files the process reads for every decoder it makes; removed with it
+        self.workdir = workdir
         self.sessions = 0
         self.lock = trio.Lock()
         self.dead = False
         self.stdin: trio.abc.SendStream = process.stdin  # type: ignore[assignment]
         self.stdout: trio.abc.ReceiveStream = process.stdout  # type: ignore[assignment]
         self._buf = bytearray()
+
+    def close(self) -> None:
+        """Kill the process (if it still runs) and remove its model files. The pool kills
+        its processes at the end of the run, so they cannot clean up after themselves."""
+        if self.process.returncode is None:
+            self.process.kill()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     async def send(self, op: int, session: int, payload: bytes = b"") -> None:
         async with self.lock:
@@ -152,8 +163,7 @@ class SphinxPool:
             await trio.sleep_forever()
         finally:
             for worker in self.workers:
-                if worker.process.returncode is None:
-                    worker.process.kill()
+                worker.close()
 
     def session_id(self) -> int:
         self._next_session += 1
@@ -162,6 +172,8 @@ class SphinxPool:
     async def worker(self, corpus: str, lw: float, processes: int) -> _Worker:
         key = hashlib.sha256(f"{lw}|{corpus}".encode()).hexdigest()[:16]
         async with self._starting:
+            for gone in [w for w in self.workers if w.dead]:
+                gone.close()
             self.workers = [w for w in self.workers if not w.dead]
             mine = [w for w in self.workers if w.key == key]
             idle = [w for w in mine if w.sessions == 0]
@@ -175,20 +187,25 @@ class SphinxPool:
 
     async def _start(self, key: str, corpus: str, lw: float) -> _Worker:
         env = dict(os.environ)
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "relay.agents.text.sphinx_worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-        )
-        worker = _Worker(process, key)
+        workdir = tempfile.mkdtemp(prefix="relay-sphinx-")
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "relay.agents.text.sphinx_worker", workdir],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+            )
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        worker = _Worker(process, key, workdir)
         try:
             reply = await worker.request(OP_INIT, 0, orjson.dumps({"corpus": corpus, "lw": lw}))
         except BaseException:
-            process.kill()
+            worker.close()
             raise
         if not isinstance(reply, dict) or reply.get("error"):
-            process.kill()
+            worker.close()
             raise AgentError(f"recogniser failed to start: {reply}", kind="agent_connect")
         log.info("recogniser process %d started (model %s)", process.pid, key)
         return worker

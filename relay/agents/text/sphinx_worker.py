@@ -33,6 +33,7 @@ the words wrong on 8 kHz audio and is ~10x slower) makes it robust.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -83,7 +84,7 @@ def _read_exact(inp: BinaryIO, n: int) -> bytes | None:
     return data
 
 
-def serve(inp: BinaryIO, out: BinaryIO) -> None:
+def serve(inp: BinaryIO, out: BinaryIO, workdir: str) -> None:
     import orjson
     import pocketsphinx
 
@@ -92,7 +93,6 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
     config: dict[str, Any] = {}
     decoders: dict[int, Any] = {}
     utterances: dict[int, bytearray] = {}
-    workdir = tempfile.mkdtemp(prefix="relay-sphinx-")
     while True:
         head = _read_exact(inp, HEADER.size)
         if head is None:
@@ -148,7 +148,16 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
 
 
 def main() -> None:
-    serve(sys.stdin.buffer, sys.stdout.buffer)
+    # The pool passes the directory for the model files and removes it with the process
+    # (it kills its processes at the end of the run); run by hand, the worker makes its own.
+    if len(sys.argv) > 1:
+        serve(sys.stdin.buffer, sys.stdout.buffer, sys.argv[1])
+        return
+    workdir = tempfile.mkdtemp(prefix="relay-sphinx-")
+    try:
+        serve(sys.stdin.buffer, sys.stdout.buffer, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
