@@ -7,9 +7,10 @@ step) cost 65 µs of CPU per pass on this machine kind; served as below, 37 µs,
 second the difference is ~2 % of a core: 7–8 % of the relay's CPU at 50–100 calls in
 interleaved runs (``bench/published/idle-clock/``). So while its pass clock runs, the
 reactor serves ticks from Trio's own idle point: an instrument's ``before_io_wait`` hook,
-which Trio calls once per run-loop iteration when every runnable task has run. There, with nothing runnable, it blocks on the timer *and* on
-Trio's epoll descriptor, so any I/O Trio waits for (sockets, ``run_sync_soon`` from worker
-threads, signals: all of them land on that epoll) ends the wait at once and Trio carries on.
+which Trio calls once per run-loop iteration when every runnable task has run. There,
+with nothing runnable, it blocks on the timer *and* on Trio's epoll descriptor, so any I/O
+Trio waits for (sockets, ``run_sync_soon`` from worker threads, signals: all of them land
+on that epoll) ends the wait at once and Trio carries on.
 
 Trio has no public way to see its run queue without also walking every registered
 descriptor (``current_statistics``), nor to name its epoll descriptor, so :meth:`TrioLoop.
