@@ -192,11 +192,13 @@ class _IdleClock(trio.abc.Instrument):
     Handlers run in the reactor task's context, exactly as from the task's own passes.
     """
 
-    #: the clock serving from each Trio run's idle point (by root task): one per run, since
-    #: a hook that blocks until its own tick would starve a second reactor's clock; a
-    #: second reactor in the same run (two relays in one process) waits through Trio, and
-    #: its ticks, on Trio's epoll, end the first one's blocking waits
-    _active: dict[int, _IdleClock] = {}
+    #: the clock serving from this Trio run's idle point: one per run, since a hook that
+    #: blocks until its own tick would starve a second reactor's clock; a second reactor in
+    #: the same run (two relays in one process) waits through Trio, and its ticks, on
+    #: Trio's epoll, end the first one's blocking waits
+    _active: trio.lowlevel.RunVar[_IdleClock | None] = trio.lowlevel.RunVar(
+        "relay_idle_clock", default=None
+    )
 
     @classmethod
     def install(cls, reactor: Reactor, timer: PassTimer) -> _IdleClock | None:
@@ -204,12 +206,10 @@ class _IdleClock(trio.abc.Instrument):
         if loop is None:
             log.info("media reactor: pass clock waits through Trio (run loop not probed)")
             return None
-        run_key = id(trio.lowlevel.current_root_task())
-        if run_key in cls._active:
+        if cls._active.get() is not None:
             return None
         clock = cls(reactor, timer, loop)
-        clock._run_key = run_key
-        cls._active[run_key] = clock
+        cls._active.set(clock)
         trio.lowlevel.add_instrument(clock)
         return clock
 
@@ -223,7 +223,6 @@ class _IdleClock(trio.abc.Instrument):
         self._waits.register(loop.epoll_fd, select.EPOLLIN)
         self._task: trio.lowlevel.Task | None = None
         self._coalesce_s = 0.0
-        self._run_key = 0
         self.failed = False
 
     async def serve(self, coalesce_s: float) -> None:
@@ -298,8 +297,8 @@ class _IdleClock(trio.abc.Instrument):
 
     def close(self) -> None:
         self._task = None
-        if _IdleClock._active.get(self._run_key) is self:
-            del _IdleClock._active[self._run_key]
+        if _IdleClock._active.get() is self:
+            _IdleClock._active.set(None)
         try:
             trio.lowlevel.remove_instrument(self)
         except KeyError:  # Trio dropped it already (a hook raised)
