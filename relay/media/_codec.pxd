@@ -56,6 +56,7 @@ cdef class UplinkJitterBuffer:
     cdef long long _held_ms
     cdef object _recent
 
+    cdef list _push(self, long long ts, object payload, long long dur)
     cdef void _insort(self, long long ext)
     cdef void _release(self, list out, long long ext, long long ts, object payload, long long dur)
     cdef void _fill(self, list out, long long ext)

@@ -1,7 +1,7 @@
 """Type stub of the compiled relay.media._codec (semantics: relay.media.codec_ref)."""
 
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from typing_extensions import Buffer
 
@@ -125,6 +125,13 @@ class TwilioFrameParser(Generic[_C]):
         violation: Callable[[str, int], Exception],
     ) -> None: ...
     def feed(self, data: bytes) -> list[str | bytes | tuple[int, str] | tuple[str] | _C]: ...
+
+def twilio_uplink(
+    parser: TwilioFrameParser[Any],
+    jitter: UplinkJitterBuffer,
+    data: bytes,
+    silence: Callable[[int], str],
+) -> tuple[list[str], list[str] | None, int, list[Any] | None]: ...
 
 class ServerFrameParser(Generic[_C]):
     max_message: int

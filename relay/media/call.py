@@ -70,6 +70,7 @@ from ..protocol.twilio import (
 )
 from ..tools import ToolRegistry
 from . import codec, hold, recording
+from .codec import TwilioFrameParser, twilio_uplink
 from .websocket import (
     CLOSE_NORMAL,
     CLOSE_POLICY,
@@ -386,24 +387,65 @@ class Call:
     def _twilio_readable(self) -> None:
         if self._finished:
             return
+        ws = self.ws
+        parser = ws.parser
+        # The hot path once the stream has started: parse, order and collect this read's
+        # media in one compiled call. Not while recording: the recorder takes each frame's
+        # timestamp, which the general path keeps.
+        hot = type(parser) is TwilioFrameParser and self._recorder is None
         try:
-            batch = self.ws.read_nowait()
+            data = ws.recv_nowait()
+            if data is None:
+                return
+            t0 = _perf()
+            try:
+                if hot:
+                    payloads, marks, media, rest = twilio_uplink(
+                        cast("TwilioFrameParser[Any]", parser), self.uplink, data, self._silence
+                    )
+                else:
+                    items = parser.feed(data)
+            except ProtocolViolation as exc:
+                ws.violated(exc)
         except ConnectionClosed as exc:
             self._twilio_closed(exc)
             return
-        if batch:
-            try:
-                self._on_twilio(batch)
-            except Exception:
-                self._internal_error("Twilio message handling")
+        try:
+            if not hot:
+                batch = ws.accept(items)
+                if batch:
+                    self._on_twilio(batch, None, t0)
+                return
+            taken = media
+            self.metrics.frames_in += media
+            if marks is not None:
+                taken += len(marks)
+                for name in marks:
+                    self._mark_echo(name)
+            if rest is not None:
+                # Anything else (DTMF, stop, a ping...) takes the general path, in order;
+                # the payloads released so far go with it, as one forward.
+                self._on_twilio(ws.accept(rest, taken), payloads, t0)
+                return
+            ws.messages_in += taken
+            if payloads and not self._agent_dead:
+                self._forward(payloads, t0)
+        except Exception:
+            self._internal_error("Twilio message handling")
 
-    def _on_twilio(self, batch: list[Any]) -> None:
-        t0 = _perf()
+    def _on_twilio(
+        self, batch: list[Any], payloads: list[str] | None = None, t0: float | None = None
+    ) -> None:
+        """The general path for Twilio's messages; ``payloads`` (taken at ``t0``) were
+        released by the hot path from the same read, before ``batch``."""
+        if t0 is None:
+            t0 = _perf()
+        if payloads is None:
+            payloads = []
         parse = self.proto.parse
         uplink = self.uplink
         metrics = self.metrics
         recorder = self._recorder
-        payloads: list[str] = []
         for msg in batch:
             kind = type(msg)
             if kind is tuple:
@@ -436,13 +478,16 @@ class Call:
                 if recorder is not None:
                     recorder.caller(_ts, payloads[-1])
         if payloads and not self._agent_dead:
-            try:
-                self._forward_uplink(payloads)
-            except (ConnectionClosed, AgentError) as exc:
-                self._agent_gone(f"agent send failed: {exc}")
-                return None
-            metrics.latency_up.observe(_perf() - t0)
+            self._forward(payloads, t0)
         return None
+
+    def _forward(self, payloads: list[str], t0: float) -> None:
+        try:
+            self._forward_uplink(payloads)
+        except (ConnectionClosed, AgentError) as exc:
+            self._agent_gone(f"agent send failed: {exc}")
+            return
+        self.metrics.latency_up.observe(_perf() - t0)
 
     def _mark_echo(self, name: str) -> None:
         self.downlink.on_mark(name, trio.current_time() * 1000.0)

@@ -56,6 +56,7 @@ __all__ = [
     "b64decode",
     "client_b64_frames",
     "twilio_frames",
+    "twilio_uplink",
     "ulaw_decode",
     "ulaw_encode",
     "ws_mask",
@@ -1192,6 +1193,39 @@ class TwilioFrameParser(_FrameReader[_C]):
         if msg is not None:
             return msg
         return cast(str, super()._text(payload))
+
+
+def twilio_uplink(
+    parser: TwilioFrameParser[Any],
+    jitter: UplinkJitterBuffer,
+    data: bytes,
+    silence: Callable[[int], str],
+) -> tuple[list[str], list[str] | None, int, list[Any] | None]:
+    """One read from Twilio: ``parser.feed(data)``; each leading media message goes
+    through ``jitter`` as a 20 ms frame and each leading mark echo's name is collected, up
+    to the first message of any other kind (a str, bytes, a control frame).
+
+    Returns ``(payloads, marks, media, rest)``: the base64 payloads ``jitter`` released, in
+    order, with ``silence(duration_ms)`` for a gap; the mark names (None when there were
+    none); how many media messages were taken; the messages from the first other one on,
+    for the caller's general path (None when there are none).
+    """
+    items = parser.feed(data)
+    payloads: list[str] = []
+    marks: list[str] | None = None
+    media = 0
+    for i, item in enumerate(items):
+        if type(item) is not tuple:
+            return payloads, marks, media, items[i:]
+        if len(item) == 2:
+            media += 1
+            for _ts, payload, dur in jitter.push(item[0], item[1], 20):
+                payloads.append(cast(str, payload) if payload is not None else silence(dur))
+        else:
+            if marks is None:
+                marks = []
+            marks.append(item[0])
+    return payloads, marks, media, None
 
 
 # --------------------------------------------------------------------------------------

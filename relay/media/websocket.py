@@ -22,7 +22,7 @@ import socket
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 from urllib.parse import urlsplit
 
 import trio
@@ -518,17 +518,31 @@ class WebSocket:
         After a close frame or a protocol violation ``self.closed`` is set; messages that
         arrived before it are still returned (the caller gets ConnectionClosed next time).
         """
+        self._received(data)
+        try:
+            items = self.parser.feed(data)
+        except ProtocolViolation as exc:
+            self.violated(exc)
+        return self.accept(items)
+
+    def _received(self, data: bytes) -> None:
         if not data:
             self.closed = ConnectionClosed(CLOSE_ABNORMAL, "peer closed TCP without close frame")
             raise self.closed.copy()
         if self._stamp_rx:
             self.last_received = trio.current_time()
-        try:
-            items = self.parser.feed(data)
-        except ProtocolViolation as exc:
-            self.close_nowait(exc.code, str(exc))
-            self.closed = ConnectionClosed(exc.code, str(exc))
-            raise self.closed.copy() from exc
+
+    def violated(self, exc: ProtocolViolation) -> NoReturn:
+        """The peer broke RFC 6455 (``parser.feed`` raised ``exc``): close with its code and
+        raise ConnectionClosed."""
+        self.close_nowait(exc.code, str(exc))
+        self.closed = ConnectionClosed(exc.code, str(exc))
+        raise self.closed.copy() from exc
+
+    def accept(self, items: Sequence[object], consumed: int = 0) -> list[str | bytes]:
+        """The data messages among ``items`` (what ``parser.feed`` returned), answering the
+        control frames in order; ``consumed`` more messages were handled by the caller
+        already (counted). Stops after a close frame (``self.closed`` is then set)."""
         messages: list[str | bytes] = []
         for item in items:
             if type(item) is Control:
@@ -537,13 +551,15 @@ class WebSocket:
                     break
             else:
                 messages.append(item)  # type: ignore[arg-type]
-        self.messages_in += len(messages)
+        self.messages_in += consumed + len(messages)
         return messages
 
-    def read_nowait(self) -> list[str | bytes]:
-        """Whatever complete messages one non-blocking read yields ([] if none).
+    def recv_nowait(self) -> bytes | None:
+        """The bytes of one non-blocking read (None when nothing is waiting), for a caller
+        that feeds them to :attr:`parser` itself and passes what is left to :meth:`accept`
+        (a protocol violation to :meth:`violated`): the uplink's compiled hot path.
 
-        Raises ConnectionClosed when the peer closed (or broke the protocol)."""
+        Raises ConnectionClosed when the peer closed."""
         if self.closed is not None:
             raise self.closed.copy()
         if self._leftover:
@@ -551,15 +567,29 @@ class WebSocket:
         else:
             raw = self._raw
             if raw is None:
-                raise RuntimeError("read_nowait needs a plain TCP socket")
+                raise RuntimeError("recv_nowait needs a plain TCP socket")
             try:
                 data = raw.recv(65536)
             except BlockingIOError:
-                return []
+                return None
             except OSError as exc:
                 self.closed = ConnectionClosed(CLOSE_ABNORMAL, f"receive failed: {exc!r}")
                 raise self.closed.copy() from None
-        return self._consume(data)
+        self._received(data)
+        return data
+
+    def read_nowait(self) -> list[str | bytes]:
+        """Whatever complete messages one non-blocking read yields ([] if none).
+
+        Raises ConnectionClosed when the peer closed (or broke the protocol)."""
+        data = self.recv_nowait()
+        if data is None:
+            return []
+        try:
+            items = self.parser.feed(data)
+        except ProtocolViolation as exc:
+            self.violated(exc)
+        return self.accept(items)
 
     async def receive(self) -> list[str | bytes]:
         """Next batch of data messages. Raises ConnectionClosed when the socket is done."""
