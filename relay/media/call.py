@@ -420,8 +420,7 @@ class Call:
             self.metrics.frames_in += media
             if marks is not None:
                 taken += len(marks)
-                for name in marks:
-                    self._mark_echo(name)
+                self._mark_echoes(marks)
             if rest is not None:
                 # Anything else (DTMF, stop, a ping...) takes the general path, in order;
                 # the payloads released so far go with it, as one forward.
@@ -482,8 +481,13 @@ class Call:
         return None
 
     def _forward(self, payloads: list[str], t0: float) -> None:
+        agent = self.agent
+        assert agent is not None
         try:
-            self._forward_uplink(payloads)
+            if self._to_pcm is None:
+                agent.send_audio_b64_many(payloads)
+            else:
+                agent.send_audio(self._to_pcm.feed_b64_many(payloads))
         except (ConnectionClosed, AgentError) as exc:
             self._agent_gone(f"agent send failed: {exc}")
             return
@@ -491,6 +495,15 @@ class Call:
 
     def _mark_echo(self, name: str) -> None:
         self.downlink.on_mark(name, trio.current_time() * 1000.0)
+        if self._ending:
+            self._wake.set()
+
+    def _mark_echoes(self, names: list[str]) -> None:
+        # One clock read for a read's echoes: they arrived together.
+        now_ms = trio.current_time() * 1000.0
+        on_mark = self.downlink.on_mark
+        for name in names:
+            on_mark(name, now_ms)
         if self._ending:
             self._wake.set()
 
@@ -502,14 +515,6 @@ class Call:
             self._end("caller hung up")
             return False
         return True
-
-    def _forward_uplink(self, payloads: list[str]) -> None:
-        agent = self.agent
-        assert agent is not None
-        if self._to_pcm is None:
-            agent.send_audio_b64_many(payloads)
-        else:
-            agent.send_audio(self._to_pcm.feed_b64_many(payloads))
 
     def _silence(self, duration_ms: int) -> str:
         # μ-law silence is 0xFF (G.711 table: code 0xFF decodes to 0). Cached per length.

@@ -294,6 +294,8 @@ class WebSocket:
         )
         self._leftover = leftover
         self._send_lock = trio.Lock()
+        #: drain() holds _send_lock (a flag, not Lock.locked(): write_nowait is per message)
+        self._draining = False
         self._out = bytearray()
         self._out_wake: trio.Event | None = None
         #: called (synchronously) when a write leaves bytes waiting and no run_flusher is
@@ -336,7 +338,7 @@ class WebSocket:
             raise self.closed.copy()
         out = self._out
         raw = self._raw
-        if not out and raw is not None and not self._send_lock.locked():
+        if not out and raw is not None and not self._draining:
             # Fast path: one non-blocking send(2) straight on the socket; Trio's send_all
             # would add scheduler round trips per message, which dominate at ~200
             # messages per call-second.
@@ -368,11 +370,15 @@ class WebSocket:
         if not self._out:
             return
         async with self._send_lock:
-            while self._out:
-                chunk = bytes(self._out)
-                self._out.clear()
-                await self._send_bounded(chunk)
-            self._backlog_since = None
+            self._draining = True
+            try:
+                while self._out:
+                    chunk = bytes(self._out)
+                    self._out.clear()
+                    await self._send_bounded(chunk)
+                self._backlog_since = None
+            finally:
+                self._draining = False
 
     @property
     def send_backlog_since(self) -> float | None:
