@@ -194,31 +194,46 @@ def _passes(r: dict, limit_ms: float) -> bool:
 
 
 def ratios(suite: dict) -> list[dict]:
-    """Relay vs each peer at equal N (and capacity ratios in full mode)."""
+    """Relay vs each peer at equal N (and capacity ratios in full mode). With ``--repeat``
+    each figure is the median over the rounds, and ``per_round`` the peer / relay CPU
+    ratio within each round (the two ran minutes apart, so slow drift of the VM cancels)."""
     runs = _ok_runs(suite)
-    by = {(_key(r), r["n"]): r for r in runs}
+    by: dict[tuple[str, int], list[dict]] = {}
+    for r in runs:  # in run order: the i-th of each (target, N) is round i
+        by.setdefault((_key(r), r["n"]), []).append(r)
     out = []
     for peer, audio in (("fastapi", "pcmu"), ("pipecat", "pcm24k")):
         mine, theirs = f"relay/{audio}", f"{peer}/{audio}"
         for n in sorted({n for k, n in by if k == mine} & {n for k, n in by if k == theirs}):
-            r, p = by[(mine, n)], by[(theirs, n)]
-            rc, pc = r["relay"]["cpu_us_per_call_s"], p["relay"]["cpu_us_per_call_s"]
+            rs, ps = by[(mine, n)], by[(theirs, n)]
+
+            def med(get: Callable[[dict], float | None], group: list[dict]) -> float | None:
+                return _median([get(x) for x in group])
+
+            def cpu(x: dict) -> float | None:
+                return x["relay"]["cpu_us_per_call_s"]
+
+            rc, pc = med(cpu, rs), med(cpu, ps)
+            per_round = [
+                round(cpu(p) / cpu(r), 2) for r, p in zip(rs, ps, strict=False) if cpu(r) and cpu(p)
+            ]
             out.append(
                 {
                     "vs": theirs,
                     "n": n,
+                    "rounds": min(len(rs), len(ps)),
                     "cpu_per_call_relay_us": rc,
                     "cpu_per_call_peer_us": pc,
                     "peer_cpu_over_relay": round(pc / rc, 2) if rc and pc else None,
+                    "per_round": per_round,
                     "cpu_bound_calls_per_core_relay": int(1e6 / rc) if rc else None,
                     "cpu_bound_calls_per_core_peer": int(1e6 / pc) if pc else None,
-                    "up_p99_ms": [r["uplink"]["p99_ms"], p["uplink"]["p99_ms"]],
-                    "down_p99_ms": [r["downlink"]["p99_ms"], p["downlink"]["p99_ms"]],
+                    "up_p99_ms": [med(lambda x: x["uplink"]["p99_ms"], g) for g in (rs, ps)],
+                    "down_p99_ms": [med(lambda x: x["downlink"]["p99_ms"], g) for g in (rs, ps)],
                     "rss_per_call_kib": [
-                        r["relay"]["rss_per_call_kib"],
-                        p["relay"]["rss_per_call_kib"],
+                        med(lambda x: x["relay"]["rss_per_call_kib"], g) for g in (rs, ps)
                     ],
-                    "both_valid": r["loadgen"]["valid"] and p["loadgen"]["valid"],
+                    "both_valid": all(x["loadgen"]["valid"] for x in rs + ps),
                 }
             )
         cap = suite.get("capacity", {})
@@ -248,10 +263,17 @@ def ratios_text(rows: list[dict]) -> str:
                 f"(p99≤5ms: {x['calls_at_p99_le_5ms'][0]} vs {x['calls_at_p99_le_5ms'][1]})"
             )
             continue
+        rounds = x.get("rounds", 1)
+        over = (
+            f" (medians of {rounds} rounds; per round {min(x['per_round']):.2f}"
+            f"–{max(x['per_round']):.2f}x)"
+            if rounds > 1 and x.get("per_round")
+            else ""
+        )
         lines.append(
             f"  N={x['n']} vs {x['vs']}: CPU/call relay {_fmt(x['cpu_per_call_relay_us'], 0)} µs"
             f" vs {_fmt(x['cpu_per_call_peer_us'], 0)} µs -> peer/relay "
-            f"{_fmt(x['peer_cpu_over_relay'], 2)}x (CPU-bound calls/core "
+            f"{_fmt(x['peer_cpu_over_relay'], 2)}x{over} (CPU-bound calls/core "
             f"{_fmt(x['cpu_bound_calls_per_core_relay'])} vs "
             f"{_fmt(x['cpu_bound_calls_per_core_peer'])}); p99 up {_fmt(x['up_p99_ms'][0], 2)} vs"
             f" {_fmt(x['up_p99_ms'][1], 2)} ms, down {_fmt(x['down_p99_ms'][0], 2)} vs "

@@ -173,3 +173,23 @@ def test_cli_rejects_unknown_command(capsys):
         assert exc.code == 2
     else:  # pragma: no cover
         raise AssertionError("argparse should exit")
+
+
+def test_repeated_rounds_ratio_is_of_medians_with_per_round_ratios():
+    """With --repeat the CPU ratio compares medians, not whichever round ran last, and
+    lists each round's own ratio."""
+    suite = _suite()
+    suite["runs"] = [
+        _run("relay", "pcmu", 50, 1000, 2.0),
+        _run("fastapi", "pcmu", 50, 3000, 2.0),
+        _run("fastapi", "pcmu", 50, 2400, 2.0),
+        _run("relay", "pcmu", 50, 1200, 2.0),
+        _run("relay", "pcmu", 50, 900, 2.0),
+        _run("fastapi", "pcmu", 50, 3600, 2.0),
+    ]
+    (row,) = report.ratios(suite)
+    assert row["rounds"] == 3
+    assert (row["cpu_per_call_relay_us"], row["cpu_per_call_peer_us"]) == (1000, 3000)
+    assert row["peer_cpu_over_relay"] == 3.0
+    assert row["per_round"] == [3.0, 2.0, 4.0]
+    assert "medians of 3 rounds; per round 2.00–4.00x" in report.ratios_text([row])
