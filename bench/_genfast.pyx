@@ -35,6 +35,7 @@ cdef extern from "<time.h>" nogil:
         time_t tv_sec
         long tv_nsec
     int clock_gettime(int clk, timespec* ts)
+    int clock_nanosleep(int clk, int flags, const timespec* req, timespec* rem)
     int CLOCK_MONOTONIC
     int CLOCK_REALTIME
 
@@ -760,10 +761,17 @@ DEF MAX_EVENTS = 512
 cdef bint HAVE_PWAIT2 = True
 
 
-cdef inline int _wait(int epfd, epoll_event* events, int64_t timeout_ns) noexcept nogil:
+cdef inline int _wait(int epfd, epoll_event* events, int64_t timeout_ns,
+                      bint timers_only) noexcept nogil:
     global HAVE_PWAIT2
     cdef timespec ts
     cdef int r
+    if timers_only and timeout_ns > 0:
+        # Reactor(wait_timers=True): sleep to the next timer, then take what arrived
+        ts.tv_sec = timeout_ns // 1000000000
+        ts.tv_nsec = timeout_ns % 1000000000
+        clock_nanosleep(CLOCK_MONOTONIC, 0, &ts, NULL)
+        timeout_ns = 0
     if HAVE_PWAIT2:
         ts.tv_sec = timeout_ns // 1000000000
         ts.tv_nsec = timeout_ns % 1000000000
@@ -795,6 +803,7 @@ def run_reactor(reactor, until_ns, stop):
     cdef int64_t now, wake, until
     cdef bint has_until = until_ns is not None
     cdef int i, nev, every = 32
+    cdef bint timers_only = reactor.wait_timers
     until = until_ns if has_until else 0
     while True:
         now = mono_ns()
@@ -805,7 +814,7 @@ def run_reactor(reactor, until_ns, stop):
         wake = timers[0][0] if timers else now + 50000000
         if has_until and until < wake:
             wake = until
-        nev = _wait(epfd, events, wake - now if wake > now else 0)
+        nev = _wait(epfd, events, wake - now if wake > now else 0, timers_only)
         if nev < 0:
             if errno == EINTR:
                 continue

@@ -770,7 +770,10 @@ def run_target(
     # Kernel arrival stamps (see bench.netio.recv_stamped); BENCH_RX_STAMPS=0 measures at
     # read time instead, which charges the generator's own queueing to the target.
     stamp_rx = os.environ.get("BENCH_RX_STAMPS", "1") != "0"
-    reactor = Reactor(stamp_rx=stamp_rx, engine=engine)
+    # BENCH_GEN_WAIT=timers: the generator sleeps between its timers instead of waiting on
+    # its sockets, so a target's sends do not pay to wake it (bench.netio.Reactor).
+    waits = gen_waits()
+    reactor = Reactor(stamp_rx=stamp_rx, engine=engine, wait_timers=waits == "timers")
     agent = make_agent(reactor, target.agent, audio)
     port = free_port()
     log = tmp / "target.log"
@@ -805,6 +808,7 @@ def run_target(
             "compiled" if engine is not None and target.agent == "openai" else "pure Python"
         )
         raw["loadgen"]["rx_stamps"] = "kernel" if stamp_rx else "read time"
+        raw["loadgen"]["waits_on"] = waits
         phases["session"] = time.monotonic()
         after = _settle_after(reactor, sampler, base["fds"], timings.release_s)
         after_metrics = relay_metrics(port) if is_relay else {}
@@ -1017,6 +1021,15 @@ QUICK_PLAN: dict[tuple[str, str], tuple[int, ...]] = {
 FULL_LADDERS: dict[str, tuple[int, ...]] = {
     "pipecat": (10, 25, 50, 100, 150, 200, 300, 400),
 }
+
+
+def gen_waits() -> str:
+    """What the generator waits on between timers: ``sockets`` (default) or ``timers``
+    (``BENCH_GEN_WAIT``; see bench.netio.Reactor's ``wait_timers``)."""
+    waits = os.environ.get("BENCH_GEN_WAIT", "sockets")
+    if waits not in ("sockets", "timers"):
+        raise SystemExit(f"BENCH_GEN_WAIT must be 'sockets' or 'timers', not {waits!r}")
+    return waits
 
 
 @dataclass

@@ -260,12 +260,21 @@ class Reactor:
     *args)``; cancel by ``cancel(handle)``.
     """
 
-    def __init__(self, stamp_rx: bool = False, engine: object = None) -> None:
+    def __init__(
+        self, stamp_rx: bool = False, engine: object = None, wait_timers: bool = False
+    ) -> None:
         """``stamp_rx``: streams of this reactor read kernel arrival stamps (see
         ``recv_stamped``). ``engine``: a module with ``run_reactor`` (``bench.genfast``'s
-        compiled loop) to run the loop instead of the pure-Python ``run`` below."""
+        compiled loop) to run the loop instead of the pure-Python ``run`` below.
+        ``wait_timers``: between timers, sleep instead of waiting on the sockets, and read
+        whatever arrived meanwhile when the next timer is due (``BENCH_GEN_WAIT=timers``).
+        Why: on loopback a peer's ``send`` runs the receiver's wake-up in the sender's
+        context, so a generator blocked on its sockets bills the target for waking it, a
+        cost a relay talking to remote Twilio and agents never pays; with the stamps of
+        ``stamp_rx`` the latency measured does not depend on when the generator reads."""
         self.stamp_rx = stamp_rx
         self.engine = engine
+        self.wait_timers = wait_timers
         self._ep = select.epoll()
         self._handlers: dict[int, object] = {}
         # fd -> bound ``on_event``: one dict lookup and no attribute lookup per event
@@ -341,6 +350,9 @@ class Reactor:
             if until_ns is not None and until_ns < wake:
                 wake = until_ns
             timeout = (wake - now) / 1e9
+            if self.wait_timers and timeout > 0:
+                time.sleep(timeout)
+                timeout = 0
             events = poll(timeout if timeout > 0 else 0)
             if len(events) <= every:
                 for fd, ev in events:

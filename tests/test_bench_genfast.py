@@ -175,3 +175,33 @@ def test_reactor_fires_timers_in_order_and_on_time(engine, kind):
     for (_, t), ms in zip(fired, (10, 20, 30), strict=True):
         assert t >= t0 + ms * 1_000_000  # never early
     reactor.close()
+
+
+@pytest.mark.parametrize("kind", ["python", "compiled"])
+@pytest.mark.parametrize("wait_timers", [False, True])
+def test_reactor_waits_on_sockets_or_only_on_timers(engine, kind, wait_timers):
+    """Bytes already waiting on a socket: the default loop reads them at once; with
+    ``wait_timers`` (BENCH_GEN_WAIT=timers) it first sleeps until its next timer is due."""
+    reactor = Reactor(engine=engine if kind == "compiled" else None, wait_timers=wait_timers)
+    a, b = socket.socketpair()
+    read_at: list[int] = []
+
+    def readable(_mask: int) -> None:
+        a.recv(100)
+        read_at.append(time.monotonic_ns())
+
+    class Handler:
+        on_event = staticmethod(readable)
+
+    reactor.register(a.fileno(), Handler())
+    b.send(b"x")
+    t0 = time.monotonic_ns()
+    # far enough ahead that a slow start of the loop cannot make the timer due first
+    due = t0 + 200_000_000
+    reactor.call_at(due, lambda: None)
+    reactor.run(until_ns=t0 + 250_000_000)
+    assert len(read_at) == 1
+    assert (read_at[0] >= due) is wait_timers
+    reactor.close()
+    a.close()
+    b.close()

@@ -10,6 +10,7 @@ import os
 from collections import Counter
 
 import numpy as np
+import orjson
 import pytest
 import trio
 import trio_websocket
@@ -19,7 +20,7 @@ from relay.agents.openai import OpenAIRealtimeAgent
 from relay.agents.openai_protocol import OpenAIRealtimeProtocol
 from relay.media import codec
 from relay.media.call import Call
-from relay.media.websocket import WebSocket
+from relay.media.websocket import OP_PING, OP_TEXT, WebSocket, build_frame
 from relay.sim import speech
 from relay.sim.simulator import simulate
 
@@ -441,6 +442,42 @@ async def test_dtmf_recorded_and_hash_hangs_up_after_the_last_mark(start_relay, 
         record = relay_.records(fake.call_sid)
         assert record.dtmf == ["1", "#"]
         assert (record.status, record.end_reason) == ("completed", "caller pressed #")
+
+
+async def test_one_read_of_media_dtmf_ping_and_a_gap(start_relay, make_config, e2e):
+    """Media, a DTMF, more media, a ping and media after a 20 ms gap in one TCP write: the
+    uplink's compiled step takes the leading media, the rest goes through the general path
+    in order. The agent hears every frame in order with the gap filled by silence; the
+    DTMF is recorded; nothing counts as an error."""
+    with trio.fail_after(10):
+        async with fake_openai_server() as oai:
+            relay_ = await gpt_relay(start_relay, make_config, e2e, oai)
+            fake = await relay_.dial()
+            session = await e2e.agent_session(oai)
+            await fake.send_media(random_ulaw(40, seed=11))  # the stream is up and flowing
+            await session.wait_for(lambda s: s.audio_in_ms >= 40)
+            before = bytes(session.audio_in)
+            frames = [random_ulaw(20, seed=20 + k) for k in range(4)]
+
+            def text(message: dict) -> bytes:
+                fake.seq += 1
+                message = {"event": message["event"], "sequenceNumber": str(fake.seq), **message}
+                return build_frame(OP_TEXT, orjson.dumps(message), mask=True)
+
+            dtmf = {"event": "dtmf", "streamSid": fake.stream_sid, "dtmf": {"digit": "5"}}
+            wire = text(fake.media_message(frames[0])) + text(fake.media_message(frames[1]))
+            wire += text(dtmf) + text(fake.media_message(frames[2]))
+            wire += build_frame(OP_PING, b"still there?", mask=True)
+            fake.ts_ms += 20  # one frame never sent: a 20 ms gap
+            wire += text(fake.media_message(frames[3]))
+            await fake.ws.stream.send_all(wire)
+            want = before + frames[0] + frames[1] + frames[2] + b"\xff" * 160 + frames[3]
+            await session.wait_for(lambda s: len(s.audio_in) >= len(want))
+            assert bytes(session.audio_in) == want
+            await fake.hang_up()
+            await relay_.wait_idle()
+            assert relay_.records(fake.call_sid).dtmf == ["5"]
+            assert not relay_.metrics.errors
 
 
 async def test_caller_stop_closes_agent_session(start_relay, make_config, e2e):
