@@ -37,7 +37,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -398,21 +398,20 @@ class Call:
             if data is None:
                 return
             t0 = _perf()
-            try:
-                if hot:
+            if not hot:
+                batch = ws.parse(data)
+            else:
+                try:
                     payloads, marks, media, rest = twilio_uplink(
                         cast("TwilioFrameParser[Any]", parser), self.uplink, data, self._silence
                     )
-                else:
-                    items = parser.feed(data)
-            except ProtocolViolation as exc:
-                ws.violated(exc)
+                except ProtocolViolation as exc:
+                    ws.violated(exc)
         except ConnectionClosed as exc:
             self._twilio_closed(exc)
             return
         try:
             if not hot:
-                batch = ws.accept(items)
                 if batch:
                     self._on_twilio(batch, None, t0)
                 return
@@ -494,11 +493,9 @@ class Call:
         self.metrics.latency_up.observe(_perf() - t0)
 
     def _mark_echo(self, name: str) -> None:
-        self.downlink.on_mark(name, trio.current_time() * 1000.0)
-        if self._ending:
-            self._wake.set()
+        self._mark_echoes((name,))
 
-    def _mark_echoes(self, names: list[str]) -> None:
+    def _mark_echoes(self, names: Sequence[str]) -> None:
         # One clock read for a read's echoes: they arrived together.
         now_ms = trio.current_time() * 1000.0
         on_mark = self.downlink.on_mark

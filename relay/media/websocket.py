@@ -525,6 +525,12 @@ class WebSocket:
         arrived before it are still returned (the caller gets ConnectionClosed next time).
         """
         self._received(data)
+        return self.parse(data)
+
+    def parse(self, data: bytes) -> list[str | bytes]:
+        """The data messages in ``data`` (bytes already received): fed to :attr:`parser`,
+        control frames answered (:meth:`accept`), a protocol violation closing the socket
+        (:meth:`violated`)."""
         try:
             items = self.parser.feed(data)
         except ProtocolViolation as exc:
@@ -561,9 +567,10 @@ class WebSocket:
         return messages
 
     def recv_nowait(self) -> bytes | None:
-        """The bytes of one non-blocking read (None when nothing is waiting), for a caller
-        that feeds them to :attr:`parser` itself and passes what is left to :meth:`accept`
-        (a protocol violation to :meth:`violated`): the uplink's compiled hot path.
+        """The bytes of one non-blocking read (None when nothing is waiting), for
+        :meth:`parse`, or for a caller that feeds them to :attr:`parser` itself and passes
+        what is left to :meth:`accept` (a violation to :meth:`violated`): the uplink's
+        compiled hot path.
 
         Raises ConnectionClosed when the peer closed."""
         if self.closed is not None:
@@ -589,13 +596,7 @@ class WebSocket:
 
         Raises ConnectionClosed when the peer closed (or broke the protocol)."""
         data = self.recv_nowait()
-        if data is None:
-            return []
-        try:
-            items = self.parser.feed(data)
-        except ProtocolViolation as exc:
-            self.violated(exc)
-        return self.accept(items)
+        return [] if data is None else self.parse(data)
 
     async def receive(self) -> list[str | bytes]:
         """Next batch of data messages. Raises ConnectionClosed when the socket is done."""
