@@ -105,6 +105,8 @@ class Metrics:
         self.calls_rejected: dict[str, int] = defaultdict(int)
         self.frames_in = 0  # Twilio -> agent, media messages received from Twilio
         self.frames_out = 0  # agent -> Twilio, media messages sent to Twilio
+        #: Twilio reads forwarded to the agent whole by the uplink pump (codec.UplinkPump)
+        self.uplink_pumped = 0
         self.barge_ins = 0
         self.errors: dict[str, int] = defaultdict(int)
         self.webhooks: dict[str, int] = defaultdict(int)
@@ -169,6 +171,12 @@ class Metrics:
                 f'relay_frames_total{{direction="twilio_to_agent"}} {self.frames_in}',
                 f'relay_frames_total{{direction="agent_to_twilio"}} {self.frames_out}',
             ],
+        )
+        metric(
+            "relay_uplink_pumped_reads_total",
+            "counter",
+            "Reads from Twilio that reached the agent in one compiled call (the uplink pump).",
+            [f"relay_uplink_pumped_reads_total {self.uplink_pumped}"],
         )
         metric(
             "relay_barge_ins_total",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import inspect
 import os
+import socket
 from collections import Counter
 
 import numpy as np
@@ -193,6 +194,9 @@ async def test_passthrough_audio_is_byte_identical(start_relay, make_config, e2e
             await session.wait_for(lambda s: len(s.audio_in) >= len(caller))
             assert bytes(session.audio_in) == caller
             assert session.input_format == session.output_format == "pcmu"
+            media_cfg = relay_.cfg.media
+            pumped = relay_.metrics.uplink_pumped
+            assert (pumped > 0) == (media_cfg.reactor and media_cfg.uplink_pump), pumped
 
             reply = random_ulaw(730, seed=3)  # not a whole number of frames
             await session.send_response(audio=reply, chunk_ms=30)  # deltas across frames
@@ -480,6 +484,51 @@ async def test_one_read_of_media_dtmf_ping_and_a_gap(start_relay, make_config, e
             assert not relay_.metrics.errors
 
 
+async def test_uplink_backpressure_keeps_the_order(start_relay, make_config, e2e):
+    """The agent stops reading: the relay's writes to it back up (the uplink pump's write
+    is cut short and the rest queued), and the pump stands aside until that queue has
+    drained, so no frame overtakes another. When the agent reads again it hears every
+    frame once, in order, and the pump takes over again."""
+    with trio.fail_after(15):
+        async with fake_openai_server() as oai:
+            relay_ = await gpt_relay(start_relay, make_config, e2e, oai, audio="pcmu")
+            fake = await relay_.dial()
+            session = await e2e.agent_session(oai)
+            first = random_ulaw(400, seed=5)
+            await fake.send_media(first)
+            await session.wait_for(lambda s: len(s.audio_in) >= len(first))
+            assert relay_.metrics.uplink_pumped > 0
+            (call,) = relay_.state.calls
+            assert call.agent is not None
+            splice = call.agent.audio_splice()
+            assert splice is not None and splice[0].raw_socket is not None
+            agent_ws = splice[0]
+            # small buffers on both ends, so a few KiB of messages back up
+            agent_ws.raw_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            session.ws._stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            session.stall()
+            burst = b""
+            while agent_ws.send_backlog_since is None and len(burst) < 8000 * 10:
+                chunk = random_ulaw(500, seed=len(burst))
+                await fake.send_media(chunk)
+                burst += chunk
+                await trio.sleep(0.01)
+            assert agent_ws.send_backlog_since is not None  # it did back up
+            pumped = relay_.metrics.uplink_pumped
+            session.resume()
+            want = first + burst
+            await session.wait_for(lambda s: len(s.audio_in) >= len(want))
+            assert bytes(session.audio_in) == want
+            last = random_ulaw(200, seed=7)
+            await fake.send_media(last)
+            await session.wait_for(lambda s: len(s.audio_in) >= len(want + last))
+            assert bytes(session.audio_in) == want + last
+            assert relay_.metrics.uplink_pumped > pumped  # the pump is back
+            await fake.hang_up()
+            await relay_.wait_idle()
+            assert not relay_.metrics.errors
+
+
 async def test_caller_stop_closes_agent_session(start_relay, make_config, e2e):
     with trio.fail_after(10):
         async with fake_openai_server() as oai:
@@ -724,6 +773,33 @@ WITHOUT_REACTOR = [
     test_half_dead_twilio_socket_times_out,
     test_no_leaks_after_calls,
 ]
+
+
+# --- the same behaviour without the uplink pump ---------------------------------------------------
+WITHOUT_PUMP = [
+    test_passthrough_audio_is_byte_identical,
+    test_barge_in_clear_and_truncate_accuracy,
+    test_one_read_of_media_dtmf_ping_and_a_gap,
+    test_twilio_socket_drop_without_stop,
+    test_half_dead_twilio_socket_times_out,
+    test_no_leaks_after_calls,
+]
+
+
+@pytest.mark.parametrize("case", WITHOUT_PUMP, ids=lambda f: f.__name__[5:])
+async def test_same_behaviour_without_the_uplink_pump(case, start_relay, make_config, e2e, nursery):
+    """media.uplink_pump = false: Twilio's reads go to the agent through the Python
+    layers (WebSocket.recv_nowait, the adapter's send_audio_b64_many, write_nowait).
+    Same assertions, other path."""
+
+    def config_without_pump(**kwargs):
+        media = {**kwargs.pop("media", {}), "uplink_pump": False}
+        return make_config(media=media, **kwargs)
+
+    fixtures = {"start_relay": start_relay, "make_config": config_without_pump, "e2e": e2e}
+    fixtures["nursery"] = nursery
+    wanted = inspect.signature(case).parameters
+    await case(**{name: fixtures[name] for name in wanted})
 
 
 @pytest.mark.parametrize("case", WITHOUT_REACTOR, ids=lambda f: f.__name__[5:])

@@ -246,3 +246,44 @@ async def test_on_backlog_is_called_once_bytes_wait() -> None:
     with trio.fail_after(5):
         await server.drain()
         assert await client.receive() == ["a"]
+
+
+async def test_pumpable_only_while_neither_side_holds_bytes() -> None:
+    """The uplink pump may read one socket's descriptor and write another's only while
+    no bytes wait in either WebSocket: read ahead here, queued to be sent there."""
+    a, _ = trio.testing.memory_stream_pair()
+    c, _ = trio.testing.memory_stream_pair()
+    twilio = WebSocket(a, client_side=False)
+    agent = WebSocket(c, client_side=True)
+    assert twilio.pumpable(agent)
+    assert not agent.pumpable(twilio)  # a client side stamps its reads (liveness)
+
+    twilio._leftover = b"\x81"
+    assert not twilio.pumpable(agent)
+    twilio._leftover = b""
+    agent._out += b"queued"
+    assert not twilio.pumpable(agent)
+    agent._out.clear()
+    agent._draining = True
+    assert not twilio.pumpable(agent)
+    agent._draining = False
+    assert twilio.pumpable(agent)
+
+    agent.closed = ConnectionClosed(1000, "done")
+    assert not twilio.pumpable(agent)
+    agent.closed = None
+    exc = twilio.lost(0)
+    assert not twilio.pumpable(agent)
+    assert "peer closed TCP" in exc.reason and twilio.closed is not None
+
+
+def test_lost_names_the_failed_read() -> None:
+    a, _ = trio.testing.memory_stream_pair()
+
+    async def main() -> None:
+        ws = WebSocket(a, client_side=False)
+        exc = ws.lost(104)
+        assert exc.code == 1006
+        assert exc.reason == "receive failed: ConnectionResetError(104, 'Connection reset by peer')"
+
+    trio.run(main)

@@ -206,6 +206,9 @@ class AssemblyAIAgent(SessionSocketAgent):
         """Passthrough: Twilio's base64 string goes into ``input.audio`` untouched."""
         self.send_audio_b64_many([payload])
 
+    def audio_splice(self) -> tuple[websocket.WebSocket, bytes, bytes] | None:
+        return self._spliced(self.protocol.input_audio_parts)
+
     def send_audio_b64_many(self, payloads: list[str]) -> None:
         # Frames that arrived in one read leave in one write (one syscall).
         proto = self.protocol

@@ -12,9 +12,12 @@ import binascii
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
+
+if TYPE_CHECKING:
+    from ..media.websocket import WebSocket
 
 # --- audio formats -------------------------------------------------------------------
 MULAW_8K = ("mulaw", 8000)
@@ -170,6 +173,15 @@ class Agent(abc.ABC):
 
     def reactor_socket(self) -> socket.socket | None:
         """The plain TCP socket to multiplex, or None to be read through :meth:`receive`."""
+        return None
+
+    def audio_splice(self) -> tuple[WebSocket, bytes, bytes] | None:
+        """``(ws, head, tail)`` when :meth:`send_audio_b64_many` is exactly
+        ``ws.send_b64_texts_nowait(head, payloads, tail)`` for the whole session while
+        ``ws`` is open (no reconnect: :meth:`reactor_socket` is ``ws``'s socket). The
+        engine may then build and write the caller's audio to ``ws`` itself (the uplink
+        pump, relay.media.codec.UplinkPump); any failure still goes through the adapter's
+        own paths. None (the default): the adapter sends."""
         return None
 
     def read_events_nowait(self) -> list[AgentEvent]:

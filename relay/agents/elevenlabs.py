@@ -210,6 +210,9 @@ class ElevenLabsAgent(SocketAgent):
         """Passthrough: Twilio's base64 string goes into ``user_audio_chunk`` untouched."""
         self.send_audio_b64_many([payload])
 
+    def audio_splice(self) -> tuple[websocket.WebSocket, bytes, bytes] | None:
+        return self._spliced(self.protocol.audio_chunk_parts)
+
     def send_audio_b64_many(self, payloads: list[str]) -> None:
         # Frames that arrived in one read leave in one write (one syscall), built in one
         # compiled call; a payload that is not plain base64 is serialised properly.

@@ -266,6 +266,9 @@ class OpenAIRealtimeAgent(SessionSocketAgent):
         new session instead (hot path: the ``try`` costs nothing until a send fails)."""
         self.send_audio_b64_many([payload])
 
+    def audio_splice(self) -> tuple[websocket.WebSocket, bytes, bytes] | None:
+        return self._spliced(self.protocol.append_parts)
+
     def send_audio_b64_many(self, payloads: list[str]) -> None:
         # Frames that arrived in one read leave in one write (one syscall), built and
         # masked in one compiled call; a payload that is not plain base64 is serialised.

@@ -276,6 +276,15 @@ class SocketAgent(Agent):
     def reactor_socket(self) -> socket.socket | None:
         return self._socket().raw_socket
 
+    def _spliced(
+        self, parts: tuple[bytes, bytes]
+    ) -> tuple[websocket.WebSocket, bytes, bytes] | None:
+        """:meth:`audio_splice` of an adapter that sends caller audio as
+        ``send_b64_texts_nowait(*parts)`` on :meth:`_socket` (none with ``reconnect``)."""
+        if self.reactor_socket() is None:
+            return None
+        return self._socket(), parts[0], parts[1]
+
     def read_events_nowait(self) -> list[AgentEvent]:
         events, self._pending = self._pending, []
         return events + self._parse(self._socket().read_nowait())

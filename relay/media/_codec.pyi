@@ -133,6 +133,35 @@ def twilio_uplink(
     silence: Callable[[int], str],
 ) -> tuple[list[str], list[str] | None, int, list[Any] | None]: ...
 
+PUMP_IDLE: int
+PUMP_SENT: int
+PUMP_UNSENT: int
+PUMP_PARSED: int
+PUMP_CLOSED: int
+
+class UplinkPump:
+    parser: TwilioFrameParser[Any]
+    twilio_fd: int
+    agent_fd: int
+    media: int
+    sent: int
+    payloads: list[str] | None
+    marks: list[str] | None
+    rest: list[Any] | None
+    unsent: bytes | None
+    error: int
+    def __init__(
+        self,
+        parser: TwilioFrameParser[Any],
+        jitter: UplinkJitterBuffer,
+        silence: Callable[[int], str],
+        twilio_fd: int,
+        agent_fd: int,
+        head: bytes,
+        tail: bytes,
+    ) -> None: ...
+    def pump(self) -> int: ...
+
 class ServerFrameParser(Generic[_C]):
     max_message: int
     openai_audio: bool

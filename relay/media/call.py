@@ -70,7 +70,14 @@ from ..protocol.twilio import (
 )
 from ..tools import ToolRegistry
 from . import codec, hold, recording
-from .codec import TwilioFrameParser, twilio_uplink
+from .codec import (
+    PUMP_CLOSED,
+    PUMP_PARSED,
+    PUMP_SENT,
+    PUMP_UNSENT,
+    TwilioFrameParser,
+    twilio_uplink,
+)
 from .websocket import (
     CLOSE_NORMAL,
     CLOSE_POLICY,
@@ -123,6 +130,8 @@ class Call:
         self._finished = False
         self._registrations: list[tuple[socket.socket, Callable[[], None]]] = []
         self._agent_registration: tuple[socket.socket, Callable[[], None]] | None = None
+        #: the uplink pump and the agent's WebSocket it writes to (see _make_pump)
+        self._pump: tuple[codec.UplinkPump, WebSocket] | None = None
         self._ending_since = 0.0
         self._current_rid: str | None = None
         self._started_at = 0.0
@@ -350,8 +359,10 @@ class Call:
         while self._registrations:
             sock, handler = self._registrations.pop()
             reactor.unregister(sock, handler)
-        # the bound method held here would keep the call in a reference cycle
+        # the bound methods held here would keep the call in a reference cycle (the pump
+        # holds _silence)
         self._agent_registration = None
+        self._pump = None
 
     # -- Twilio -> agent ----------------------------------------------------------------
     def _attach_twilio(self) -> bool:
@@ -388,6 +399,15 @@ class Call:
         if self._finished:
             return
         ws = self.ws
+        pump = self._pump
+        if (
+            pump is not None
+            and self._recorder is None
+            and not self._agent_dead
+            and ws.parser is pump[0].parser
+            and ws.pumpable(pump[1])
+        ):
+            return self._twilio_pumped(pump[0], pump[1])
         parser = ws.parser
         # The hot path once the stream has started: parse, order and collect this read's
         # media in one compiled call. Not while recording: the recorder takes each frame's
@@ -415,19 +435,71 @@ class Call:
                 if batch:
                     self._on_twilio(batch, None, t0)
                 return
-            taken = media
-            self.metrics.frames_in += media
-            if marks is not None:
-                taken += len(marks)
-                self._mark_echoes(marks)
-            if rest is not None:
-                # Anything else (DTMF, stop, a ping...) takes the general path, in order;
-                # the payloads released so far go with it, as one forward.
-                self._on_twilio(ws.accept(rest, taken), payloads, t0)
-                return
-            ws.messages_in += taken
-            if payloads and not self._agent_dead:
-                self._forward(payloads, t0)
+            self._twilio_parsed(payloads, marks, media, rest, t0)
+        except Exception:
+            self._internal_error("Twilio message handling")
+
+    def _twilio_parsed(
+        self,
+        payloads: list[str],
+        marks: list[str] | None,
+        media: int,
+        rest: list[Any] | None,
+        t0: float,
+    ) -> None:
+        """Carry on with what ``twilio_uplink`` made of a read (its four results)."""
+        ws = self.ws
+        taken = media
+        self.metrics.frames_in += media
+        if marks is not None:
+            taken += len(marks)
+            self._mark_echoes(marks)
+        if rest is not None:
+            # Anything else (DTMF, stop, a ping...) takes the general path, in order;
+            # the payloads released so far go with it, as one forward.
+            self._on_twilio(ws.accept(rest, taken), payloads, t0)
+            return
+        ws.messages_in += taken
+        if payloads and not self._agent_dead:
+            self._forward(payloads, t0)
+
+    def _twilio_pumped(self, pump: codec.UplinkPump, agent_ws: WebSocket) -> None:
+        """One read through the uplink pump (see _make_pump), then its bookkeeping: the
+        same counters, metrics and failures as the layered path."""
+        t0 = _perf()
+        ws = self.ws
+        try:
+            code = pump.pump()
+        except ProtocolViolation as exc:
+            try:
+                ws.violated(exc)
+            except ConnectionClosed as closed:
+                self._twilio_closed(closed)
+            return
+        except Exception:
+            self._internal_error("Twilio message handling")
+            return
+        try:
+            if code == PUMP_SENT or code == PUMP_UNSENT:
+                media = pump.media
+                metrics = self.metrics
+                ws.messages_in += media
+                metrics.frames_in += media
+                metrics.uplink_pumped += 1
+                agent_ws.messages_out += pump.sent
+                if code == PUMP_UNSENT:
+                    try:
+                        agent_ws.write_nowait(cast(bytes, pump.unsent))
+                    except ConnectionClosed as exc:
+                        self._agent_gone(f"agent send failed: {exc}")
+                        return
+                metrics.latency_up.observe(_perf() - t0)
+            elif code == PUMP_PARSED:
+                self._twilio_parsed(
+                    cast("list[str]", pump.payloads), pump.marks, pump.media, pump.rest, t0
+                )
+            elif code == PUMP_CLOSED:
+                self._twilio_closed(ws.lost(pump.error))
         except Exception:
             self._internal_error("Twilio message handling")
 
@@ -594,8 +666,33 @@ class Call:
         if not self._finished:
             self._agent_registration = (sock, self._agent_readable)
             self._register(sock, self._agent_readable)
+            self._pump = self._make_pump(agent)
             self._agent_readable()  # events that arrived while connecting
         return True
+
+    def _make_pump(self, agent: Agent) -> tuple[codec.UplinkPump, WebSocket] | None:
+        """The uplink pump (codec.UplinkPump) when Twilio's payloads go to the agent as they
+        are (μ-law passthrough) and the adapter splices them into its messages: then each
+        read from Twilio reaches the agent in one compiled call. Both sockets are plain
+        TCP sockets in the reactor, so their descriptors stay open until the call's end."""
+        ws = self.ws
+        parser = ws.parser
+        raw = ws.raw_socket
+        if not self.cfg.media.uplink_pump or self._to_pcm is not None or raw is None:
+            return None
+        if type(parser) is not TwilioFrameParser:
+            return None
+        splice = agent.audio_splice()
+        if splice is None:
+            return None
+        agent_ws, head, tail = splice
+        agent_raw = agent_ws.raw_socket
+        if agent_raw is None:
+            return None
+        pump = codec.UplinkPump(
+            parser, self.uplink, self._silence, raw.fileno(), agent_raw.fileno(), head, tail
+        )
+        return pump, agent_ws
 
     async def _agent_reader(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

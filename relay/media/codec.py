@@ -8,6 +8,11 @@ from __future__ import annotations
 
 try:
     from relay.media._codec import (
+        PUMP_CLOSED,
+        PUMP_IDLE,
+        PUMP_PARSED,
+        PUMP_SENT,
+        PUMP_UNSENT,
         DownlinkBuffer,
         PcmToUlaw,
         Resampler,
@@ -15,6 +20,7 @@ try:
         TwilioFrameParser,
         UlawToPcm,
         UplinkJitterBuffer,
+        UplinkPump,
         alaw_decode,
         alaw_encode,
         b64decode,
@@ -33,6 +39,11 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 __all__ = [
+    "PUMP_CLOSED",
+    "PUMP_IDLE",
+    "PUMP_PARSED",
+    "PUMP_SENT",
+    "PUMP_UNSENT",
     "DownlinkBuffer",
     "PcmToUlaw",
     "Resampler",
@@ -40,6 +51,7 @@ __all__ = [
     "TwilioFrameParser",
     "UlawToPcm",
     "UplinkJitterBuffer",
+    "UplinkPump",
     "alaw_decode",
     "alaw_encode",
     "b64decode",

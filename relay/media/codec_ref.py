@@ -34,6 +34,7 @@ import base64
 import binascii
 import math
 import os
+import socket
 import sys
 from array import array
 from collections import deque
@@ -44,6 +45,11 @@ from typing import Any, Generic, TypeVar, cast
 from ._filters import FILTER_HEX, filter_taps
 
 __all__ = [
+    "PUMP_CLOSED",
+    "PUMP_IDLE",
+    "PUMP_PARSED",
+    "PUMP_SENT",
+    "PUMP_UNSENT",
     "DownlinkBuffer",
     "PcmToUlaw",
     "Resampler",
@@ -51,6 +57,7 @@ __all__ = [
     "TwilioFrameParser",
     "UlawToPcm",
     "UplinkJitterBuffer",
+    "UplinkPump",
     "alaw_decode",
     "alaw_encode",
     "b64decode",
@@ -1437,3 +1444,100 @@ def client_b64_frames(head: bytes, payloads: list[str], tail: bytes) -> bytes | 
         if type(p) is not str or not p.isascii() or not _PLAIN_B64.issuperset(p.encode()):
             return None
     return b"".join([_masked_text(head + p.encode("ascii") + tail) for p in payloads])
+
+
+# --------------------------------------------------------------------------------------
+# the uplink pump: one Twilio read to the agent (relay/media/call.py, the uplink hot path)
+# --------------------------------------------------------------------------------------
+PUMP_IDLE = 0  # nothing to read
+PUMP_SENT = 1  # every append message written
+PUMP_UNSENT = 2  # built, but the kernel took only part: ``unsent`` must be queued
+PUMP_PARSED = 3  # parsed only (marks, another kind of message, nothing to send...)
+PUMP_CLOSED = 4  # the peer closed (``error`` 0) or the read failed (``error`` = errno)
+
+_PUMP_READ = 65536  # what one WebSocket.recv_nowait reads
+
+
+def _on_fd(fd: int) -> socket.socket:
+    """A socket object over ``fd`` that does not own it (``detach`` it after use)."""
+    return socket.socket(fileno=fd)
+
+
+class UplinkPump:
+    """One Twilio read to the agent: ``recv(2)`` on ``twilio_fd``; :func:`twilio_uplink`
+    with ``parser``, ``jitter`` and ``silence``; when the read held media messages only,
+    the released payloads as masked append messages (:func:`client_b64_frames` with
+    ``head`` and ``tail``) in one ``send(2)`` on ``agent_fd``.
+
+    :meth:`pump` returns a ``PUMP_*`` code; what it took is in :attr:`media`,
+    :attr:`sent`, :attr:`payloads` / :attr:`marks` / :attr:`rest` (``PUMP_PARSED``:
+    twilio_uplink's results, for the caller to carry on with), :attr:`unsent` and
+    :attr:`error`. Both descriptors stay the caller's (never closed here)."""
+
+    def __init__(
+        self,
+        parser: TwilioFrameParser[Any],
+        jitter: UplinkJitterBuffer,
+        silence: Callable[[int], str],
+        twilio_fd: int,
+        agent_fd: int,
+        head: bytes,
+        tail: bytes,
+    ) -> None:
+        if twilio_fd < 0 or agent_fd < 0:
+            raise ValueError("descriptors must be open (>= 0)")
+        self.parser = parser
+        self._jitter = jitter
+        self._silence = silence
+        self.twilio_fd = twilio_fd
+        self.agent_fd = agent_fd
+        self._head = head
+        self._tail = tail
+        self._clear()
+
+    def _clear(self) -> None:
+        self.media = 0
+        self.sent = 0
+        self.payloads: list[str] | None = None
+        self.marks: list[str] | None = None
+        self.rest: list[Any] | None = None
+        self.unsent: bytes | None = None
+        self.error = 0
+
+    def pump(self) -> int:
+        """One read, forwarded when it held media only. A protocol violation in the read
+        raises the parser's ``ProtocolViolation``, as :func:`twilio_uplink` does."""
+        self._clear()
+        sock = _on_fd(self.twilio_fd)
+        try:
+            data = sock.recv(_PUMP_READ, socket.MSG_DONTWAIT)  # EINTR: retried (PEP 475)
+        except BlockingIOError:
+            return PUMP_IDLE
+        except OSError as exc:
+            self.error = exc.errno or 0
+            return PUMP_CLOSED
+        finally:
+            sock.detach()
+        if not data:
+            return PUMP_CLOSED
+        payloads, marks, media, rest = twilio_uplink(self.parser, self._jitter, data, self._silence)
+        self.media = media
+        if marks is not None or rest is not None or not payloads:
+            self.payloads, self.marks, self.rest = payloads, marks, rest
+            return PUMP_PARSED
+        wire = client_b64_frames(self._head, payloads, self._tail)
+        if wire is None:  # a payload that is not plain base64: the adapter serialises it
+            self.payloads = payloads
+            return PUMP_PARSED
+        self.sent = len(payloads)
+        sock = _on_fd(self.agent_fd)
+        try:
+            written = sock.send(wire, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except OSError:  # EAGAIN or an error: WebSocket.write_nowait retries and decides
+            written = 0
+        finally:
+            sock.detach()
+        if written == len(wire):
+            return PUMP_SENT
+        self.unsent = wire[written:]
+        return PUMP_UNSENT

@@ -539,10 +539,34 @@ class WebSocket:
 
     def _received(self, data: bytes) -> None:
         if not data:
-            self.closed = ConnectionClosed(CLOSE_ABNORMAL, "peer closed TCP without close frame")
-            raise self.closed.copy()
+            raise self.lost(0)
         if self._stamp_rx:
             self.last_received = trio.current_time()
+
+    def lost(self, err: int) -> ConnectionClosed:
+        """Mark the connection closed after a read found the peer gone (``err`` 0: end of
+        stream) or failed with errno ``err``; returns the exception to raise."""
+        if err:
+            # the repr recv_nowait gives the same failure (ConnectionResetError(104, ...))
+            exc = OSError(err, os.strerror(err))
+            self.closed = ConnectionClosed(CLOSE_ABNORMAL, f"receive failed: {exc!r}")
+        else:
+            self.closed = ConnectionClosed(CLOSE_ABNORMAL, "peer closed TCP without close frame")
+        return self.closed.copy()
+
+    def pumpable(self, to: WebSocket) -> bool:
+        """Whether bytes may go straight from this socket's descriptor to ``to``'s (the
+        uplink pump, ``codec.UplinkPump``): both open, no bytes read ahead here and no
+        read to stamp (a server side), none waiting to be sent there (a direct write would
+        overtake them)."""
+        return (
+            self.closed is None
+            and not self._leftover
+            and not self._stamp_rx
+            and to.closed is None
+            and not to._out
+            and not to._draining
+        )
 
     def violated(self, exc: ProtocolViolation) -> NoReturn:
         """The peer broke RFC 6455 (``parser.feed`` raised ``exc``): close with its code and
