@@ -269,6 +269,9 @@ async def test_pumpable_only_while_neither_side_holds_bytes() -> None:
     agent._draining = False
     assert twilio.pumpable(agent)
 
+    agent._close_sent = True  # no data after a close frame (RFC 6455 §5.5.1)
+    assert not twilio.pumpable(agent)
+    agent._close_sent = False
     agent.closed = ConnectionClosed(1000, "done")
     assert not twilio.pumpable(agent)
     agent.closed = None

@@ -556,14 +556,15 @@ class WebSocket:
 
     def pumpable(self, to: WebSocket) -> bool:
         """Whether bytes may go straight from this socket's descriptor to ``to``'s (the
-        uplink pump, ``codec.UplinkPump``): both open, no bytes read ahead here and no
-        read to stamp (a server side), none waiting to be sent there (a direct write would
-        overtake them)."""
+        uplink pump, ``codec.UplinkPump``): both open (no close frame sent there), no bytes
+        read ahead here and no read to stamp (a server side), none waiting to be sent there
+        (a direct write would overtake them)."""
         return (
             self.closed is None
             and not self._leftover
             and not self._stamp_rx
             and to.closed is None
+            and not to._close_sent
             and not to._out
             and not to._draining
         )
