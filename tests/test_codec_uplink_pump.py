@@ -51,6 +51,7 @@ class Rig:
         reorder_ms: int = 0,
         silence_fn: Any = silence,
         pairs: tuple[tuple[socket.socket, socket.socket], ...] | None = None,
+        pcm: bool = False,
     ) -> None:
         self.twilio, self.twilio_peer = pairs[0] if pairs else socket.socketpair()
         self.agent, self.agent_peer = pairs[1] if pairs else socket.socketpair()
@@ -65,6 +66,7 @@ class Rig:
             self.agent.fileno(),
             HEAD,
             TAIL,
+            to_pcm=impl.UlawToPcm(24000) if pcm else None,
         )
         self._frames = FrameParser(expect_masked=True, max_message=1 << 20)
 
@@ -107,11 +109,39 @@ def test_a_read_of_media_is_sent_whole(rig: Rig) -> None:
     assert rig.jitter.frames_out == 2
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_transcoded_a_read_is_one_message_of_resampled_audio(impl: ModuleType) -> None:
+    rig = Rig(impl, pcm=True)
+    want = impl.UlawToPcm(24000)
+    try:
+        for k in range(3):
+            frames = [bytes([16 * k + j]) * 160 for j in range(k + 1)]
+            ts = 20 * (k * (k + 1) // 2)
+            rig.twilio_peer.sendall(b"".join(media(ts + 20 * j, f) for j, f in enumerate(frames)))
+            assert rig.pump.pump() == _codec.PUMP_SENT
+            assert (rig.pump.media, rig.pump.sent) == (k + 1, 1)
+            audio = want.feed_b64_many([b64(f) for f in frames])
+            assert rig.agent_messages() == [append(base64.b64encode(audio).decode())]
+    finally:
+        rig.close()
+
+
 def test_nothing_to_read_is_idle_and_clears_the_last_results(rig: Rig) -> None:
     rig.twilio_peer.sendall(media(0, b"\x01" * 160))
     assert rig.pump.pump() == _codec.PUMP_SENT
     assert rig.pump.pump() == _codec.PUMP_IDLE
     assert rig.result(_codec.PUMP_IDLE) == (0, 0, 0, None, None, None, 0, None)
+
+
+def test_mark_echoes_go_back_to_the_caller_with_the_media_sent(rig: Rig) -> None:
+    one, two = b"\x06" * 160, b"\x07" * 160
+    rig.twilio_peer.sendall(media(0, one) + mark("m1") + media(20, two) + mark("m2"))
+    assert rig.pump.pump() == _codec.PUMP_SENT
+    assert (rig.pump.media, rig.pump.sent, rig.pump.marks) == (2, 2, ["m1", "m2"])
+    assert rig.agent_messages() == [append(b64(one)), append(b64(two))]
+    rig.twilio_peer.sendall(mark("m3"))  # marks alone: nothing to send
+    assert rig.pump.pump() == _codec.PUMP_PARSED
+    assert (rig.pump.marks, rig.pump.payloads, rig.pump.rest) == (["m3"], [], None)
 
 
 def test_marks_and_other_messages_are_left_to_the_caller(rig: Rig) -> None:
@@ -255,13 +285,14 @@ def traffic() -> st.SearchStrategy[list[bytes]]:
     messages=traffic(),
     cuts=st.lists(st.integers(0, 10_000), max_size=8),
     reorder_ms=st.sampled_from([0, 40]),
+    pcm=st.booleans(),
 )
 def test_compiled_and_reference_pump_the_same(
-    messages: list[bytes], cuts: list[int], reorder_ms: int
+    messages: list[bytes], cuts: list[int], reorder_ms: int, pcm: bool
 ) -> None:
     data = b"".join(messages)
     bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
-    rigs = [Rig(_codec, reorder_ms), Rig(codec_ref, reorder_ms)]
+    rigs = [Rig(_codec, reorder_ms, pcm=pcm), Rig(codec_ref, reorder_ms, pcm=pcm)]
     try:
         for start, end in itertools.pairwise(bounds):
             results = []

@@ -245,6 +245,9 @@ async def test_resampled_audio_pcm24k(start_relay, make_config, e2e):
             amp, worst = sine_fit(steady, 24000, 400.0)
             assert abs(amp - amplitude) < 0.05 * amplitude
             assert worst < 0.06 * amplitude, f"click in the uplink: residual {worst:.0f}"
+            media_cfg = relay_.cfg.media
+            pumped = relay_.metrics.uplink_pumped
+            assert (pumped > 0) == (media_cfg.reactor and media_cfg.uplink_pump), pumped
 
             reply = tone(1000, "pcm24k", hz=1000.0)
             down_hold = int(np.ceil(codec.Resampler(24000, 8000).delay_ms * 8)) + 1
@@ -778,6 +781,7 @@ WITHOUT_REACTOR = [
 # --- the same behaviour without the uplink pump ---------------------------------------------------
 WITHOUT_PUMP = [
     test_passthrough_audio_is_byte_identical,
+    test_resampled_audio_pcm24k,
     test_barge_in_clear_and_truncate_accuracy,
     test_one_read_of_media_dtmf_ping_and_a_gap,
     test_twilio_socket_drop_without_stop,

@@ -177,11 +177,12 @@ class Agent(abc.ABC):
 
     def audio_splice(self) -> tuple[WebSocket, bytes, bytes] | None:
         """``(ws, head, tail)`` when :meth:`send_audio_b64_many` is exactly
-        ``ws.send_b64_texts_nowait(head, payloads, tail)`` for the whole session while
-        ``ws`` is open (no reconnect: :meth:`reactor_socket` is ``ws``'s socket). The
-        engine may then build and write the caller's audio to ``ws`` itself (the uplink
-        pump, relay.media.codec.UplinkPump); any failure still goes through the adapter's
-        own paths. None (the default): the adapter sends."""
+        ``ws.send_b64_texts_nowait(head, payloads, tail)`` and :meth:`send_audio` exactly
+        ``ws.send_audio_text_nowait(head, audio, tail)`` for the whole session while ``ws``
+        is open (no reconnect: :meth:`reactor_socket` is ``ws``'s socket). The engine may
+        then build and write the caller's audio to ``ws`` itself (the uplink pump,
+        relay.media.codec.UplinkPump); any failure still goes through the adapter's own
+        paths. None (the default): the adapter sends."""
         return None
 
     def read_events_nowait(self) -> list[AgentEvent]:

@@ -159,6 +159,7 @@ class UplinkPump:
         agent_fd: int,
         head: bytes,
         tail: bytes,
+        to_pcm: UlawToPcm | None = None,
     ) -> None: ...
     def pump(self) -> int: ...
 

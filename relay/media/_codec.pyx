@@ -2279,9 +2279,9 @@ cdef extern from "<errno.h>":
     int EINTR
 
 PUMP_IDLE = 0      # nothing to read
-PUMP_SENT = 1      # every append message written
+PUMP_SENT = 1      # every append message written (``marks``: the echoes to handle)
 PUMP_UNSENT = 2    # built, but the kernel took only part: ``unsent`` must be queued
-PUMP_PARSED = 3    # parsed only (marks, another kind of message, nothing to send...)
+PUMP_PARSED = 3    # parsed only (another kind of message, nothing to send...)
 PUMP_CLOSED = 4    # the peer closed (``error`` 0) or the read failed (``error`` = errno)
 
 DEF _PUMP_READ = 65536  # what one WebSocket.recv_nowait reads
@@ -2291,14 +2291,18 @@ cdef uint8_t _pump_buf[_PUMP_READ]  # the GIL is held throughout: one buffer ser
 
 cdef class UplinkPump:
     """One Twilio read to the agent: ``recv(2)`` on ``twilio_fd``; :func:`twilio_uplink`
-    with ``parser``, ``jitter`` and ``silence``; when the read held media messages only, the
-    released payloads as masked append messages (:func:`client_b64_frames` with ``head`` and
-    ``tail``) in one ``send(2)`` on ``agent_fd``.
+    with ``parser``, ``jitter`` and ``silence``; when the read held media messages and mark
+    echoes only, the released payloads as masked append messages (:func:`client_b64_frames`
+    with ``head`` and ``tail``) in one ``send(2)`` on ``agent_fd``; with ``to_pcm`` (a
+    :class:`UlawToPcm`), their audio resampled into one message
+    (:func:`client_audio_frame`).
 
     :meth:`pump` returns a ``PUMP_*`` code; what it took is in :attr:`media`, :attr:`sent`,
-    :attr:`payloads` / :attr:`marks` / :attr:`rest` (``PUMP_PARSED``: twilio_uplink's
-    results, for the caller to carry on with), :attr:`unsent` and :attr:`error`. Both
-    descriptors stay the caller's (never closed here)."""
+    :attr:`marks` (the mark echoes' names, None when there were none: the caller handles
+    them after any code), :attr:`payloads` / :attr:`rest` (``PUMP_PARSED``: with
+    :attr:`marks`, twilio_uplink's results for the caller to carry on with),
+    :attr:`unsent` and :attr:`error`. Both descriptors stay the caller's (never closed
+    here)."""
 
     cdef readonly int twilio_fd
     cdef readonly int agent_fd
@@ -2307,6 +2311,7 @@ cdef class UplinkPump:
     cdef object _silence
     cdef bytes _head
     cdef bytes _tail
+    cdef UlawToPcm _to_pcm
     cdef readonly Py_ssize_t media
     cdef readonly Py_ssize_t sent
     cdef readonly object payloads
@@ -2317,7 +2322,7 @@ cdef class UplinkPump:
 
     def __init__(self, TwilioFrameParser parser not None, UplinkJitterBuffer jitter not None,
                  silence, int twilio_fd, int agent_fd, bytes head not None,
-                 bytes tail not None):
+                 bytes tail not None, UlawToPcm to_pcm=None):
         if twilio_fd < 0 or agent_fd < 0:
             raise ValueError("descriptors must be open (>= 0)")
         self.parser = parser
@@ -2327,6 +2332,7 @@ cdef class UplinkPump:
         self.agent_fd = agent_fd
         self._head = head
         self._tail = tail
+        self._to_pcm = to_pcm
         self._clear()
 
     cdef inline void _clear(self):
@@ -2339,8 +2345,9 @@ cdef class UplinkPump:
         self.error = 0
 
     def pump(self) -> int:
-        """One read, forwarded when it held media only. A protocol violation in the read
-        raises ``ProtocolViolation`` (the parser's), as :func:`twilio_uplink` does."""
+        """One read, forwarded when it held media and mark echoes only. A protocol
+        violation in the read raises ``ProtocolViolation`` (the parser's), as
+        :func:`twilio_uplink` does."""
         cdef ssize_t n, w
         cdef Py_ssize_t size
         cdef bytes data, wire
@@ -2361,14 +2368,20 @@ cdef class UplinkPump:
         payloads, marks, media, rest = twilio_uplink(self.parser, self._jitter, data,
                                                      self._silence)
         self.media = media
-        if marks is not None or rest is not None or not payloads:
-            self.payloads, self.marks, self.rest = payloads, marks, rest
+        self.marks = marks
+        if rest is not None or not payloads:
+            self.payloads, self.rest = payloads, rest
             return PUMP_PARSED
-        wire = client_b64_frames(self._head, payloads, self._tail)
-        if wire is None:  # a payload that is not plain base64: the adapter serialises it
-            self.payloads = payloads
-            return PUMP_PARSED
-        self.sent = len(payloads)
+        if self._to_pcm is not None:  # one message of the read's audio, resampled
+            wire = client_audio_frame(self._head, self._to_pcm.feed_b64_many(payloads),
+                                      self._tail)
+            self.sent = 1
+        else:
+            wire = client_b64_frames(self._head, payloads, self._tail)
+            if wire is None:  # a payload that is not plain base64: the adapter serialises it
+                self.payloads = payloads
+                return PUMP_PARSED
+            self.sent = len(payloads)
         size = PyBytes_GET_SIZE(wire)
         while True:
             w = _c_send(self.agent_fd, PyBytes_AS_STRING(wire), size,

@@ -482,11 +482,14 @@ class Call:
         try:
             if code == PUMP_SENT or code == PUMP_UNSENT:
                 media = pump.media
+                marks = pump.marks
                 metrics = self.metrics
-                ws.messages_in += media
+                ws.messages_in += media if marks is None else media + len(marks)
                 metrics.frames_in += media
                 metrics.uplink_pumped += 1
                 agent_ws.messages_out += pump.sent
+                if marks is not None:  # what the caller has heard (the other direction)
+                    self._mark_echoes(marks)
                 if code == PUMP_UNSENT:
                     try:
                         agent_ws.write_nowait(cast(bytes, pump.unsent))
@@ -671,14 +674,15 @@ class Call:
         return True
 
     def _make_pump(self, agent: Agent) -> tuple[codec.UplinkPump, WebSocket] | None:
-        """The uplink pump (codec.UplinkPump) when Twilio's payloads go to the agent as they
-        are (μ-law passthrough) and the adapter splices them into its messages: then each
-        read from Twilio reaches the agent in one compiled call. Both sockets are plain
-        TCP sockets in the reactor, so their descriptors stay open until the call's end."""
+        """The uplink pump (codec.UplinkPump) when the adapter splices Twilio's payloads
+        (μ-law passthrough) or their resampled audio (``_to_pcm``) into its messages: then
+        each read from Twilio reaches the agent in one compiled call. Both sockets are
+        plain TCP sockets in the reactor, so their descriptors stay open until the call's
+        end."""
         ws = self.ws
         parser = ws.parser
         raw = ws.raw_socket
-        if not self.cfg.media.uplink_pump or self._to_pcm is not None or raw is None:
+        if not self.cfg.media.uplink_pump or raw is None:
             return None
         if type(parser) is not TwilioFrameParser:
             return None
@@ -689,8 +693,9 @@ class Call:
         agent_raw = agent_ws.raw_socket
         if agent_raw is None:
             return None
+        fds = (raw.fileno(), agent_raw.fileno())
         pump = codec.UplinkPump(
-            parser, self.uplink, self._silence, raw.fileno(), agent_raw.fileno(), head, tail
+            parser, self.uplink, self._silence, *fds, head, tail, to_pcm=self._to_pcm
         )
         return pump, agent_ws
 

@@ -1450,9 +1450,9 @@ def client_b64_frames(head: bytes, payloads: list[str], tail: bytes) -> bytes | 
 # the uplink pump: one Twilio read to the agent (relay/media/call.py, the uplink hot path)
 # --------------------------------------------------------------------------------------
 PUMP_IDLE = 0  # nothing to read
-PUMP_SENT = 1  # every append message written
+PUMP_SENT = 1  # every append message written (``marks``: the echoes to handle)
 PUMP_UNSENT = 2  # built, but the kernel took only part: ``unsent`` must be queued
-PUMP_PARSED = 3  # parsed only (marks, another kind of message, nothing to send...)
+PUMP_PARSED = 3  # parsed only (another kind of message, nothing to send...)
 PUMP_CLOSED = 4  # the peer closed (``error`` 0) or the read failed (``error`` = errno)
 
 _PUMP_READ = 65536  # what one WebSocket.recv_nowait reads
@@ -1465,14 +1465,18 @@ def _on_fd(fd: int) -> socket.socket:
 
 class UplinkPump:
     """One Twilio read to the agent: ``recv(2)`` on ``twilio_fd``; :func:`twilio_uplink`
-    with ``parser``, ``jitter`` and ``silence``; when the read held media messages only,
-    the released payloads as masked append messages (:func:`client_b64_frames` with
-    ``head`` and ``tail``) in one ``send(2)`` on ``agent_fd``.
+    with ``parser``, ``jitter`` and ``silence``; when the read held media messages and
+    mark echoes only, the released payloads as masked append messages
+    (:func:`client_b64_frames` with ``head`` and ``tail``) in one ``send(2)`` on
+    ``agent_fd``; with ``to_pcm`` (a :class:`UlawToPcm`), their audio resampled into one
+    message (:func:`client_audio_frame`).
 
     :meth:`pump` returns a ``PUMP_*`` code; what it took is in :attr:`media`,
-    :attr:`sent`, :attr:`payloads` / :attr:`marks` / :attr:`rest` (``PUMP_PARSED``:
-    twilio_uplink's results, for the caller to carry on with), :attr:`unsent` and
-    :attr:`error`. Both descriptors stay the caller's (never closed here)."""
+    :attr:`sent`, :attr:`marks` (the mark echoes' names, None when there were none: the
+    caller handles them after any code), :attr:`payloads` / :attr:`rest`
+    (``PUMP_PARSED``: with :attr:`marks`, twilio_uplink's results for the caller to carry
+    on with), :attr:`unsent` and :attr:`error`. Both descriptors stay the caller's (never
+    closed here)."""
 
     def __init__(
         self,
@@ -1483,6 +1487,7 @@ class UplinkPump:
         agent_fd: int,
         head: bytes,
         tail: bytes,
+        to_pcm: UlawToPcm | None = None,
     ) -> None:
         if twilio_fd < 0 or agent_fd < 0:
             raise ValueError("descriptors must be open (>= 0)")
@@ -1493,6 +1498,7 @@ class UplinkPump:
         self.agent_fd = agent_fd
         self._head = head
         self._tail = tail
+        self._to_pcm = to_pcm
         self._clear()
 
     def _clear(self) -> None:
@@ -1505,8 +1511,9 @@ class UplinkPump:
         self.error = 0
 
     def pump(self) -> int:
-        """One read, forwarded when it held media only. A protocol violation in the read
-        raises the parser's ``ProtocolViolation``, as :func:`twilio_uplink` does."""
+        """One read, forwarded when it held media and mark echoes only. A protocol
+        violation in the read raises the parser's ``ProtocolViolation``, as
+        :func:`twilio_uplink` does."""
         self._clear()
         sock = _on_fd(self.twilio_fd)
         try:
@@ -1522,14 +1529,21 @@ class UplinkPump:
             return PUMP_CLOSED
         payloads, marks, media, rest = twilio_uplink(self.parser, self._jitter, data, self._silence)
         self.media = media
-        if marks is not None or rest is not None or not payloads:
-            self.payloads, self.marks, self.rest = payloads, marks, rest
+        self.marks = marks
+        if rest is not None or not payloads:
+            self.payloads, self.rest = payloads, rest
             return PUMP_PARSED
-        wire = client_b64_frames(self._head, payloads, self._tail)
-        if wire is None:  # a payload that is not plain base64: the adapter serialises it
-            self.payloads = payloads
-            return PUMP_PARSED
-        self.sent = len(payloads)
+        if self._to_pcm is not None:  # one message of the read's audio, resampled
+            audio = self._to_pcm.feed_b64_many(list[str | bytes](payloads))
+            wire = client_audio_frame(self._head, audio, self._tail)
+            self.sent = 1
+        else:
+            b64_wire = client_b64_frames(self._head, payloads, self._tail)
+            if b64_wire is None:  # a payload that is not plain base64: the adapter serialises
+                self.payloads = payloads
+                return PUMP_PARSED
+            wire = b64_wire
+            self.sent = len(payloads)
         sock = _on_fd(self.agent_fd)
         try:
             written = sock.send(wire, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
