@@ -4,7 +4,6 @@ virtual clock (MockClock autojump: timed logic without waiting, deterministic)."
 from __future__ import annotations
 
 import itertools
-import math
 from typing import Any
 
 import pytest
@@ -17,7 +16,6 @@ from relay.agents.liveness import (
     LivenessOptions,
     conversation_context,
     is_recoverable,
-    on_ping_grid,
     reconnect_options,
     run_connection,
     seeded_instructions,
@@ -155,82 +153,6 @@ async def test_healthy_peer_costs_one_wake_per_ping(
             nursery.start_soon(read_forever, relay)
             await run_connection(relay, LivenessOptions(ping_interval_s=1.0))
     assert wakes == pytest.approx([float(t) for t in range(1, 12)], abs=0.01)
-
-
-def test_ping_grid_points(monkeypatch: pytest.MonkeyPatch) -> None:
-    from relay.agents import liveness
-
-    assert on_ping_grid(1.0) == pytest.approx(1.0)
-    assert on_ping_grid(1.01) == pytest.approx(1.1)
-    for k in range(1, 2000):  # never early, whatever float rounding does
-        t = k * 0.1 + 1e-12 * (k % 3)
-        assert t <= on_ping_grid(t) < t + 0.1 + 1e-9
-    monkeypatch.setattr(liveness, "PING_GRID_S", 0.0)
-    assert on_ping_grid(1.234) == 1.234
-
-
-async def test_watchers_started_apart_wake_together(
-    clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Pings are planned on the shared 100 ms grid: connections that started 20 ms apart
-    wake at the same instants (one pass of the run loop serves both)."""
-    from relay.agents import liveness
-
-    planned: list[float] = []
-    real_sleep_until = trio.sleep_until
-
-    async def recording_sleep_until(deadline: float) -> None:
-        planned.append(round(deadline, 6))
-        await real_sleep_until(deadline)
-
-    async def connection(start: float) -> None:
-        await trio.sleep_until(start)
-        relay, peer = pair()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_peer, peer)
-            nursery.start_soon(read_forever, relay)
-            await run_connection(relay, LivenessOptions(ping_interval_s=1.0))
-
-    base = math.ceil(trio.current_time()) + 1.0  # a whole second: a point of the grid
-    with trio.move_on_at(base + 5.5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(connection, base + 0.03)
-            nursery.start_soon(connection, base + 0.05)
-            await trio.sleep_until(base + 0.06)  # both started: record the watchers only
-            monkeypatch.setattr(liveness.trio, "sleep_until", recording_sleep_until)
-    want = [round(base + k + 0.1, 6) for k in range(2, 7)]  # the first was planned before
-    assert sorted(set(planned))[:5] == pytest.approx(want)
-    assert all(planned.count(t) == 2 for t in want)
-
-
-async def test_wakes_are_grid_points_and_deadlines_exact(
-    clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A watcher started off the grid pings on it (at most 100 ms after each interval),
-    while its death deadline is not rounded: a peer gone silent is noticed exactly
-    dead_after_s after its last pong."""
-    from relay.agents import liveness
-
-    planned: list[float] = []
-    real_sleep_until = trio.sleep_until
-
-    async def recording_sleep_until(deadline: float) -> None:
-        planned.append(deadline)
-        await real_sleep_until(deadline)
-
-    base = math.ceil(trio.current_time()) + 1.0  # a whole second: a point of the grid
-    await trio.sleep_until(base + 0.37)
-    monkeypatch.setattr(liveness.trio, "sleep_until", recording_sleep_until)
-    relay, peer = pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_peer, peer, base + 2.87)  # answers the pings at 1.4, 2.4
-        exc, elapsed = await watched(relay, LivenessOptions(dead_after_s=3.05))
-        nursery.cancel_scope.cancel()
-    assert isinstance(exc, AgentError) and "nothing received" in str(exc)
-    assert relay.last_pong == pytest.approx(base + 2.4, abs=0.01)
-    assert planned[:2] == pytest.approx([base + 1.4, base + 2.4])  # 1.37 s -> the 1.4 point
-    assert trio.current_time() == pytest.approx(base + 2.4 + 3.05, abs=0.01)  # not rounded
-    assert elapsed == pytest.approx(2.4 + 3.05 - 0.37, abs=0.01)
 
 
 async def test_silent_peer_is_dead_within_dead_after(clock: trio.testing.MockClock) -> None:

@@ -27,25 +27,16 @@ at most ``dead_after_s`` (3 s), measured from the last sign of life; recovery th
 ``reconnect_timeout_s`` (2 s) to bring a session up again, or the call ends:
 3 s + 2 s = 5 s. A healthy peer is not declared dead by mistake: WebSocket pings are
 answered by the vendor's connection layer, not by the model, so a vendor busy generating
-(or silent, waiting for the caller) still answers each ping (every 1 s, on the grid below)
-within one network round trip; a pong may come up to 1.9 s late (several TCP
-retransmissions in a row) before the 3 s deadline passes, and a peer that fails that is
-past the point where the caller would notice anyway. A ping a second is a few dozen bytes
-per call and second, next to fifty media messages.
-
-Pings are planned on a shared grid (``PING_GRID_S``, 100 ms: the first multiple of it at
-or after the ping's time), so a process's watchers, whose wakes are almost all pings, wake
-together in one pass of Trio's run loop instead of each on its own: ten wake-ups a second
-for the whole process rather than one per connection and second. Measured with idle
-watchers (``python -m bench.watchwake``, ``bench/published/watchwake.json``): 262 -> 77 µs
-of CPU per wake at 100 watchers, 161 -> 41 µs at 400, where the watchdogs alone had cost
-6.4 % of a core. Deadlines are not rounded: detection stays exact.
+(or silent, waiting for the caller) still answers each 1 s ping within one network round
+trip; a pong may come up to 2 s late (several TCP retransmissions in a row) before the
+3 s deadline passes, and a peer that fails that is past the point where the caller would
+notice anyway. A ping a second is a few dozen bytes per call and second, next to fifty
+media messages.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -147,19 +138,6 @@ def reconnect_options(options: Mapping[str, Any]) -> tuple[bool, float]:
     return reconnect, seconds
 
 
-#: pings go out on this grid, in seconds (0: at their exact time; see the module docstring)
-PING_GRID_S = 0.1
-
-
-def on_ping_grid(t: float) -> float:
-    """The first point of the ping grid at or after ``t``."""
-    grid = PING_GRID_S
-    if grid <= 0:
-        return t
-    at = math.ceil(t / grid) * grid
-    return at if at >= t else at + grid  # float rounding must never plan a wake early
-
-
 def _dead(what: str) -> AgentError:
     return AgentError(f"agent connection dead: {what}", kind="agent_disconnected")
 
@@ -181,7 +159,7 @@ async def watch(
     interval = opts.ping_interval_s
     keepalive = opts.idle_keepalive_s if on_idle is not None else None
     now = clock()
-    next_ping = on_ping_grid(now + interval)
+    next_ping = now + interval
     ping_out: float | None = None  # oldest ping not answered yet
     read_at: float | None = None  # the newest ping the peer is known to have read
     sent_count = ws.messages_out
@@ -208,7 +186,7 @@ async def watch(
             ws.send_ping_nowait()
             if ping_out is None:
                 ping_out = now
-            next_ping = on_ping_grid(now + interval)
+            next_ping = now + interval
         # (the wake is planned after the ping: planned before it, the ping's own due time
         # came out as the next wake, one extra task step per ping)
         wake = min(next_ping, ws.last_received + dead_after)
