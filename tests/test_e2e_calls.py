@@ -532,6 +532,29 @@ async def test_uplink_backpressure_keeps_the_order(start_relay, make_config, e2e
             assert not relay_.metrics.errors
 
 
+async def test_a_protocol_violation_mid_call_closes_that_call(start_relay, make_config, e2e):
+    """An unmasked frame from Twilio while audio flows through the uplink pump (RFC 6455
+    §5.1: a client masks every frame): the call closes with 1002, counted once, and its
+    agent session is closed; the audio before it reached the agent."""
+    with trio.fail_after(10):
+        async with fake_openai_server() as oai:
+            relay_ = await gpt_relay(start_relay, make_config, e2e, oai)
+            fake = await relay_.dial()
+            session = await e2e.agent_session(oai)
+            caller = random_ulaw(400, seed=9)
+            await fake.send_media(caller)
+            await session.wait_for(lambda s: len(s.audio_in) >= len(caller))
+            assert bytes(session.audio_in) == caller
+            await fake.ws.stream.send_all(build_frame(OP_TEXT, b"{}", mask=False))
+            closed = await fake.wait_closed()
+            assert closed.code == 1002
+            await session.wait_closed()
+            await relay_.wait_idle()
+            assert dict(relay_.metrics.errors) == {"twilio_closed": 1}
+            record = relay_.records(fake.call_sid)
+            assert record.end_reason == "twilio closed (1002)"
+
+
 async def test_caller_stop_closes_agent_session(start_relay, make_config, e2e):
     with trio.fail_after(10):
         async with fake_openai_server() as oai:
@@ -782,6 +805,7 @@ WITHOUT_REACTOR = [
 WITHOUT_PUMP = [
     test_passthrough_audio_is_byte_identical,
     test_resampled_audio_pcm24k,
+    test_a_protocol_violation_mid_call_closes_that_call,
     test_barge_in_clear_and_truncate_accuracy,
     test_one_read_of_media_dtmf_ping_and_a_gap,
     test_twilio_socket_drop_without_stop,
