@@ -73,6 +73,18 @@ async def gpt_relay(start_relay, make_config, e2e, oai, *, audio="pcmu", greetin
     return await start_relay(cfg)
 
 
+async def assert_pumped_when_on(relay_, fake, session) -> None:
+    """Audio sent once the call is up goes through the uplink pump exactly when it is on
+    (media.uplink_pump with the reactor). Audio that arrived while the agent was still
+    connecting is read before the pump exists, so this sends some more first."""
+    heard = len(session.audio_in)
+    await fake.send_media(random_ulaw(100, seed=99))
+    await session.wait_for(lambda s: len(s.audio_in) > heard)
+    media_cfg = relay_.cfg.media
+    pumped = relay_.metrics.uplink_pumped
+    assert (pumped > 0) == (media_cfg.reactor and media_cfg.uplink_pump), pumped
+
+
 # --- call lifecycle -----------------------------------------------------------------------------
 async def test_inbound_call_lifecycle(start_relay, make_config, e2e):
     """Webhook -> TwiML -> stream -> agent session; record incoming -> active -> completed."""
@@ -194,9 +206,7 @@ async def test_passthrough_audio_is_byte_identical(start_relay, make_config, e2e
             await session.wait_for(lambda s: len(s.audio_in) >= len(caller))
             assert bytes(session.audio_in) == caller
             assert session.input_format == session.output_format == "pcmu"
-            media_cfg = relay_.cfg.media
-            pumped = relay_.metrics.uplink_pumped
-            assert (pumped > 0) == (media_cfg.reactor and media_cfg.uplink_pump), pumped
+            await assert_pumped_when_on(relay_, fake, session)
 
             reply = random_ulaw(730, seed=3)  # not a whole number of frames
             await session.send_response(audio=reply, chunk_ms=30)  # deltas across frames
@@ -245,9 +255,6 @@ async def test_resampled_audio_pcm24k(start_relay, make_config, e2e):
             amp, worst = sine_fit(steady, 24000, 400.0)
             assert abs(amp - amplitude) < 0.05 * amplitude
             assert worst < 0.06 * amplitude, f"click in the uplink: residual {worst:.0f}"
-            media_cfg = relay_.cfg.media
-            pumped = relay_.metrics.uplink_pumped
-            assert (pumped > 0) == (media_cfg.reactor and media_cfg.uplink_pump), pumped
 
             reply = tone(1000, "pcm24k", hz=1000.0)
             down_hold = int(np.ceil(codec.Resampler(24000, 8000).delay_ms * 8)) + 1
@@ -261,6 +268,7 @@ async def test_resampled_audio_pcm24k(start_relay, make_config, e2e):
             assert abs(amp - amplitude) < 0.05 * amplitude
             # μ-law steps are up to 512 at this level: 0.06 A ~ 590 allows them, a click not
             assert worst < 0.06 * amplitude, f"click in the downlink: residual {worst:.0f}"
+            await assert_pumped_when_on(relay_, fake, session)
             await fake.hang_up()
             await relay_.wait_idle()
 
@@ -500,7 +508,8 @@ async def test_uplink_backpressure_keeps_the_order(start_relay, make_config, e2e
             first = random_ulaw(400, seed=5)
             await fake.send_media(first)
             await session.wait_for(lambda s: len(s.audio_in) >= len(first))
-            assert relay_.metrics.uplink_pumped > 0
+            await assert_pumped_when_on(relay_, fake, session)
+            first = bytes(session.audio_in)  # everything the agent heard so far
             (call,) = relay_.state.calls
             assert call.agent is not None
             splice = call.agent.audio_splice()
