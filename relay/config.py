@@ -109,10 +109,10 @@ class MediaConfig:
     #: (relay/media/runloop.py: 65 -> 37 µs of CPU per pass, `python -m bench.wakeup`);
     #: off = every tick waits through Trio
     reactor_idle_clock: bool = True
-    #: μ-law passthrough to an agent that splices Twilio's base64 into its own messages:
-    #: each read from Twilio goes to the agent in one compiled call (recv, parse, build,
-    #: send: relay/media/_codec.pyx UplinkPump); off = through the Python layers (same
-    #: messages, same behaviour)
+    #: to an agent that splices Twilio's base64 (μ-law passthrough) or the resampled audio
+    #: (PCM) into its own messages, each read from Twilio goes in one compiled call (recv,
+    #: parse, build, send: relay/media/_codec.pyx UplinkPump); off = through the Python
+    #: layers (same messages, same behaviour)
     uplink_pump: bool = True
 
 

@@ -280,7 +280,8 @@ class SocketAgent(Agent):
         self, parts: tuple[bytes, bytes]
     ) -> tuple[websocket.WebSocket, bytes, bytes] | None:
         """:meth:`audio_splice` of an adapter that sends caller audio as
-        ``send_b64_texts_nowait(*parts)`` on :meth:`_socket` (none with ``reconnect``)."""
+        ``send_b64_texts_nowait`` / ``send_audio_text_nowait`` around ``parts`` on
+        :meth:`_socket` (none with ``reconnect``)."""
         if self.reactor_socket() is None:
             return None
         return self._socket(), parts[0], parts[1]
