@@ -2261,7 +2261,7 @@ def client_audio_frame(bytes head not None, audio, bytes tail not None) -> bytes
 # ~50 reads per call-second, each one recv(2), twilio_uplink, client_b64_frames and one
 # send(2). Through the Python layers (WebSocket.recv_nowait, the call's forward, the
 # adapter's send_audio_b64_many, WebSocket.write_nowait, the socket objects' methods) the
-# glue cost ~4 us per read in place at 100 calls, ~9 % of the read; here it is C calls on
+# glue cost 3-6 us per read in place at 100 calls, 9-18 % of the read; here it is C calls on
 # the two descriptors. The caller keeps every decision: it runs pump() only while neither
 # WebSocket holds bytes of its own (relay.media.websocket.WebSocket.pumpable), and does the
 # bookkeeping and every failure from the result.
