@@ -399,12 +399,11 @@ class Call:
         if self._finished:
             return
         ws = self.ws
-        pump = self._pump
+        pump = self._pump  # made with ws's parser, which is never replaced after the start
         if (
             pump is not None
             and self._recorder is None
             and not self._agent_dead
-            and ws.parser is pump[0].parser
             and ws.pumpable(pump[1])
         ):
             return self._twilio_pumped(pump[0], pump[1])
