@@ -127,7 +127,7 @@ class Metrics:
         #: relay serve --workers N: connections handed between workers, by outcome
         self.handoffs: dict[str, int] = defaultdict(int)
         #: set by the server: () -> (wake-ups, sockets served) of the media reactor
-        self.reactor_stats: Callable[[], tuple[int, int]] | None = None
+        self.reactor_stats: Callable[[], tuple[int, int, int]] | None = None
         #: more metric families rendered by their owners (the GC sweeper, relay/gcpolicy.py)
         self.sections: list[Callable[[], list[str]]] = []
 
@@ -270,7 +270,7 @@ class Metrics:
             self.barge_in_to_clear.render("relay_barge_in_clear_seconds"),
         )
         if self.reactor_stats is not None:
-            wakeups, served = self.reactor_stats()
+            wakeups, served, timers = self.reactor_stats()
             metric(
                 "relay_reactor_wakeups_total",
                 "counter",
@@ -282,6 +282,12 @@ class Metrics:
                 "counter",
                 "Socket reads served by the media reactor.",
                 [f"relay_reactor_reads_total {served}"],
+            )
+            metric(
+                "relay_reactor_timers_total",
+                "counter",
+                "Timers (agent connection checks and pings) run inline by reactor passes.",
+                [f"relay_reactor_timers_total {timers}"],
             )
         for section in self.sections:
             out.extend(section())

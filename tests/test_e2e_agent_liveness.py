@@ -52,6 +52,8 @@ async def test_stalled_openai_agent_ends_the_call_within_5_s(
 
 
 async def test_fast_liveness_settings_are_honoured(start_relay, make_config, e2e, nursery):
+    """Pings every 0.1 s, dead after 0.5 s; with media flowing, the watchdog's checks run
+    in the media reactor's passes (relay.media.sweep), not as wake-ups of its task."""
     with trio.fail_after(10):
         async with fake_openai_server() as oai:
             relay_ = await gpt_relay(
@@ -60,8 +62,13 @@ async def test_fast_liveness_settings_are_honoured(start_relay, make_config, e2e
             fake = await relay_.dial()
             session = await e2e.agent_session(oai)
             nursery.start_soon(keep_talking, fake)
+            sweep = relay_.state.reactor.sweep
+            served = sweep.served
             await trio.sleep(1.0)  # pings are answered: alive
             assert fake.closed is None
+            assert sweep.served - served >= 5, "checks not served by the reactor's passes"
+            assert sweep.errors == 0
+            assert f"relay_reactor_timers_total {sweep.served}" in relay_.metrics.render()
             t0 = trio.current_time()
             session.stall()
             await fake.wait_closed(3)

@@ -1,5 +1,9 @@
 """relay.agents.liveness: the watchdog of agent connections, on in-memory streams and a
-virtual clock (MockClock autojump: timed logic without waiting, deterministic)."""
+virtual clock (MockClock autojump: timed logic without waiting, deterministic).
+
+Every watchdog test runs twice (the ``checks`` fixture): with the watchdog sleeping to its
+own deadlines (no reactor), and with its checks served by a media reactor's passes
+(``relay.media.sweep``), here a task that passes every 1.5 ms like a loaded reactor."""
 
 from __future__ import annotations
 
@@ -22,12 +26,35 @@ from relay.agents.liveness import (
     watch,
 )
 from relay.errors import AgentError, ConfigError, ConnectionClosed
+from relay.media.sweep import BACKSTOP_S, Sweep
 from relay.media.websocket import SendTimedOut, WebSocket
 
 
 @pytest.fixture
 def clock(autojump_clock: trio.testing.MockClock) -> trio.testing.MockClock:
     return autojump_clock
+
+
+PASS_PERIOD_S = 0.0015
+
+
+@pytest.fixture(params=["sleeps", "passes"])
+async def checks(request: pytest.FixtureRequest, nursery: trio.Nursery) -> Any:
+    """None (the watchdog sleeps to its deadlines), or the Sweep a pass task serves."""
+    if request.param == "sleeps":
+        yield None
+        return
+    sweep = Sweep()
+    assert sweep.install()
+
+    async def passes() -> None:
+        while True:
+            await trio.sleep(PASS_PERIOD_S)
+            sweep.run_due(trio.current_time())
+
+    nursery.start_soon(passes)
+    yield sweep
+    sweep.uninstall()
 
 
 def pair(*, lockstep: bool = False, send_timeout: float = 100.0) -> tuple[WebSocket, WebSocket]:
@@ -118,7 +145,9 @@ def test_options_errors_name_the_key(options: dict[str, Any], key: str) -> None:
 
 
 # --- the watchdog ------------------------------------------------------------------------------
-async def test_healthy_idle_peer_stays_alive(clock: trio.testing.MockClock) -> None:
+async def test_healthy_idle_peer_stays_alive(
+    clock: trio.testing.MockClock, checks: Sweep | None
+) -> None:
     """Nobody speaks for a minute: pings and pongs alone keep the connection alive."""
     relay, peer = pair()
     with trio.move_on_after(60) as scope:
@@ -155,7 +184,77 @@ async def test_healthy_peer_costs_one_wake_per_ping(
     assert wakes == pytest.approx([float(t) for t in range(1, 12)], abs=0.01)
 
 
-async def test_silent_peer_is_dead_within_dead_after(clock: trio.testing.MockClock) -> None:
+class StepCounter(trio.abc.Instrument):
+    """Task steps of one task (a wake of the watchdog is a step of its task)."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+async def test_passes_serve_the_checks_while_the_task_stays_parked(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """With a reactor's sweep, each check (and its ping) runs inline in a pass: the
+    watching task does not wake once in ten seconds of a healthy connection."""
+    sweep = Sweep()
+    assert sweep.install()
+    try:
+
+        async def passes() -> None:
+            while True:
+                await trio.sleep(PASS_PERIOD_S)
+                sweep.run_due(trio.current_time())
+
+        nursery.start_soon(passes)
+        relay, peer = pair()
+        nursery.start_soon(serve_peer, peer)
+        nursery.start_soon(read_forever, relay)
+        counter = StepCounter(trio.lowlevel.current_task())
+        with trio.move_on_after(10.5):
+            await trio.sleep(0)  # past the first check's own step
+            trio.lowlevel.add_instrument(counter)
+            try:
+                await run_connection(relay, LivenessOptions(ping_interval_s=1.0))
+            finally:
+                trio.lowlevel.remove_instrument(counter)
+        # one step into the nursery (the flusher starts), one for the final cancellation;
+        # sleeping to its own deadlines it wakes once per ping (test above)
+        assert counter.steps <= 2
+        assert sweep.served == pytest.approx(10, abs=1)
+        assert relay.last_pong > 9.9  # every ping went out and was answered
+        assert len(sweep) <= 2  # no pile of stale entries
+    finally:
+        sweep.uninstall()
+
+
+async def test_without_passes_the_backstop_checks(clock: trio.testing.MockClock) -> None:
+    """A sweep that no pass serves (no media flowing): the watchdog checks itself,
+    BACKSTOP_S after each due time; a silent peer is still found dead."""
+    sweep = Sweep()
+    assert sweep.install()
+    try:
+        relay, peer = pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_peer, peer, trio.current_time() + 2.5)
+            exc, elapsed = await watched(relay, LivenessOptions())
+            nursery.cancel_scope.cancel()
+        assert isinstance(exc, AgentError) and "nothing received" in str(exc)
+        # pings at 1 + d, 2 + 2d (each due time served d late); the last pong, for the
+        # ping at 2 + 2d, came at once: dead dead_after_s later, plus d
+        assert elapsed == pytest.approx(5.0 + 3 * BACKSTOP_S, abs=0.005)
+        assert sweep.served == 0
+    finally:
+        sweep.uninstall()
+
+
+async def test_silent_peer_is_dead_within_dead_after(
+    clock: trio.testing.MockClock, checks: Sweep | None
+) -> None:
     """The peer vanishes (no FIN, nothing more sent or read): noticed dead_after_s after
     the last thing it sent, not a ping interval later."""
     relay, peer = pair()
@@ -170,7 +269,9 @@ async def test_silent_peer_is_dead_within_dead_after(clock: trio.testing.MockClo
     assert elapsed == pytest.approx(5.0, abs=0.01)
 
 
-async def test_peer_that_sends_but_stopped_reading(clock: trio.testing.MockClock) -> None:
+async def test_peer_that_sends_but_stopped_reading(
+    clock: trio.testing.MockClock, checks: Sweep | None
+) -> None:
     """The peer keeps talking (audio) but no longer reads: its pongs stop although data
     still arrives; noticed dead_after_s after the last ping it read (not a ping interval
     later, so a stalled peer is noticed as fast as a silent one)."""
@@ -193,6 +294,7 @@ async def test_peer_that_sends_but_stopped_reading(clock: trio.testing.MockClock
 
 async def test_peer_without_pong_support_is_judged_by_data(
     clock: trio.testing.MockClock,
+    checks: Sweep | None,
 ) -> None:
     """A peer that never answered a ping (no pong support) but keeps sending is alive."""
     relay, peer = pair()
@@ -210,7 +312,9 @@ async def test_peer_without_pong_support_is_judged_by_data(
     assert scope.cancelled_caught
 
 
-async def test_send_backlog_that_never_drains(clock: trio.testing.MockClock) -> None:
+async def test_send_backlog_that_never_drains(
+    clock: trio.testing.MockClock, checks: Sweep | None
+) -> None:
     """Our writes wait because the peer stopped reading (TCP window shut), although it
     still sends: dead once the backlog is dead_after_s old."""
     relay, peer = pair(lockstep=True)  # send_all blocks until the peer reads
@@ -234,7 +338,7 @@ async def test_send_backlog_that_never_drains(clock: trio.testing.MockClock) -> 
     assert elapsed == pytest.approx(1.0 + 3.0, abs=0.01)  # the first ping waits from 1 s
 
 
-async def test_idle_keepalive(clock: trio.testing.MockClock) -> None:
+async def test_idle_keepalive(clock: trio.testing.MockClock, checks: Sweep | None) -> None:
     """on_idle runs after idle_keepalive_s without sending, and not while audio flows."""
     relay, peer = pair()
     got: list[Any] = []
@@ -264,7 +368,9 @@ async def test_idle_keepalive(clock: trio.testing.MockClock) -> None:
     assert 10.0 + 8.0 <= calls[0] <= 10.0 + 8.0 + 2.1  # within one ping interval of due
 
 
-async def test_closed_socket_raises_its_close(clock: trio.testing.MockClock) -> None:
+async def test_closed_socket_raises_its_close(
+    clock: trio.testing.MockClock, checks: Sweep | None
+) -> None:
     relay, peer = pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_peer, peer)
@@ -279,7 +385,9 @@ async def test_closed_socket_raises_its_close(clock: trio.testing.MockClock) -> 
     assert isinstance(exc, ConnectionClosed) and exc.code == 1001
 
 
-async def test_watch_alone_never_returns(clock: trio.testing.MockClock) -> None:
+async def test_watch_alone_never_returns(
+    clock: trio.testing.MockClock, checks: Sweep | None
+) -> None:
     relay, _peer = pair()
     with pytest.raises(AgentError):
         await watch(relay, LivenessOptions(ping_interval_s=1.0, dead_after_s=2.5))
@@ -288,6 +396,7 @@ async def test_watch_alone_never_returns(clock: trio.testing.MockClock) -> None:
 
 async def test_run_connection_raises_the_flusher_error_unwrapped(
     clock: trio.testing.MockClock,
+    checks: Sweep | None,
 ) -> None:
     relay, _peer = pair(lockstep=True, send_timeout=0.5)
     relay.send_text_nowait("nobody reads this")

@@ -45,6 +45,7 @@ import trio
 
 from ..errors import AgentError, ConfigError, ConnectionClosed
 from ..media import websocket
+from ..media.sweep import BACKSTOP_S, Sweep
 
 # Re-exported: relay.agents.text (cascaded and local agents) imports these from here.
 from .options import (  # noqa: F401
@@ -142,6 +143,87 @@ def _dead(what: str) -> AgentError:
     return AgentError(f"agent connection dead: {what}", kind="agent_disconnected")
 
 
+class _Watchdog:
+    """The checks of one connection, run at each wake: :meth:`check` raises when the
+    connection is dead and otherwise returns when it must run next."""
+
+    __slots__ = (
+        "dead_after",
+        "interval",
+        "keepalive",
+        "next_ping",
+        "on_idle",
+        "ping_out",
+        "read_at",
+        "sent_at",
+        "sent_count",
+        "ws",
+    )
+
+    def __init__(
+        self,
+        ws: websocket.WebSocket,
+        opts: LivenessOptions,
+        on_idle: Callable[[], None] | None,
+        now: float,
+    ) -> None:
+        self.ws = ws
+        self.dead_after = opts.dead_after_s
+        self.interval = opts.ping_interval_s
+        self.keepalive = opts.idle_keepalive_s if on_idle is not None else None
+        self.on_idle = on_idle
+        self.next_ping = now + self.interval
+        self.ping_out: float | None = None  # oldest ping not answered yet
+        self.read_at: float | None = None  # the newest ping the peer is known to have read
+        self.sent_count = ws.messages_out
+        self.sent_at = now
+
+    def check(self, now: float) -> float:
+        ws = self.ws
+        dead_after = self.dead_after
+        if ws.closed is not None:
+            raise ws.closed
+        silent = now - ws.last_received
+        if silent >= dead_after:
+            raise _dead(f"nothing received for {silent:.1f} s")
+        backlog = ws.send_backlog_since
+        if backlog is not None and now - backlog >= dead_after:
+            raise _dead(f"sent data not taken for {now - backlog:.1f} s (peer not reading)")
+        ping_out, read_at = self.ping_out, self.read_at
+        if ping_out is not None and ws.last_pong >= ping_out:
+            read_at = self.read_at = ping_out
+            ping_out = self.ping_out = None
+        if ping_out is not None and read_at is not None and now - read_at >= dead_after:
+            raise _dead(
+                f"ping unanswered for {now - ping_out:.1f} s, nothing read for "
+                f"{now - read_at:.1f} s (peer not reading)"
+            )
+        if now >= self.next_ping:
+            ws.send_ping_nowait()
+            if ping_out is None:
+                ping_out = self.ping_out = now
+            self.next_ping = now + self.interval
+        # (the wake is planned after the ping: planned before it, the ping's own due time
+        # came out as the next wake, one extra task step per ping)
+        wake = min(self.next_ping, ws.last_received + dead_after)
+        if backlog is not None:
+            wake = min(wake, backlog + dead_after)
+        keepalive = self.keepalive
+        if keepalive is not None:
+            assert self.on_idle is not None
+            if ws.messages_out != self.sent_count:
+                self.sent_count = ws.messages_out
+                self.sent_at = now
+            elif now - self.sent_at >= keepalive:
+                self.on_idle()
+                self.sent_count = ws.messages_out
+                self.sent_at = now
+            wake = min(wake, self.sent_at + keepalive)
+        if ping_out is not None and read_at is not None:
+            wake = min(wake, read_at + dead_after)
+        return max(wake, now)
+
+
 async def watch(
     ws: websocket.WebSocket,
     opts: LivenessOptions,
@@ -153,58 +235,45 @@ async def watch(
     Raises :class:`AgentError` (kind ``agent_disconnected``) when the peer is dead, or the
     socket's own :class:`ConnectionClosed` once it is closed. Someone else must be reading
     ``ws`` (the engine's agent reader): reads are what stamp ``ws.last_received``.
+
+    With a media reactor running (``Sweep.current()``), the checks run inline at the end
+    of its passes and this task stays parked (``relay.media.sweep``); it runs a check
+    itself only when no pass came within ``BACKSTOP_S`` of one's due time.
     """
-    clock = trio.current_time
-    dead_after = opts.dead_after_s
-    interval = opts.ping_interval_s
-    keepalive = opts.idle_keepalive_s if on_idle is not None else None
-    now = clock()
-    next_ping = now + interval
-    ping_out: float | None = None  # oldest ping not answered yet
-    read_at: float | None = None  # the newest ping the peer is known to have read
-    sent_count = ws.messages_out
-    sent_at = now
-    while True:
-        now = clock()
-        if ws.closed is not None:
-            raise ws.closed
-        silent = now - ws.last_received
-        if silent >= dead_after:
-            raise _dead(f"nothing received for {silent:.1f} s")
-        backlog = ws.send_backlog_since
-        if backlog is not None and now - backlog >= dead_after:
-            raise _dead(f"sent data not taken for {now - backlog:.1f} s (peer not reading)")
-        if ping_out is not None and ws.last_pong >= ping_out:
-            read_at = ping_out
-            ping_out = None
-        if ping_out is not None and read_at is not None and now - read_at >= dead_after:
-            raise _dead(
-                f"ping unanswered for {now - ping_out:.1f} s, nothing read for "
-                f"{now - read_at:.1f} s (peer not reading)"
-            )
-        if now >= next_ping:
-            ws.send_ping_nowait()
-            if ping_out is None:
-                ping_out = now
-            next_ping = now + interval
-        # (the wake is planned after the ping: planned before it, the ping's own due time
-        # came out as the next wake, one extra task step per ping)
-        wake = min(next_ping, ws.last_received + dead_after)
-        if backlog is not None:
-            wake = min(wake, backlog + dead_after)
-        if keepalive is not None:
-            assert on_idle is not None
-            if ws.messages_out != sent_count:
-                sent_count = ws.messages_out
-                sent_at = now
-            elif now - sent_at >= keepalive:
-                on_idle()
-                sent_count = ws.messages_out
-                sent_at = now
-            wake = min(wake, sent_at + keepalive)
-        if ping_out is not None and read_at is not None:
-            wake = min(wake, read_at + dead_after)
-        await trio.sleep_until(max(wake, now))
+    dog = _Watchdog(ws, opts, on_idle, trio.current_time())
+    sweep = Sweep.current()
+    if sweep is None:
+        while True:
+            await trio.sleep_until(dog.check(trio.current_time()))
+    await _watch_swept(dog, sweep)
+
+
+async def _watch_swept(dog: _Watchdog, sweep: Sweep) -> NoReturn:
+    failure: list[Exception] = []
+    dead = trio.Event()
+    backstop = trio.CancelScope()
+
+    def swept(now: float) -> None:
+        try:
+            wake = dog.check(now)
+        except Exception as exc:  # raised in the watching task, as without a sweep
+            failure.append(exc)
+            dead.set()
+            return
+        timer.set(wake)
+        backstop.deadline = wake + BACKSTOP_S
+
+    timer = sweep.timer(swept)
+    try:
+        while True:
+            wake = dog.check(trio.current_time())  # the first check, or no pass came
+            timer.set(wake)
+            with trio.CancelScope(deadline=wake + BACKSTOP_S) as backstop:
+                await dead.wait()
+            if failure:
+                raise failure[0]
+    finally:
+        timer.cancel()
 
 
 async def run_connection(

@@ -109,7 +109,11 @@ class RelayServer:
         async with trio.open_nursery() as lifespan_nursery:
             if self.cfg.media.reactor and Reactor.available():
                 reactor = self.state.reactor = Reactor(idle_clock=self.cfg.media.reactor_idle_clock)
-                self.state.metrics.reactor_stats = lambda: (reactor.wakeups, reactor.dispatched)
+                self.state.metrics.reactor_stats = lambda: (
+                    reactor.wakeups,
+                    reactor.dispatched,
+                    reactor.sweep.served,
+                )
                 await lifespan_nursery.start(
                     self.state.reactor.run, self.cfg.media.reactor_coalesce_ms / 1000.0
                 )

@@ -27,6 +27,7 @@ import trio
 
 from .passtimer import PassTimer
 from .runloop import TrioLoop
+from .sweep import Sweep
 
 log = logging.getLogger("relay.media.reactor")
 
@@ -51,6 +52,8 @@ class Reactor:
         self._rate = 0.0  # messages per second, smoothed
         self._last = 0.0
         self._handlers: dict[int, Handler] = {}
+        #: timers served at the end of each pass (agent watchdogs; see ``sweep``)
+        self.sweep = Sweep()
         self.wakeups = 0
         self.dispatched = 0
         self.handler_errors = 0
@@ -102,6 +105,7 @@ class Reactor:
         clock: _IdleClock | None = None
         if timer is not None and self._idle_clock:
             clock = _IdleClock.install(self, timer)
+        installed = self.sweep.install()
         task_status.started()
         self._rate = 0.0
         self._last = trio.current_time()
@@ -140,6 +144,8 @@ class Reactor:
                         timer.disarm()
                     await trio.lowlevel.wait_readable(epfd)
         finally:
+            if installed:
+                self.sweep.uninstall()
             if clock is not None:
                 clock.close()
             if timer is not None:
@@ -151,6 +157,9 @@ class Reactor:
         self.wakeups += 1
         self._dispatch(ready)
         now = trio.current_time()
+        heap = self.sweep._heap
+        if heap and heap[0][0] <= now:
+            self.sweep.run_due(now)
         elapsed = max(now - self._last, 1e-4)
         self._last = now
         self._rate += 0.2 * (len(ready) / elapsed - self._rate)
