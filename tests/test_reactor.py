@@ -303,3 +303,68 @@ async def test_two_reactors_in_one_run_both_serve(
             nursery.cancel_scope.cancel()
     assert all(b - a > 100 for a, b in zip(before, after, strict=True)), (before, after)
     assert sum(r.idle_passes > 0 for r in reactors) == 1
+
+
+def test_an_empty_tick_lowers_the_rate_instead_of_stopping_the_clock() -> None:
+    """Arrivals come in bursts, so a tick can find nothing while messages still come at
+    thousands a second: that empty pass only lowers the smoothed rate, and the clock
+    stops once a few empty ticks in a row bring it under two messages a window."""
+    window = 0.0015
+    verdicts: list[bool] = []
+
+    async def main() -> None:
+        reactor = Reactor(kernel_timer=False)
+        reactor._rate = 3000.0  # ~50 calls: 4.5 sockets a window
+        reactor._last = trio.current_time()
+        for _ in range(8):
+            await trio.sleep(window)
+            verdicts.append(reactor._pass([], window))
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert verdicts[:3] == [True, True, True]  # one, two, three gaps: still coalescing
+    assert verdicts[3:] == [False] * 5  # a lasting quiet: the clock stops
+
+
+async def test_the_clock_stops_soon_after_the_traffic(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    """Empty passes end within a few ticks of the last message: an idle relay does not
+    keep ticking."""
+    reactor = Reactor()
+    for a, _b in pairs:
+        reactor.register(a, lambda a=a: a.recv(100))  # type: ignore[misc]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run, 0.002)
+            for round_ in range(40):
+                for _a, b in pairs:
+                    b.send(b"r%02d" % round_)
+                await trio.sleep(0.001)
+            assert reactor.idle_passes > 0  # the clock ran
+            await trio.sleep(0.05)
+            quiet = reactor.wakeups
+            await trio.sleep(0.1)
+            assert reactor.wakeups == quiet
+            nursery.cancel_scope.cancel()
+
+
+async def test_gaps_between_bursts_keep_the_clock_running(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    """Bursts every 5 ms with a 2 ms clock: one or two ticks between bursts find nothing,
+    and the clock runs on through them (stopping and restarting it at every burst costs
+    two task steps and two timer settings each time)."""
+    reactor = Reactor()
+    for a, _b in pairs:
+        reactor.register(a, lambda a=a: a.recv(100))  # type: ignore[misc]
+    bursts = 60
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run, 0.002)
+            for round_ in range(bursts):
+                for _a, b in pairs:
+                    b.send(b"r%02d" % round_)
+                await trio.sleep(0.005)
+            nursery.cancel_scope.cancel()
+    task_passes = reactor.wakeups - reactor.idle_passes
+    assert task_passes < bursts // 4, (task_passes, reactor.wakeups)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -15,8 +16,12 @@ from relay.media.sweep import Sweep
 def test_runs_due_timers_in_time_order_with_the_pass_time() -> None:
     sweep = Sweep()
     got: list[tuple[str, float]] = []
+
+    def record(name: str) -> Callable[[float], None]:
+        return lambda now: got.append((name, now))
+
     for name, when in (("c", 3.0), ("a", 1.0), ("b", 2.0), ("late", 9.0)):
-        sweep.timer(lambda now, name=name: got.append((name, now))).set(when)
+        sweep.timer(record(name)).set(when)
     sweep.run_due(0.5)
     assert got == []
     sweep.run_due(3.2)
