@@ -95,7 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
                 profiler.dump_stats(profile_path)
         else:
             trio.run(serve_until_signalled, cfg)  # SIGTERM: drain, then exit 0
-    except KeyboardInterrupt:
+    except* KeyboardInterrupt:  # Ctrl-C: Trio raises it inside the server's task groups
         log.info("stopped")
     return 0
 

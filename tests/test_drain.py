@@ -144,3 +144,36 @@ async def test_relay_serve_drains_on_sigterm_and_exits_0(tmp_path: Path) -> None
     [result] = results
     assert result.ok and result.hung_up_by == "caller", result.outcome  # it finished
     assert "drained: 1 call(s) finished, 0 ended" in text
+
+
+async def test_relay_serve_stops_on_ctrl_c_without_a_traceback(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) stops at once: one "stopped" line and exit status 0, not the
+    KeyboardInterrupt traceback Trio's task groups wrap it in."""
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[twilio]\nauth_token = "{AUTH_TOKEN}"\n[store]\nurl = "sqlite:///{tmp_path}/relay.db"\n'
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "relay.cli", "serve", "--config", str(config), "--port", "0"]
+    with trio.fail_after(60):
+        process = await trio.lowlevel.open_process(
+            command, stderr=subprocess.PIPE, env=env, cwd=str(tmp_path)
+        )
+        log = bytearray()
+        try:
+            assert process.stderr is not None
+            while b"public URL" not in log:
+                chunk = await process.stderr.receive_some(4096)
+                assert chunk, log.decode()
+                log += chunk
+            process.send_signal(signal.SIGINT)
+            while chunk := await process.stderr.receive_some(4096):
+                log += chunk
+            code = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    text = log.decode("utf-8", "replace")
+    assert code == 0, text
+    assert "stopped" in text and "Traceback" not in text, text

@@ -21,9 +21,16 @@ ends the call with end reason "agent disconnected" (``relay/media/call.py``), or
 that can recover replaces the connection (:class:`relay.agents.session.SessionSocketAgent`,
 Gemini's session resumption) within ``reconnect_timeout_s``.
 
+Where the checks run: with a media reactor running, inline at the end of its passes
+(``relay.media.sweep``), at most one pass (~1.5 ms under load) after their due time,
+while the watchdog's task stays parked; when no pass comes (no media flowing) the task
+runs a check itself ``BACKSTOP_S`` (25 ms) after its due time; with no reactor at all it
+sleeps to each due time exactly.
+
 Defaults: the issue's budget is 5 s from the moment an agent stalls or vanishes until its
-call has ended or recovered. The watchdog wakes at the exact deadline, so detection takes
-at most ``dead_after_s`` (3 s), measured from the last sign of life; recovery then has
+call has ended or recovered. The checks run at their deadlines (late by the above at
+most), so detection takes ``dead_after_s`` (3 s), measured from the last sign of life;
+recovery then has
 ``reconnect_timeout_s`` (2 s) to bring a session up again, or the call ends:
 3 s + 2 s = 5 s. A healthy peer is not declared dead by mistake: WebSocket pings are
 answered by the vendor's connection layer, not by the model, so a vendor busy generating
