@@ -394,6 +394,16 @@ def _bench(rest: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except* KeyboardInterrupt:
+        # Ctrl-C outside the server's own handler (while starting, in a sub-command, or a
+        # worker interrupted during start-up): one line, not a traceback.
+        print("relay: stopped", file=sys.stderr)
+    return 0
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return _bench(argv[1:])

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import trio
 from conftest import ACCOUNT_SID, AUTH_TOKEN, api_request
 
@@ -146,9 +147,11 @@ async def test_relay_serve_drains_on_sigterm_and_exits_0(tmp_path: Path) -> None
     assert "drained: 1 call(s) finished, 0 ended" in text
 
 
-async def test_relay_serve_stops_on_ctrl_c_without_a_traceback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("when", [b"public URL", b"workers on port"])
+async def test_relay_serve_stops_on_ctrl_c_without_a_traceback(tmp_path: Path, when: bytes) -> None:
     """Ctrl-C (SIGINT) stops at once: one "stopped" line and exit status 0, not the
-    KeyboardInterrupt traceback Trio's task groups wrap it in."""
+    KeyboardInterrupt traceback Trio's task groups wrap it in. Also when it arrives while
+    the workers are still starting (``workers on port``: before any of them serves)."""
     config = tmp_path / "relay.toml"
     config.write_text(
         f'[twilio]\nauth_token = "{AUTH_TOKEN}"\n[store]\nurl = "sqlite:///{tmp_path}/relay.db"\n'
@@ -162,7 +165,7 @@ async def test_relay_serve_stops_on_ctrl_c_without_a_traceback(tmp_path: Path) -
         log = bytearray()
         try:
             assert process.stderr is not None
-            while b"public URL" not in log:
+            while when not in log:
                 chunk = await process.stderr.receive_some(4096)
                 assert chunk, log.decode()
                 log += chunk

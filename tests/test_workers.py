@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -222,3 +223,80 @@ def test_reuseport_sockets_share_a_port() -> None:
     c.listen(8)
     for s in (a, b, c):
         s.close()
+
+
+async def _serve_two_workers(tmp_path: Path) -> tuple[trio.Process, bytearray]:
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[twilio]\nauth_token = "{AUTH_TOKEN}"\n[store]\nurl = "sqlite:///{tmp_path}/relay.db"\n'
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "relay", "serve", "--workers", "2", "--port", "0"]
+    command += ["--config", str(config)]
+    process = await trio.lowlevel.open_process(
+        command, stderr=subprocess.PIPE, env=env, cwd=str(tmp_path)
+    )
+    log = bytearray()
+    assert process.stderr is not None
+    while log.count(b"relay listening") < 2:
+        chunk = await process.stderr.receive_some(4096)
+        assert chunk, log.decode()
+        log += chunk
+    return process, log
+
+
+async def _stop(process: trio.Process, log: bytearray, *signals: int) -> str:
+    try:
+        for signum in signals:
+            process.send_signal(signum)
+            await trio.sleep(0.3)
+        assert process.stderr is not None
+        while chunk := await process.stderr.receive_some(4096):
+            log += chunk
+        await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return log.decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+async def test_workers_drain_on_sigterm_and_sighup(tmp_path: Path, signum: int) -> None:
+    """The supervisor tells each worker once (they run in their own process group, so a
+    terminal's signal reaches only it); SIGHUP, the terminal closing, drains like SIGTERM."""
+    with trio.fail_after(60):
+        process, log = await _serve_two_workers(tmp_path)
+        text = await _stop(process, log, signum)
+    assert process.returncode == 0, text
+    assert text.count("SIGTERM: draining") == 2, text
+    assert "relay: stopped" in text and "Traceback" not in text, text
+
+
+async def test_second_signal_stops_draining_workers_without_waiting(tmp_path: Path) -> None:
+    """SIGTERM drains (a call in progress holds the workers for up to drain_timeout_s = 30 s);
+    Ctrl-C then, forwarded to each worker once, stops them without waiting."""
+    with trio.fail_after(60):
+        process, log = await _serve_two_workers(tmp_path)
+        port = int(re.search(rb"2 workers on port (\d+)", log).group(1))  # type: ignore[union-attr]
+        async with trio.open_nursery() as nursery:
+
+            async def caller() -> None:
+                with trio.move_on_after(40):
+                    await simulator.place_call(
+                        f"http://127.0.0.1:{port}", AUTH_TOKEN, duration_s=30.0
+                    )
+
+            nursery.start_soon(caller)
+            assert process.stderr is not None
+            await trio.sleep(2)  # the call is up: webhook answered, stream open
+            process.send_signal(signal.SIGTERM)
+            while not re.search(rb"no new calls; (1 active|0 active, 1 answered)", log):
+                chunk = await process.stderr.receive_some(4096)
+                assert chunk, log.decode()
+                log += chunk
+            with trio.fail_after(15):  # not the 30 s drain
+                text = await _stop(process, log, signal.SIGINT)
+            nursery.cancel_scope.cancel()
+    assert process.returncode == 0, text
+    assert "relay: stopped" in text and "Traceback" not in text, text

@@ -130,33 +130,52 @@ def supervise(argv: list[str], cfg_host: str, cfg_port: int, workers: int) -> in
     )
     procs: dict[int, subprocess.Popen[bytes]] = {}
     restarts: deque[float] = deque()
-    stopping = False
+    stops: list[int] = []  # the stop signals received, in order
+    told: dict[int, int] = {}  # worker pid -> how many of them it has been sent
 
     def start(index: int) -> None:
         child_env = dict(env)
         child_env[ENV_INDEX] = str(index)
-        procs[index] = subprocess.Popen([*argv, "--port", str(port)], env=child_env)
+        # Its own process group: Ctrl-C in a terminal signals the foreground group, and each
+        # worker should get one signal (forwarded below), not two racing ones.
+        procs[index] = subprocess.Popen(
+            [*argv, "--port", str(port)], env=child_env, process_group=0
+        )
 
     def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signum)
+        # Only recorded here: the loop below forwards it, so a worker starting at that very
+        # moment is told too, and each worker is told each signal once.
+        stops.append(signum)
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    def tell_workers() -> None:
+        for proc in procs.values():
+            sent = told.get(proc.pid, 0)
+            if sent == len(stops) or proc.poll() is not None:
+                continue
+            told[proc.pid] = len(stops)
+            for signum in stops[sent:]:
+                # SIGHUP (the terminal closed) reaches only this group: drain as on SIGTERM.
+                # A second signal stops a draining worker without waiting (relay/http/drain.py).
+                proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    old = {s: signal.signal(s, on_signal) for s in stop_signals}
     status = 0
     try:
         for i in range(workers):
+            if stops:
+                break
             start(i)
         while procs:
-            time.sleep(0.2)
+            if stops:
+                tell_workers()
+            time.sleep(0.05 if stops else 0.2)
             for index, proc in list(procs.items()):
                 code = proc.poll()
                 if code is None:
                     continue
                 del procs[index]
-                if stopping:
+                if stops:
                     status = status or (code if code > 0 else 0)
                     continue
                 log.error("worker %d exited with status %s", index, code)
@@ -168,10 +187,8 @@ def supervise(argv: list[str], cfg_host: str, cfg_port: int, workers: int) -> in
                     log.error(
                         "workers keep dying (%d restarts in a minute): stopping", MAX_RESTARTS
                     )
-                    stopping = True
+                    stops.append(signal.SIGTERM)  # the loop tells the others
                     status = 1
-                    for other in procs.values():
-                        other.send_signal(signal.SIGTERM)
                     continue
                 restarts.append(now)
                 start(index)
@@ -183,6 +200,7 @@ def supervise(argv: list[str], cfg_host: str, cfg_port: int, workers: int) -> in
                 proc.kill()
         reserved.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+    log.info("relay: stopped (status %d)", status)
     return status
 
 
