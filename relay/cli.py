@@ -35,7 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .gcpolicy import tune_gc
     from .http.drain import serve_until_signalled
     from .http.server import run_server
-    from .http.workers import resolve_workers, supervise
+    from .http.workers import follow_supervisor, resolve_workers, supervise
     from .media.headroom import fd_soft_limit, raise_fd_limit
 
     cfg = config_mod.load(args.config)
@@ -72,6 +72,8 @@ def _serve(args: argparse.Namespace) -> int:
         if args.config:
             argv += ["--config", args.config]
         return supervise(argv, cfg.server.host, cfg.server.port, workers)
+    if os.environ.get(ENV_INDEX) is not None:
+        follow_supervisor()  # a worker: stop with the supervisor, even a killed one
     calls = raise_fd_limit()
     log.info("configuration (secrets masked): %s", cfg.describe())
     log.info("descriptor limit %d: room for ~%d calls", fd_soft_limit(), calls)

@@ -300,3 +300,26 @@ async def test_second_signal_stops_draining_workers_without_waiting(tmp_path: Pa
             nursery.cancel_scope.cancel()
     assert process.returncode == 0, text
     assert "relay: stopped" in text and "Traceback" not in text, text
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    """Workers run in their own process group, so a SIGKILLed supervisor tells no one: each
+    worker asked the kernel for SIGTERM on its parent's death (prctl PR_SET_PDEATHSIG) and
+    drains out instead of serving on alone."""
+    with trio.fail_after(60):
+        process, _log = await _serve_two_workers(tmp_path)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert len(children) == 2, children
+        process.kill()
+        await process.wait()
+        while any(_running(pid) for pid in children):
+            await trio.sleep(0.1)
+
+
+def _running(pid: str) -> bool:
+    """Alive and not a zombie (an orphan's exit waits for init to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -11,11 +11,19 @@ from dataclasses import dataclass
 
 from .shared_slots import SharedSlots
 
-__all__ = ["ENV_COUNT", "ENV_INDEX", "ENV_RUN_DIR", "WorkerIdentity", "parse_tag"]
+__all__ = [
+    "ENV_COUNT",
+    "ENV_INDEX",
+    "ENV_RUN_DIR",
+    "ENV_SUPERVISOR",
+    "WorkerIdentity",
+    "parse_tag",
+]
 
 ENV_INDEX = "RELAY_WORKER_INDEX"
 ENV_COUNT = "RELAY_WORKERS"
 ENV_RUN_DIR = "RELAY_RUN_DIR"
+ENV_SUPERVISOR = "RELAY_SUPERVISOR_PID"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ PostgreSQL store and give them the same ``security.token_secret``.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import secrets
@@ -29,6 +30,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections import deque
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import trio
 
-from ..control.cluster import ENV_COUNT, ENV_INDEX, ENV_RUN_DIR
+from ..control.cluster import ENV_COUNT, ENV_INDEX, ENV_RUN_DIR, ENV_SUPERVISOR
 from ..errors import ConfigError
 from ..media.headroom import raise_fd_limit
 
@@ -44,6 +46,7 @@ log = logging.getLogger("relay.http.workers")
 
 __all__ = [
     "MAX_RESTARTS",
+    "follow_supervisor",
     "open_listeners",
     "resolve_workers",
     "supervise",
@@ -117,6 +120,7 @@ def supervise(argv: list[str], cfg_host: str, cfg_port: int, workers: int) -> in
     )
     env = dict(os.environ)
     env[ENV_COUNT] = str(workers)
+    env[ENV_SUPERVISOR] = str(os.getpid())
     env[ENV_RUN_DIR] = run_dir
     if not env.get("RELAY_SECURITY_TOKEN_SECRET"):
         # Stream tokens are signed by the worker that answers the webhook and verified by
@@ -202,6 +206,30 @@ def supervise(argv: list[str], cfg_host: str, cfg_port: int, workers: int) -> in
         shutil.rmtree(run_dir, ignore_errors=True)
     log.info("relay: stopped (status %d)", status)
     return status
+
+
+#: prctl(2) option: the signal this process gets when its parent dies (Linux)
+_PR_SET_PDEATHSIG = 1
+
+
+def follow_supervisor() -> bool:
+    """In a worker: be sent SIGTERM (drain, then exit) when the supervisor dies.
+
+    Workers run in their own process group, so nothing else stops them if the supervisor
+    is killed (SIGKILL, the OOM killer): they would keep the port and serve on alone,
+    unsupervised. Linux only; returns whether it is armed."""
+    expected = os.environ.get(ENV_SUPERVISOR)
+    if not expected or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != int(expected):  # it died before prctl: nobody would tell us
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 def _forget_worker(run_dir: str, index: int) -> None:
