@@ -9,6 +9,8 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,19 +100,10 @@ async def test_relay_serve_drains_on_sigterm_and_exits_0(tmp_path: Path) -> None
         "[server]\ndrain_timeout_s = 20\nadmission_max_lag_ms = 10000\n"
         '[agents.parrot]\ntype = "parrot"\ngreeting = true\n'
     )
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "relay.cli", "serve", "--config", str(config), "--port", "0"]
     with trio.fail_after(60):
-        process = await trio.lowlevel.open_process(
-            command, stderr=subprocess.PIPE, env=env, cwd=str(tmp_path)
-        )
-        log = bytearray()
-        try:
-            assert process.stderr is not None
-            while (match := re.search(rb"public URL (http://\S+)\)", log)) is None:
-                chunk = await process.stderr.receive_some(4096)
-                assert chunk, log.decode()
-                log += chunk
+        async with _serving(config, b"public URL") as (process, log):
+            match = re.search(rb"public URL (http://\S+)\)", log)
+            assert match, log.decode()
             base = match.group(1).decode()
 
             async def drain_stderr() -> None:
@@ -136,10 +129,6 @@ async def test_relay_serve_drains_on_sigterm_and_exits_0(tmp_path: Path) -> None
                 assert refused.rejected and "reject" in refused.rejected, refused.outcome
                 code = await process.wait()
                 nursery.cancel_scope.cancel()
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
     text = log.decode("utf-8", "replace")
     assert code == 0, text
     [result] = results
@@ -156,27 +145,37 @@ async def test_relay_serve_stops_on_ctrl_c_without_a_traceback(tmp_path: Path, w
     config.write_text(
         f'[twilio]\nauth_token = "{AUTH_TOKEN}"\n[store]\nurl = "sqlite:///{tmp_path}/relay.db"\n'
     )
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "relay.cli", "serve", "--config", str(config), "--port", "0"]
     with trio.fail_after(60):
-        process = await trio.lowlevel.open_process(
-            command, stderr=subprocess.PIPE, env=env, cwd=str(tmp_path)
-        )
-        log = bytearray()
-        try:
+        async with _serving(config, when) as (process, log):
             assert process.stderr is not None
-            while when not in log:
-                chunk = await process.stderr.receive_some(4096)
-                assert chunk, log.decode()
-                log += chunk
             process.send_signal(signal.SIGINT)
             while chunk := await process.stderr.receive_some(4096):
                 log += chunk
             code = await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
     text = log.decode("utf-8", "replace")
     assert code == 0, text
     assert "stopped" in text and "Traceback" not in text, text
+
+
+@asynccontextmanager
+async def _serving(config: Path, ready: bytes) -> AsyncIterator[tuple[trio.Process, bytearray]]:
+    """``relay serve --config config --port 0`` (workers as on this machine) from once
+    ``ready`` is in its log (the log so far comes with it); killed if still running at
+    the end."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "relay.cli", "serve", "--config", str(config), "--port", "0"]
+    process = await trio.lowlevel.open_process(
+        command, stderr=subprocess.PIPE, env=env, cwd=str(config.parent)
+    )
+    log = bytearray()
+    try:
+        assert process.stderr is not None
+        while ready not in log:
+            chunk = await process.stderr.receive_some(4096)
+            assert chunk, log.decode()
+            log += chunk
+        yield process, log
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
