@@ -396,17 +396,18 @@ def _bench(rest: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _main(argv)
     except* KeyboardInterrupt:
         # Ctrl-C outside the server's own handler (while starting, in a sub-command, or a
         # worker interrupted during start-up): one line, not a traceback.
         print("relay: stopped", file=sys.stderr)
-    return 0
+    # a server told to stop has done what it was asked; any other command was cut short
+    return 0 if "serve" in argv else 130
 
 
-def _main(argv: list[str] | None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _main(argv: list[str]) -> int:
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
     parser = argparse.ArgumentParser(prog="relay", description=__doc__)

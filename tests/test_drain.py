@@ -179,3 +179,32 @@ async def _serving(config: Path, ready: bytes) -> AsyncIterator[tuple[trio.Proce
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_ctrl_c_in_another_command_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    """Any other command cut short by Ctrl-C (here the demo's calls in progress) says so
+    in one line and exits 130, the shell's status for an interrupted command."""
+    command = [sys.executable, "-m", "relay", "demo", "--agent", "parrot", "--calls", "20"]
+    command += ["--out", str(tmp_path / "out")]
+    with trio.fail_after(60):
+        process = await trio.lowlevel.open_process(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(tmp_path)
+        )
+        output = bytearray()
+        try:
+            assert process.stdout is not None
+            while b"placing 20 simulated" not in output:
+                chunk = await process.stdout.receive_some(4096)
+                assert chunk, output.decode()
+                output += chunk
+            process.send_signal(signal.SIGINT)
+            while chunk := await process.stdout.receive_some(4096):
+                output += chunk
+            code = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    text = output.decode("utf-8", "replace")
+    assert code == 130, text
+    assert "relay: stopped" in text and "Traceback" not in text, text
