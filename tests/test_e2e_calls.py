@@ -225,7 +225,9 @@ async def test_passthrough_audio_is_byte_identical(start_relay, make_config, e2e
             # at most 10 ms before it is sent rather than hold audio into dead air, which a
             # loaded machine (parallel tests) does trigger now and then.
             assert sum(n == frame_bytes for n in sizes) >= len(sizes) // 2
-            assert sizes[0] == 240 or sizes[0] == frame_bytes
+            # The first frame leaves with what has come by then: the first 30 ms delta, or
+            # more when the next came within the partial frame's 10 ms wait (a loaded run).
+            assert sizes[0] % 240 == 0 or sizes[0] == frame_bytes, sizes
             kinds = fake.events
             assert kinds == ["media", "mark"] * len(sizes)  # each frame followed by a mark
             assert len(set(fake.marks)) == len(sizes)
