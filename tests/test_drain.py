@@ -4,13 +4,8 @@ exits 0. In process (``drain()`` directly) and through a real ``relay serve`` pr
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +13,7 @@ import orjson
 import pytest
 import trio
 from conftest import ACCOUNT_SID, AUTH_TOKEN, api_request
+from relay_process import read_to_end, relay_process
 
 from relay.control.store import DEFAULT_TENANT
 from relay.http.drain import drain
@@ -101,19 +97,17 @@ async def test_relay_serve_drains_on_sigterm_and_exits_0(tmp_path: Path) -> None
         '[agents.parrot]\ntype = "parrot"\ngreeting = true\n'
     )
     with trio.fail_after(60):
-        async with _serving(config, b"public URL") as (process, log):
+        async with relay_process(serve(config), tmp_path, b"public URL") as (process, log):
             match = re.search(rb"public URL (http://\S+)\)", log)
             assert match, log.decode()
             base = match.group(1).decode()
 
-            async def drain_stderr() -> None:
-                assert process.stderr is not None
-                while chunk := await process.stderr.receive_some(4096):
-                    log.extend(chunk)
+            async def drain_output() -> None:
+                await read_to_end(process, log)
 
             results: list[Any] = []
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(drain_stderr)
+                nursery.start_soon(drain_output)
 
                 async def caller() -> None:
                     results.append(await simulator.place_call(base, AUTH_TOKEN, duration_s=3.0))
@@ -146,65 +140,25 @@ async def test_relay_serve_stops_on_ctrl_c_without_a_traceback(tmp_path: Path, w
         f'[twilio]\nauth_token = "{AUTH_TOKEN}"\n[store]\nurl = "sqlite:///{tmp_path}/relay.db"\n'
     )
     with trio.fail_after(60):
-        async with _serving(config, when) as (process, log):
-            assert process.stderr is not None
+        async with relay_process(serve(config), tmp_path, when) as (process, log):
             process.send_signal(signal.SIGINT)
-            while chunk := await process.stderr.receive_some(4096):
-                log += chunk
-            code = await process.wait()
-    text = log.decode("utf-8", "replace")
-    assert code == 0, text
+            text = await read_to_end(process, log)
+    assert process.returncode == 0, text
     assert "stopped" in text and "Traceback" not in text, text
 
 
-@asynccontextmanager
-async def _serving(config: Path, ready: bytes) -> AsyncIterator[tuple[trio.Process, bytearray]]:
-    """``relay serve --config config --port 0`` (workers as on this machine) from once
-    ``ready`` is in its log (the log so far comes with it); killed if still running at
-    the end."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "relay.cli", "serve", "--config", str(config), "--port", "0"]
-    process = await trio.lowlevel.open_process(
-        command, stderr=subprocess.PIPE, env=env, cwd=str(config.parent)
-    )
-    log = bytearray()
-    try:
-        assert process.stderr is not None
-        while ready not in log:
-            chunk = await process.stderr.receive_some(4096)
-            assert chunk, log.decode()
-            log += chunk
-        yield process, log
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+def serve(config: Path) -> list[str]:
+    """``relay serve`` on a free port (workers as on this machine)."""
+    return ["serve", "--config", str(config), "--port", "0"]
 
 
 async def test_ctrl_c_in_another_command_exits_130_without_a_traceback(tmp_path: Path) -> None:
     """Any other command cut short by Ctrl-C (here the demo's calls in progress) says so
     in one line and exits 130, the shell's status for an interrupted command."""
-    command = [sys.executable, "-m", "relay", "demo", "--agent", "parrot", "--calls", "20"]
-    command += ["--out", str(tmp_path / "out")]
+    demo = ["demo", "--agent", "parrot", "--calls", "20", "--out", str(tmp_path / "out")]
     with trio.fail_after(60):
-        process = await trio.lowlevel.open_process(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(tmp_path)
-        )
-        output = bytearray()
-        try:
-            assert process.stdout is not None
-            while b"placing 20 simulated" not in output:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, output.decode()
-                output += chunk
+        async with relay_process(demo, tmp_path, b"placing 20 simulated") as (process, output):
             process.send_signal(signal.SIGINT)
-            while chunk := await process.stdout.receive_some(4096):
-                output += chunk
-            code = await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-    text = output.decode("utf-8", "replace")
-    assert code == 130, text
+            text = await read_to_end(process, output)
+    assert process.returncode == 130, text
     assert "relay: stopped" in text and "Traceback" not in text, text

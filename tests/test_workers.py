@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 import trio
 from conftest import ACCOUNT_SID, AUTH_TOKEN
+from relay_process import read_to_end, read_until, relay_process
 
 from relay.control.cluster import WorkerIdentity, parse_tag
 from relay.control.policies import CallPolicies
@@ -225,40 +226,22 @@ def test_reuseport_sockets_share_a_port() -> None:
         s.close()
 
 
-async def _serve_two_workers(tmp_path: Path) -> tuple[trio.Process, bytearray]:
+LISTENING = b"relay listening"  # each worker's line once it serves
+
+
+def _two_workers(tmp_path: Path) -> list[str]:
     config = tmp_path / "relay.toml"
     config.write_text(
         f'[twilio]\nauth_token = "{AUTH_TOKEN}"\n[store]\nurl = "sqlite:///{tmp_path}/relay.db"\n'
     )
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "relay", "serve", "--workers", "2", "--port", "0"]
-    command += ["--config", str(config)]
-    process = await trio.lowlevel.open_process(
-        command, stderr=subprocess.PIPE, env=env, cwd=str(tmp_path)
-    )
-    log = bytearray()
-    assert process.stderr is not None
-    while log.count(b"relay listening") < 2:
-        chunk = await process.stderr.receive_some(4096)
-        assert chunk, log.decode()
-        log += chunk
-    return process, log
+    return ["serve", "--workers", "2", "--port", "0", "--config", str(config)]
 
 
 async def _stop(process: trio.Process, log: bytearray, *signals: int) -> str:
-    try:
-        for signum in signals:
-            process.send_signal(signum)
-            await trio.sleep(0.3)
-        assert process.stderr is not None
-        while chunk := await process.stderr.receive_some(4096):
-            log += chunk
-        await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    return log.decode("utf-8", "replace")
+    for signum in signals:
+        process.send_signal(signum)
+        await trio.sleep(0.3)
+    return await read_to_end(process, log)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
@@ -266,8 +249,8 @@ async def test_workers_drain_on_sigterm_and_sighup(tmp_path: Path, signum: int) 
     """The supervisor tells each worker once (they run in their own process group, so a
     terminal's signal reaches only it); SIGHUP, the terminal closing, drains like SIGTERM."""
     with trio.fail_after(60):
-        process, log = await _serve_two_workers(tmp_path)
-        text = await _stop(process, log, signum)
+        async with relay_process(_two_workers(tmp_path), tmp_path, LISTENING, 2) as (process, log):
+            text = await _stop(process, log, signum)
     assert process.returncode == 0, text
     assert text.count("SIGTERM: draining") == 2, text
     assert "relay: stopped" in text and "Traceback" not in text, text
@@ -277,27 +260,24 @@ async def test_second_signal_stops_draining_workers_without_waiting(tmp_path: Pa
     """SIGTERM drains (a call in progress holds the workers for up to drain_timeout_s = 30 s);
     Ctrl-C then, forwarded to each worker once, stops them without waiting."""
     with trio.fail_after(60):
-        process, log = await _serve_two_workers(tmp_path)
-        port = int(re.search(rb"2 workers on port (\d+)", log).group(1))  # type: ignore[union-attr]
-        async with trio.open_nursery() as nursery:
+        async with relay_process(_two_workers(tmp_path), tmp_path, LISTENING, 2) as (process, log):
+            port = int(re.search(rb"2 workers on port (\d+)", log).group(1))  # type: ignore[union-attr]
+            async with trio.open_nursery() as nursery:
 
-            async def caller() -> None:
-                with trio.move_on_after(40):
-                    await simulator.place_call(
-                        f"http://127.0.0.1:{port}", AUTH_TOKEN, duration_s=30.0
-                    )
+                async def caller() -> None:
+                    with trio.move_on_after(40):
+                        await simulator.place_call(
+                            f"http://127.0.0.1:{port}", AUTH_TOKEN, duration_s=30.0
+                        )
 
-            nursery.start_soon(caller)
-            assert process.stderr is not None
-            await trio.sleep(2)  # the call is up: webhook answered, stream open
-            process.send_signal(signal.SIGTERM)
-            while not re.search(rb"no new calls; (1 active|0 active, 1 answered)", log):
-                chunk = await process.stderr.receive_some(4096)
-                assert chunk, log.decode()
-                log += chunk
-            with trio.fail_after(15):  # not the 30 s drain
-                text = await _stop(process, log, signal.SIGINT)
-            nursery.cancel_scope.cancel()
+                nursery.start_soon(caller)
+                await trio.sleep(2)  # the call is up: webhook answered, stream open
+                process.send_signal(signal.SIGTERM)
+                draining = rb"no new calls; (1 active|0 active, 1 answered)"
+                await read_until(process, log, lambda: re.search(draining, log) is not None)
+                with trio.fail_after(15):  # not the 30 s drain
+                    text = await _stop(process, log, signal.SIGINT)
+                nursery.cancel_scope.cancel()
     assert process.returncode == 0, text
     assert "relay: stopped" in text and "Traceback" not in text, text
 
@@ -307,13 +287,13 @@ async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> Non
     worker asked the kernel for SIGTERM on its parent's death (prctl PR_SET_PDEATHSIG) and
     drains out instead of serving on alone."""
     with trio.fail_after(60):
-        process, _log = await _serve_two_workers(tmp_path)
-        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        assert len(children) == 2, children
-        process.kill()
-        await process.wait()
-        while any(_running(pid) for pid in children):
-            await trio.sleep(0.1)
+        async with relay_process(_two_workers(tmp_path), tmp_path, LISTENING, 2) as (process, _):
+            children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text()
+            assert len(children.split()) == 2, children
+            process.kill()
+            await process.wait()
+            while any(_running(pid) for pid in children.split()):
+                await trio.sleep(0.1)
 
 
 def _running(pid: str) -> bool:
