@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, RelayError
+from .errors import EXIT_INTERRUPTED, ConfigError, RelayError
 
 
 def _setup_logging(level: str) -> None:
@@ -403,8 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         # Ctrl-C outside the server's own handler (while starting, in a sub-command, or a
         # worker interrupted during start-up): one line, not a traceback.
         print("relay: stopped", file=sys.stderr)
-    # a server told to stop has done what it was asked; any other command was cut short
-    return 0 if "serve" in argv else 130
+    return EXIT_INTERRUPTED  # (a serving relay's Ctrl-C is its own stop: _serve returns 0)
 
 
 def _main(argv: list[str]) -> int:

@@ -8,6 +8,9 @@ errors mean we were asked to do something invalid.
 
 from __future__ import annotations
 
+#: exit status of a command cut short by Ctrl-C (128 + SIGINT, as shells report it)
+EXIT_INTERRUPTED = 130
+
 
 class RelayError(Exception):
     """Base of every error the relay raises on purpose.

@@ -39,7 +39,7 @@ from pathlib import Path
 import trio
 
 from ..control.cluster import ENV_COUNT, ENV_INDEX, ENV_RUN_DIR, ENV_SUPERVISOR
-from ..errors import ConfigError
+from ..errors import EXIT_INTERRUPTED, ConfigError
 from ..media.headroom import raise_fd_limit
 
 log = logging.getLogger("relay.http.workers")
@@ -180,7 +180,10 @@ def supervise(argv: list[str], cfg_host: str, cfg_port: int, workers: int) -> in
                     continue
                 del procs[index]
                 if stops:
-                    status = status or (code if code > 0 else 0)
+                    # Stopped as told: drained (0), killed by the signal (< 0), or
+                    # interrupted while still starting (EXIT_INTERRUPTED).
+                    if code > 0 and code != EXIT_INTERRUPTED:
+                        status = status or code
                     continue
                 log.error("worker %d exited with status %s", index, code)
                 _forget_worker(run_dir, index)  # its calls died with it
