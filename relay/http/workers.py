@@ -126,12 +126,6 @@ def supervise(argv: list[str], cfg_host: str, cfg_port: int, workers: int) -> in
         # Stream tokens are signed by the worker that answers the webhook and verified by
         # the one the stream lands on: one secret for all (a fleet sets its own).
         env.setdefault("RELAY_SECURITY_TOKEN_SECRET", secrets.token_urlsafe(32))
-    log.info(
-        "relay: %d workers on port %d (descriptor limit allows ~%d calls per worker)",
-        workers,
-        port,
-        calls,
-    )
     procs: dict[int, subprocess.Popen[bytes]] = {}
     restarts: deque[float] = deque()
     stops: list[int] = []  # the stop signals received, in order
@@ -164,6 +158,13 @@ def supervise(argv: list[str], cfg_host: str, cfg_port: int, workers: int) -> in
 
     stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     old = {s: signal.signal(s, on_signal) for s in stop_signals}
+    # Announced once a signal is handled: from here Ctrl-C stops the workers cleanly.
+    log.info(
+        "relay: %d workers on port %d (descriptor limit allows ~%d calls per worker)",
+        workers,
+        port,
+        calls,
+    )
     status = 0
     try:
         for i in range(workers):
