@@ -163,6 +163,25 @@ class UplinkPump:
     ) -> None: ...
     def pump(self) -> int: ...
 
+class PumpHandler:
+    pump: UplinkPump
+    armed: bool
+    source: Any
+    dest: Any
+    def __init__(
+        self,
+        pump: UplinkPump,
+        source: Any,
+        dest: Any,
+        metrics: Any,
+        latency: Any,
+        fallback: Callable[[], object],
+        on_marks: Callable[[list[str]], object],
+        on_result: Callable[[int, float], object],
+        on_error: Callable[[Exception], object],
+    ) -> None: ...
+    def __call__(self) -> None: ...
+
 class ServerFrameParser(Generic[_C]):
     max_message: int
     openai_audio: bool

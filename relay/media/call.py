@@ -73,7 +73,6 @@ from . import codec, hold, recording
 from .codec import (
     PUMP_CLOSED,
     PUMP_PARSED,
-    PUMP_SENT,
     PUMP_UNSENT,
     TwilioFrameParser,
     twilio_uplink,
@@ -130,8 +129,9 @@ class Call:
         self._finished = False
         self._registrations: list[tuple[socket.socket, Callable[[], None]]] = []
         self._agent_registration: tuple[socket.socket, Callable[[], None]] | None = None
-        #: the uplink pump and the agent's WebSocket it writes to (see _make_pump)
-        self._pump: tuple[codec.UplinkPump, WebSocket] | None = None
+        #: the reactor's handler for Twilio's socket while the uplink pump serves it
+        #: (see _make_pump)
+        self._pump: codec.PumpHandler | None = None
         self._ending_since = 0.0
         self._current_rid: str | None = None
         self._started_at = 0.0
@@ -296,11 +296,16 @@ class Call:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    def _internal_error(self, where: str) -> None:
+    def _internal_error(self, where: str, exc: BaseException | None = None) -> None:
         # Our bug, met from the reactor: end this call cleanly instead of leaving its
         # sockets unwatched; the other calls never see it.
         self.metrics.error("internal")
-        log.exception("call %s: internal error in %s; ending the call", self.call_sid, where)
+        log.error(
+            "call %s: internal error in %s; ending the call",
+            self.call_sid,
+            where,
+            exc_info=exc if exc is not None else True,
+        )
         self._end("internal error")
 
     def _count_error(self, kind: str, message: str) -> None:
@@ -360,9 +365,20 @@ class Call:
             sock, handler = self._registrations.pop()
             reactor.unregister(sock, handler)
         # the bound methods held here would keep the call in a reference cycle (the pump
-        # holds _silence)
+        # holds _silence, its handler the call's hooks)
         self._agent_registration = None
         self._pump = None
+
+    def _reregister(self, sock: socket.socket, handler: Callable[[], None]) -> bool:
+        """Serve ``sock``, registered by :meth:`_register`, with ``handler`` from now on."""
+        reactor = self.state.reactor
+        for i, (registered, old) in enumerate(self._registrations):
+            if registered is sock:
+                if reactor is None or not reactor.replace(sock, old, handler):
+                    return False
+                self._registrations[i] = (sock, handler)
+                return True
+        return False
 
     # -- Twilio -> agent ----------------------------------------------------------------
     def _attach_twilio(self) -> bool:
@@ -396,17 +412,11 @@ class Call:
             self._on_twilio(batch)
 
     def _twilio_readable(self) -> None:
+        """The layered path for a read from Twilio: until the uplink pump serves the
+        socket, and whenever its handler cannot (see :meth:`_make_pump`)."""
         if self._finished:
             return
         ws = self.ws
-        pump = self._pump  # made with ws's parser, which is never replaced after the start
-        if (
-            pump is not None
-            and self._recorder is None
-            and not self._agent_dead
-            and ws.pumpable(pump[1])
-        ):
-            return self._twilio_pumped(pump[0], pump[1])
         parser = ws.parser
         # The hot path once the stream has started: parse, order and collect this read's
         # media in one compiled call. Not while recording: the recorder takes each frame's
@@ -462,48 +472,39 @@ class Call:
         if payloads and not self._agent_dead:
             self._forward(payloads, t0)
 
-    def _twilio_pumped(self, pump: codec.UplinkPump, agent_ws: WebSocket) -> None:
-        """One read through the uplink pump (see _make_pump), then its bookkeeping: the
-        same counters, metrics and failures as the layered path."""
-        t0 = _perf()
-        ws = self.ws
-        try:
-            code = pump.pump()
-        except ProtocolViolation as exc:
-            try:
-                ws.violated(exc)
-            except ConnectionClosed as closed:
-                self._twilio_closed(closed)
+    def _twilio_pump_result(self, code: int, t0: float) -> None:
+        """A pumped read (``codec.PumpHandler``, which counted it) that did not end with
+        every append written: queue the rest, carry on with what was parsed, or close."""
+        handler = self._pump
+        if handler is None:  # the call ended in a hook of this read
             return
-        except Exception:
-            self._internal_error("Twilio message handling")
-            return
+        pump = handler.pump
         try:
-            if code == PUMP_SENT or code == PUMP_UNSENT:
-                media = pump.media
-                marks = pump.marks
-                metrics = self.metrics
-                ws.messages_in += media if marks is None else media + len(marks)
-                metrics.frames_in += media
-                metrics.uplink_pumped += 1
-                agent_ws.messages_out += pump.sent
-                if marks is not None:  # what the caller has heard (the other direction)
-                    self._mark_echoes(marks)
-                if code == PUMP_UNSENT:
-                    try:
-                        agent_ws.write_nowait(cast(bytes, pump.unsent))
-                    except ConnectionClosed as exc:
-                        self._agent_gone(f"agent send failed: {exc}")
-                        return
-                metrics.latency_up.observe(_perf() - t0)
+            if code == PUMP_UNSENT:
+                try:
+                    handler.dest.write_nowait(cast(bytes, pump.unsent))
+                except ConnectionClosed as exc:
+                    self._agent_gone(f"agent send failed: {exc}")
+                    return
+                self.metrics.latency_up.observe(_perf() - t0)
             elif code == PUMP_PARSED:
                 self._twilio_parsed(
                     cast("list[str]", pump.payloads), pump.marks, pump.media, pump.rest, t0
                 )
             elif code == PUMP_CLOSED:
-                self._twilio_closed(ws.lost(pump.error))
-        except Exception:
-            self._internal_error("Twilio message handling")
+                self._twilio_closed(self.ws.lost(pump.error))
+        except Exception as exc:
+            self._internal_error("Twilio message handling", exc)
+
+    def _twilio_pump_failed(self, exc: Exception) -> None:
+        """A pumped read raised: Twilio broke the protocol, or a bug (ours)."""
+        if isinstance(exc, ProtocolViolation):
+            try:
+                self.ws.violated(exc)
+            except ConnectionClosed as closed:
+                self._twilio_closed(closed)
+            return
+        self._internal_error("Twilio message handling", exc)
 
     def _on_twilio(
         self, batch: list[Any], payloads: list[str] | None = None, t0: float | None = None
@@ -668,20 +669,25 @@ class Call:
         if not self._finished:
             self._agent_registration = (sock, self._agent_readable)
             self._register(sock, self._agent_readable)
-            self._pump = self._make_pump(agent)
+            handler = self._make_pump(agent)
+            raw = self.ws.raw_socket
+            if handler is not None and raw is not None and self._reregister(raw, handler):
+                self._pump = handler
             self._agent_readable()  # events that arrived while connecting
         return True
 
-    def _make_pump(self, agent: Agent) -> tuple[codec.UplinkPump, WebSocket] | None:
+    def _make_pump(self, agent: Agent) -> codec.PumpHandler | None:
         """The uplink pump (codec.UplinkPump) when the adapter splices Twilio's payloads
         (μ-law passthrough) or their resampled audio (``_to_pcm``) into its messages: then
-        each read from Twilio reaches the agent in one compiled call. Both sockets are
-        plain TCP sockets in the reactor, so their descriptors stay open until the call's
-        end."""
+        each read from Twilio reaches the agent in one compiled call, served by a compiled
+        handler (codec.PumpHandler) that counts a read sent whole itself and calls this
+        call's hooks for anything else. Both sockets are plain TCP sockets in the reactor,
+        so their descriptors stay open until the call's end. None while recording: the
+        recorder takes each frame's timestamp, which the layered path keeps."""
         ws = self.ws
         parser = ws.parser
         raw = ws.raw_socket
-        if not self.cfg.media.uplink_pump or raw is None:
+        if not self.cfg.media.uplink_pump or raw is None or self._recorder is not None:
             return None
         if type(parser) is not TwilioFrameParser:
             return None
@@ -696,7 +702,17 @@ class Call:
         pump = codec.UplinkPump(
             parser, self.uplink, self._silence, *fds, head, tail, to_pcm=self._to_pcm
         )
-        return pump, agent_ws
+        return codec.PumpHandler(
+            pump,
+            ws,
+            agent_ws,
+            self.metrics,
+            self.metrics.latency_up,
+            self._twilio_readable,
+            self._mark_echoes,
+            self._twilio_pump_result,
+            self._twilio_pump_failed,
+        )
 
     async def _agent_reader(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -907,6 +923,8 @@ class Call:
         if self._agent_dead:
             return
         self._agent_dead = True
+        if self._pump is not None:  # Twilio's reads take the layered path from now on
+            self._pump.armed = False
         if self._agent_registration is not None and self.state.reactor is not None:
             # Its socket is at EOF (always readable): stop watching it right away.
             sock, handler = self._agent_registration

@@ -36,6 +36,7 @@ import math
 import os
 import socket
 import sys
+import time
 from array import array
 from collections import deque
 from collections.abc import Callable
@@ -52,6 +53,7 @@ __all__ = [
     "PUMP_UNSENT",
     "DownlinkBuffer",
     "PcmToUlaw",
+    "PumpHandler",
     "Resampler",
     "ServerFrameParser",
     "TwilioFrameParser",
@@ -1555,3 +1557,74 @@ class UplinkPump:
             return PUMP_SENT
         self.unsent = wire[written:]
         return PUMP_UNSENT
+
+
+class PumpHandler:
+    """The reactor's handler for Twilio's socket while an :class:`UplinkPump` serves it:
+    the usual outcome of a read (every append written) is counted in the handler, the
+    rest goes to the call's hooks.
+
+    Calling it serves one readable event:
+
+    * not :attr:`armed`, or ``source.pumpable(dest)`` false: ``fallback()`` (the layered
+      path decides);
+    * otherwise :meth:`UplinkPump.pump`; ``PUMP_IDLE``: nothing;
+    * ``PUMP_SENT`` / ``PUMP_UNSENT``: ``source.messages_in`` += media and mark echoes,
+      ``metrics.frames_in`` += media, ``metrics.uplink_pumped`` += 1, ``dest.messages_out``
+      += appends built, then ``on_marks(marks)`` when the read held echoes; ``PUMP_SENT``
+      ends with ``latency.observe`` of the read's time (``time.perf_counter``),
+      ``PUMP_UNSENT`` goes on with ``on_result(code, t0)`` (the rest must be queued);
+    * ``PUMP_PARSED`` / ``PUMP_CLOSED``: ``on_result(code, t0)``;
+    * any exception (the parser's ``ProtocolViolation``, a failing hook): ``on_error(exc)``.
+    """
+
+    def __init__(
+        self,
+        pump: UplinkPump,
+        source: Any,
+        dest: Any,
+        metrics: Any,
+        latency: Any,
+        fallback: Callable[[], object],
+        on_marks: Callable[[list[str]], object],
+        on_result: Callable[[int, float], object],
+        on_error: Callable[[Exception], object],
+    ) -> None:
+        if pump is None:
+            raise TypeError("pump must be an UplinkPump")
+        self.pump = pump
+        self.armed = True
+        self.source = source
+        self.dest = dest
+        self._metrics = metrics
+        self._latency = latency
+        self._fallback = fallback
+        self._on_marks = on_marks
+        self._on_result = on_result
+        self._on_error = on_error
+
+    def __call__(self) -> None:
+        pump = self.pump
+        if not self.armed or not self.source.pumpable(self.dest):
+            self._fallback()
+            return
+        t0 = time.perf_counter()
+        try:
+            code = pump.pump()
+            if code == PUMP_IDLE:
+                return
+            if code == PUMP_SENT or code == PUMP_UNSENT:
+                media = pump.media
+                marks = pump.marks
+                self.source.messages_in += media if marks is None else media + len(marks)
+                self._metrics.frames_in += media
+                self._metrics.uplink_pumped += 1
+                self.dest.messages_out += pump.sent
+                if marks is not None:
+                    self._on_marks(marks)
+                if code == PUMP_SENT:
+                    self._latency.observe(time.perf_counter() - t0)
+                    return
+            self._on_result(code, t0)
+        except Exception as exc:
+            self._on_error(exc)

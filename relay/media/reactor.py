@@ -81,6 +81,15 @@ class Reactor:
         except (OSError, ValueError):
             pass
 
+    def replace(self, sock: socket.socket, old: Handler, new: Handler) -> bool:
+        """Serve ``sock`` with ``new`` instead of ``old`` from the next event on; False (and
+        nothing changed) unless ``old`` serves it now."""
+        fd = sock.fileno()
+        if fd < 0 or self._handlers.get(fd) is not old:
+            return False
+        self._handlers[fd] = new
+        return True
+
     def __len__(self) -> int:
         return len(self._handlers)
 
