@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import interrupt
 from .errors import EXIT_INTERRUPTED, ConfigError, RelayError
 
 
@@ -103,7 +104,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    import trio
 
     from .sim import simulator
 
@@ -121,7 +121,7 @@ def _simulate(args: argparse.Namespace) -> int:
             raise ConfigError("--outbound: pass --account-sid (the relay's twilio.account_sid)")
         callee = tuple(o.strip() for o in args.callee.split(",") if o.strip())
         try:
-            trio.run(
+            interrupt.run(
                 lambda: rest.serve_callees(
                     account,
                     token,
@@ -142,7 +142,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
         return twilio_speech_cli.run(args, token)
     audio = simulator.load_wav(args.audio) if args.audio else None
-    results = trio.run(
+    results = interrupt.run(
         lambda: simulator.simulate(
             args.url.rstrip("/"),
             token,
@@ -263,7 +263,6 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _numbers(args: argparse.Namespace) -> int:
-    import trio
 
     from .control.tenancy import sync_tenant_numbers
 
@@ -274,7 +273,7 @@ def _numbers(args: argparse.Namespace) -> int:
                 raise ConfigError(
                     "server.public_url (or --public-url) is needed: numbers are pointed at it"
                 )
-            report = trio.run(sync_tenant_numbers, cfg, store, args.tenant)
+            report = interrupt.run(sync_tenant_numbers, cfg, store, args.tenant)
             if report.error:
                 print(f"sync failed: {report.error}", file=sys.stderr)
                 return 1
@@ -345,7 +344,6 @@ def _call(args: argparse.Namespace) -> int:
     """``relay call TO --from NUMBER --agent NAME``: place an outbound call (see
     relay/control/outbound.py). The running relay answers its webhooks, so both must share
     ``security.token_secret`` (and the store, for the record)."""
-    import trio
 
     from .control.directory import Directory
     from .control.history import record_values
@@ -373,7 +371,7 @@ def _call(args: argparse.Namespace) -> int:
             return await place(cfg, req)
 
         try:
-            record = trio.run(run)
+            record = interrupt.run(run)
         except OutboundError as exc:
             where = f" ({exc.field})" if exc.field else ""
             print(f"relay call: not placed{where}: {exc.message}", file=sys.stderr)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from .. import interrupt
 from ..agents.text.espeak import synthesize_ulaw
 from ..agents.text.receptionist import ReceptionistBrain, classify
 from ..config import Config
@@ -320,7 +321,7 @@ async def run_demo(calls: int, out_dir: Path) -> tuple[list[CallReport], RelaySe
 
 
 def main(calls: int = 3, out_dir: Path = Path("out/demo")) -> int:
-    reports, server = trio.run(run_demo, calls, out_dir)
+    reports, server = interrupt.run(run_demo, calls, out_dir)
     print(format_report(reports, server))
     ok = bool(reports) and all(
         rep.result.ok and any(t.recognised for t in rep.turns) and rep.result.media_received

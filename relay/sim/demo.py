@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from .. import interrupt
 from ..config import Config
 from ..http.server import RelayServer
 from . import simulator, speech
@@ -134,7 +135,7 @@ def _inbound(calls: int, out_dir: Path, agent: str) -> int:
         from .conversation_demo import main as conversation_main
 
         return conversation_main(calls, out_dir)
-    results, server = trio.run(run_demo, calls, out_dir)
+    results, server = interrupt.run(run_demo, calls, out_dir)
     print(format_timelines(results, server))
     heard_ok = bool(results) and all(r.ok and r.media_received > 0 for r in results)
     print(f"\ncall history saved in {cfg_store_url(server)}: see it with `relay calls`")

@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 
+from .. import interrupt
 from ..config import Config
 from ..control.store import DEFAULT_TENANT
 from ..http.server import RelayServer
@@ -146,7 +147,7 @@ def ok(lines: list[str]) -> bool:
 
 def main(out_dir: Path | None = None) -> int:
     """Run the policy part of the demo; 0 when both calls went as expected."""
-    lines = trio.run(run_policy_demo)
+    lines = interrupt.run(run_policy_demo)
     print("\n".join(lines))
     good = ok(lines)
     print(

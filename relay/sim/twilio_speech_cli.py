@@ -7,8 +7,7 @@ from __future__ import annotations
 import argparse
 from functools import partial
 
-import trio
-
+from .. import interrupt
 from . import conversation_relay, gather
 
 DEFAULT_SCRIPT = ["Hello, what time do you open tomorrow?", "Thank you, goodbye."]
@@ -21,7 +20,9 @@ def run(args: argparse.Namespace, token: str) -> int:
     for n in range(max(1, args.calls)):
         if args.mode == "conversation-relay":
             script = [conversation_relay.Turn(text) for text in lines]
-            cr = trio.run(partial(conversation_relay.place_call, url, token, script, linger_s=3.0))
+            cr = interrupt.run(
+                partial(conversation_relay.place_call, url, token, script, linger_s=3.0)
+            )
             print(f"call {n + 1} ({cr.call_sid}):")
             print(conversation_relay.format_dialogue(cr.dialogue))
             if cr.first_token_s:
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace, token: str) -> int:
             failed += bool(problem)
         else:
             utterances = [gather.Utterance(text) for text in lines]
-            g = trio.run(gather.place_call, url, token, utterances)
+            g = interrupt.run(gather.place_call, url, token, utterances)
             print(f"call {n + 1} ({g.call_sid}):")
             print(gather.format_dialogue(g))
             failed += bool(g.error or g.http_errors)
