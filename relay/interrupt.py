@@ -18,7 +18,6 @@ handling (``relay/http/drain.py``).
 
 from __future__ import annotations
 
-import contextlib
 import signal
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -42,20 +41,26 @@ def run(async_fn: Callable[..., Awaitable[T]], *args: object) -> T:
     result: list[T] = []
 
     async def main() -> None:
-        with trio.CancelScope() as scope, contextlib.ExitStack() as stack:
-            signals = stack.enter_context(trio.open_signal_receiver(signal.SIGINT))
+        with trio.CancelScope() as scope:
+            watching = trio.CancelScope()
+            ready = trio.Event()
 
             async def watch() -> None:
                 nonlocal interrupted
-                async for _ in signals:
-                    interrupted = True
-                    stack.close()  # a second Ctrl-C gets Trio's default while we unwind
-                    scope.cancel()
-                    return
+                with watching, trio.open_signal_receiver(signal.SIGINT) as signals:
+                    ready.set()
+                    async for _ in signals:
+                        interrupted = True
+                        scope.cancel()
+                        return  # the receiver closes: a second Ctrl-C gets Trio's default
 
-            # A system task: cancelled when the run ends, and no nursery around async_fn.
+            # A system task, so that no nursery wraps async_fn's errors in a group.
             trio.lowlevel.spawn_system_task(watch)
-            result.append(await async_fn(*args))
+            await ready.wait()
+            try:
+                result.append(await async_fn(*args))
+            finally:
+                watching.cancel()
 
     trio.run(main)
     if interrupted:
