@@ -77,6 +77,45 @@ async def test_unregister_removes_only_its_own_registration(
     assert len(reactor) == 0
 
 
+async def test_replace_swaps_only_its_own_registration(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    """A call hands its Twilio socket to the pump's handler (relay.media.call): the next
+    event goes to the new handler, and only the registration's owner may swap it."""
+    reactor = Reactor()
+    a, b = pairs[0]
+    got: list[str] = []
+
+    def layered() -> None:
+        got.append("layered")
+        a.recv(100)
+
+    def pumped() -> None:
+        got.append("pumped")
+        a.recv(100)
+
+    def stranger() -> None: ...
+
+    reactor.register(a, layered)
+    assert not reactor.replace(a, stranger, pumped)  # not the current handler: no change
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run)
+            b.send(b"1")
+            while len(got) < 1:
+                await trio.sleep(0.001)
+            assert reactor.replace(a, layered, pumped)
+            b.send(b"2")
+            while len(got) < 2:
+                await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+    assert got == ["layered", "pumped"]
+    reactor.unregister(a, layered)  # the old owner no longer holds it
+    assert len(reactor) == 1
+    reactor.unregister(a, pumped)
+    assert len(reactor) == 0
+
+
 async def test_a_failing_handler_drops_its_socket_only(
     pairs: list[tuple[socket.socket, socket.socket]],
 ) -> None:
