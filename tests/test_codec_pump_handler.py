@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -52,10 +53,16 @@ class Latency:
 
 
 class Handled:
-    """A PumpHandler on a Rig, with every hook recording what it was given."""
+    """A PumpHandler on a Rig, with every hook recording what it was given (or the hook
+    passed for it)."""
 
-    def __init__(self, impl: ModuleType, rig: Rig | None = None) -> None:
-        self.rig = rig or Rig(impl)
+    def __init__(
+        self,
+        impl: ModuleType,
+        on_marks: Callable[[list[str]], object] | None = None,
+        on_error: Callable[[Exception], object] | None = None,
+    ) -> None:
+        self.rig = Rig(impl)
         self.source, self.dest = Side(), Side()
         self.metrics, self.latency = Metrics(), Latency()
         self.calls: list[tuple[Any, ...]] = []
@@ -66,9 +73,9 @@ class Handled:
             self.metrics,
             self.latency,
             lambda: self.calls.append(("fallback",)),
-            lambda marks: self.calls.append(("marks", list(marks))),
+            on_marks or (lambda marks: self.calls.append(("marks", list(marks)))),
             lambda code, t0: self.calls.append(("result", code, t0)),
-            lambda exc: self.calls.append(("error", exc)),
+            on_error or (lambda exc: self.calls.append(("error", exc))),
         )
 
     def counters(self) -> tuple[int, int, int, int]:
@@ -153,21 +160,16 @@ def test_a_protocol_violation_goes_to_the_call(h: Handled) -> None:
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_failing_hook_goes_to_the_call(impl: ModuleType) -> None:
-    h = Handled(impl)
+    boom = RuntimeError("hook failed")
+
+    def on_marks(marks: list[str]) -> None:
+        raise boom
+
+    h = Handled(impl, on_marks=on_marks)
     try:
-        boom = RuntimeError("hook failed")
-
-        def on_marks(marks: list[str]) -> None:
-            raise boom
-
-        errors: list[Exception] = []
-        handler = impl.PumpHandler(
-            h.rig.pump, h.source, h.dest, h.metrics, h.latency,
-            lambda: None, on_marks, lambda code, t0: None, errors.append,
-        )  # fmt: skip
         h.rig.twilio_peer.sendall(mark("m1") + media(0, b"\x06" * 160))
-        handler()
-        assert errors == [boom]
+        h.handler()
+        assert h.calls == [("error", boom)]
         assert h.latency.values == []  # the read did not finish
     finally:
         h.close()
@@ -176,19 +178,15 @@ def test_a_failing_hook_goes_to_the_call(impl: ModuleType) -> None:
 @pytest.mark.parametrize("impl", IMPLS)
 def test_an_exception_from_the_error_hook_reaches_the_reactor(impl: ModuleType) -> None:
     """The reactor drops the socket of a handler that raises; nothing is swallowed."""
-    h = Handled(impl)
+
+    def on_error(exc: Exception) -> None:
+        raise ValueError("error hook failed") from exc
+
+    h = Handled(impl, on_error=on_error)
     try:
-
-        def on_error(exc: Exception) -> None:
-            raise ValueError("error hook failed") from exc
-
-        handler = impl.PumpHandler(
-            h.rig.pump, h.source, h.dest, h.metrics, h.latency,
-            lambda: None, lambda m: None, lambda code, t0: None, on_error,
-        )  # fmt: skip
         h.rig.twilio_peer.sendall(frame(OP_TEXT, b"{}", mask=False))
         with pytest.raises(ValueError, match="error hook failed"):
-            handler()
+            h.handler()
     finally:
         h.close()
 
