@@ -19,7 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -70,16 +70,56 @@ def postgres_server() -> Iterator[str]:
         if proc.returncode != 0:
             raise PostgresUnavailable(f"{args[0]} failed: {proc.stderr.strip() or proc.stdout}")
 
-    run(
-        str(bindir / "initdb"),
-        "-D",
-        str(data),
-        "-U",
-        "relay",
-        "--auth=trust",
-        "--encoding=UTF8",
-        "--no-sync",
-    )
+    try:
+        run(
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "relay",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-sync",
+        )
+        # The port was free when _free_port looked; another process (a test binding an
+        # ephemeral port, a parallel worker's server) may take it before the postmaster
+        # binds. Its log then says so: start again on another port.
+        for attempt in range(_START_ATTEMPTS):
+            port = port if attempt == 0 else _free_port()
+            (root / "log").unlink(missing_ok=True)  # this attempt's reasons only
+            try:
+                _start(run, bindir, data, root, port)
+                break
+            except PostgresUnavailable as exc:
+                log = _log_tail(root / "log")
+                if "Address already in use" not in log or attempt + 1 == _START_ATTEMPTS:
+                    raise PostgresUnavailable(f"{exc}\n{log}") from None
+        deadline = time.monotonic() + 20
+        while True:  # pg_ctl -w waits for readiness; be sure the TCP port answers too
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise PostgresUnavailable("postgres did not accept connections") from None
+                time.sleep(0.05)
+        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "relay", "relay")
+        yield f"postgresql://relay@127.0.0.1:{port}/relay"
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run(
+                [*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                capture_output=True,
+                check=False,
+            )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+#: starts tried before giving up when the chosen port was taken meanwhile
+_START_ATTEMPTS = 5
+
+
+def _start(run: Callable[..., None], bindir: Path, data: Path, root: Path, port: int) -> None:
     options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off"
     options += " -c synchronous_commit=off -c full_page_writes=off"
     run(
@@ -93,25 +133,13 @@ def postgres_server() -> Iterator[str]:
         "-w",
         "start",
     )
+
+
+def _log_tail(path: Path, lines: int = 8) -> str:
     try:
-        deadline = time.monotonic() + 20
-        while True:  # pg_ctl -w waits for readiness; be sure the TCP port answers too
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise PostgresUnavailable("postgres did not accept connections") from None
-                time.sleep(0.05)
-        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "relay", "relay")
-        yield f"postgresql://relay@127.0.0.1:{port}/relay"
-    finally:
-        subprocess.run(
-            [*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-            capture_output=True,
-            check=False,
-        )
-        shutil.rmtree(root, ignore_errors=True)
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
 
 
 def reset_database(url: str) -> None:
