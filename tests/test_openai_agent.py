@@ -144,7 +144,10 @@ async def test_connect_timeout_silent_tcp() -> None:
 async def test_connect_timeout_no_session_updated() -> None:
     with trio.fail_after(5):
         async with fake_openai_server(ack_session_update=False) as server:
-            agent = make_agent(server.url, connect_timeout_s=0.3)
+            # Long enough for the TCP + WebSocket handshake on a loaded CI machine (0.3 s
+            # once ran out while still waiting for the handshake): the stage that times
+            # out must be the wait for session.updated.
+            agent = make_agent(server.url, connect_timeout_s=2.0)
             with pytest.raises(AgentError) as info:
                 await agent.connect(CALL)
             assert info.value.kind == "agent_connect_timeout"
