@@ -2408,9 +2408,11 @@ cdef class PumpHandler:
 
     Why: the pump takes a read from ``recv`` to ``send`` in one compiled call, but the
     Python around it (the call's checks, counters, the latency histogram, the reactor's
-    call into a bound method) cost ~11 µs of a ~38 µs read at 100 calls, 50 reads a
-    call-second. Here the usual outcome, every append written, is counted without a
-    Python frame; only the rest reaches the call's hooks.
+    call into a bound method) was timed in place at ~11 µs of a ~38 µs read at 100 calls,
+    50 reads a call-second. Here the usual outcome, every append written, is counted
+    without a Python frame; only the rest reaches the call's hooks. Measured against the
+    Python it replaces (bench/published/pump-handler/): -10 % CPU at 400 μ-law calls,
+    -3 % at 50, nothing resolvable for PCM or in a warm loop.
 
     Calling it serves one readable event:
 
