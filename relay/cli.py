@@ -73,8 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.config:
             argv += ["--config", args.config]
         return supervise(argv, cfg.server.host, cfg.server.port, workers)
-    if os.environ.get(ENV_INDEX) is not None:
-        follow_supervisor()  # a worker: stop with the supervisor, even a killed one
+    follow_supervisor()  # a worker (its supervisor's pid in the environment): stop with it
     calls = raise_fd_limit()
     log.info("configuration (secrets masked): %s", cfg.describe())
     log.info("descriptor limit %d: room for ~%d calls", fd_soft_limit(), calls)
