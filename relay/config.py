@@ -114,6 +114,11 @@ class MediaConfig:
     #: parse, build, send: relay/media/_codec.pyx UplinkPump); off = through the Python
     #: layers (same messages, same behaviour)
     uplink_pump: bool = True
+    #: the other direction: a read from an OpenAI Realtime agent holding only audio deltas
+    #: goes to Twilio in one compiled call (recv, parse, book, pace, build, send:
+    #: relay/media/_codec.pyx DownlinkHandler); off = through the Python layers (same
+    #: messages, same behaviour)
+    agent_direct: bool = True
 
 
 @dataclass

@@ -107,6 +107,8 @@ class Metrics:
         self.frames_out = 0  # agent -> Twilio, media messages sent to Twilio
         #: Twilio reads forwarded to the agent whole by the uplink pump (codec.UplinkPump)
         self.uplink_pumped = 0
+        #: agent reads taken from recv to send by the compiled handler (codec.DownlinkHandler)
+        self.agent_direct = 0
         self.barge_ins = 0
         self.errors: dict[str, int] = defaultdict(int)
         self.webhooks: dict[str, int] = defaultdict(int)
@@ -177,6 +179,12 @@ class Metrics:
             "counter",
             "Reads from Twilio that reached the agent in one compiled call (the uplink pump).",
             [f"relay_uplink_pumped_reads_total {self.uplink_pumped}"],
+        )
+        metric(
+            "relay_agent_direct_reads_total",
+            "counter",
+            "Reads from the agent that reached Twilio in one compiled call (audio deltas only).",
+            [f"relay_agent_direct_reads_total {self.agent_direct}"],
         )
         metric(
             "relay_barge_ins_total",

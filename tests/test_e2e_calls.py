@@ -89,6 +89,14 @@ async def assert_pumped_when_on(relay_, fake, session) -> None:
     assert (pumped > 0) == (media_cfg.reactor and media_cfg.uplink_pump), pumped
 
 
+def assert_direct_when_on(relay_) -> None:
+    """The agent's audio after the first frame went through the compiled downlink handler
+    (codec.DownlinkHandler) exactly when it is on (media.agent_direct with the reactor)."""
+    media_cfg = relay_.cfg.media
+    direct = relay_.metrics.agent_direct
+    assert (direct > 0) == (media_cfg.reactor and media_cfg.agent_direct), direct
+
+
 # --- call lifecycle -----------------------------------------------------------------------------
 async def test_inbound_call_lifecycle(start_relay, make_config, e2e):
     """Webhook -> TwiML -> stream -> agent session; record incoming -> active -> completed."""
@@ -279,6 +287,43 @@ async def test_resampled_audio_pcm24k(start_relay, make_config, e2e):
             await relay_.wait_idle()
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "layered"])
+@pytest.mark.parametrize("audio", ["pcmu", "pcm24k"])
+async def test_streamed_answer_reaches_twilio_whole(start_relay, make_config, e2e, audio, direct):
+    """An answer streamed in real time (one delta per agent read, the usual case): every
+    delta after the first is taken from the agent's socket to Twilio's by the compiled
+    handler when it is on; the caller gets all of it, each frame with its mark, and the
+    session's books count what it generated (what a truncate is clamped to)."""
+    with trio.fail_after(15):
+        async with fake_openai_server() as oai:
+            media = {"agent_direct": direct}
+            relay_ = await gpt_relay(start_relay, make_config, e2e, oai, audio=audio, media=media)
+            fake = await relay_.dial()
+            session = await e2e.agent_session(oai)
+            ms = 1200
+            if audio == "pcmu":
+                reply = random_ulaw(ms, seed=11)
+            else:
+                reply = tone(ms, "pcm24k", hz=500.0)
+            item = await session.send_response(audio=reply, chunk_ms=40, pace_s=0.04)
+            hold_back = 0
+            if audio != "pcmu":  # the resampler holds its look-ahead back until the end
+                hold_back = int(np.ceil(codec.Resampler(24000, 8000).delay_ms * 8)) + 1
+            want = ms * 8 - hold_back
+            await fake.wait_for(lambda f: len(f.audio) >= want and len(f.marks) == len(f.media))
+            if audio == "pcmu":
+                assert fake.audio == reply
+            assert fake.events == ["media", "mark"] * len(fake.media)
+            assert not fake.invalid
+            (call,) = relay_.state.calls
+            protocol = call.agent.protocol
+            assert protocol.generated_ms(item) == ms
+            assert call.downlink.overflow_ms == 0
+            assert_direct_when_on(relay_)
+            await fake.hang_up()
+            await relay_.wait_idle()
+
+
 async def test_downlink_is_paced_by_the_lead_bound(start_relay, make_config, e2e):
     """A burst from the agent is not dumped on Twilio: at most max_lead_ms + one frame is
     ever ahead of real-time playout, so a barge-in has little to throw away."""
@@ -378,6 +423,7 @@ async def test_barge_in_clear_and_truncate_accuracy(start_relay, make_config, e2
             assert abs(truncate2["audio_end_ms"] - played_2) <= frame_ms
             assert not session.truncate_errors
             assert relay_.metrics.errors.get("agent_error", 0) == 0
+            assert_direct_when_on(relay_)
             await fake.hang_up()
             await relay_.wait_idle()
 
@@ -841,6 +887,36 @@ async def test_same_behaviour_without_the_uplink_pump(case, start_relay, make_co
 
     fixtures = {"start_relay": start_relay, "make_config": config_without_pump, "e2e": e2e}
     fixtures["nursery"] = nursery
+    wanted = inspect.signature(case).parameters
+    await case(**{name: fixtures[name] for name in wanted})
+
+
+# --- the same behaviour without the compiled downlink handler ----------------------------------
+WITHOUT_DIRECT = [
+    test_passthrough_audio_is_byte_identical,
+    test_downlink_is_paced_by_the_lead_bound,
+    test_barge_in_clear_and_truncate_accuracy,
+    test_no_stale_media_after_clear_under_backpressure,
+    test_agent_closes_relay_plays_buffered_audio_then_hangs_up,
+    test_no_leaks_after_calls,
+]
+
+
+@pytest.mark.parametrize("case", WITHOUT_DIRECT, ids=lambda f: f.__name__[5:])
+async def test_same_behaviour_without_the_downlink_handler(
+    case, start_relay, make_config, e2e, nursery
+):
+    """media.agent_direct = false: the agent's reads go to Twilio through the Python
+    layers (the adapter's read and parse, the call's events, write_nowait). Same
+    assertions, other path."""
+
+    def config_without_direct(**kwargs):
+        media = {**kwargs.pop("media", {}), "agent_direct": False}
+        return make_config(media=media, **kwargs)
+
+    fixtures = {"start_relay": start_relay, "make_config": config_without_direct, "e2e": e2e}
+    fixtures["nursery"] = nursery
+    fixtures["how"] = "abort"
     wanted = inspect.signature(case).parameters
     await case(**{name: fixtures[name] for name in wanted})
 

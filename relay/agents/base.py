@@ -24,6 +24,22 @@ MULAW_8K = ("mulaw", 8000)
 
 
 @dataclass(frozen=True, slots=True)
+class AudioBooks:
+    """What the engine's compiled reader (relay.media.codec.DownlinkHandler) needs to take
+    an adapter's audio deltas off its socket itself: the WebSocket (its parser turns audio
+    deltas into ``(item_id, audio)`` tuples), and the session's live bookkeeping, which the
+    reader updates in place exactly as the adapter's parse would."""
+
+    ws: WebSocket
+    #: audio bytes generated per output item; only items already here are read directly
+    item_bytes: dict[str, int]
+    #: truncated items (their deltas take the adapter's path)
+    truncated: set[str]
+    #: counts ``events_in`` per delta
+    protocol: Any
+
+
+@dataclass(frozen=True, slots=True)
 class AudioFormat:
     """``encoding`` is "mulaw" (8 kHz G.711) or "pcm16" (signed 16-bit LE mono)."""
 
@@ -188,6 +204,25 @@ class Agent(abc.ABC):
     def read_events_nowait(self) -> list[AgentEvent]:
         """Events from one non-blocking read ([] if nothing complete arrived)."""
         raise NotImplementedError
+
+    def audio_books(self) -> AudioBooks | None:
+        """Set when the engine may read :meth:`reactor_socket` itself for the whole
+        session: a read holding only audio deltas of items in the books is then handled
+        without the adapter, and the rest of a read goes to :meth:`events_from` (the
+        engine answers control frames through the WebSocket). None (the default): the
+        adapter reads."""
+        return None
+
+    def events_from(self, messages: list[str | bytes | tuple[str, bytes]]) -> list[AgentEvent]:
+        """The events of data messages the engine read from :meth:`reactor_socket` (see
+        :meth:`audio_books`), exactly as :meth:`read_events_nowait` would give them."""
+        raise NotImplementedError
+
+    @property
+    def events_waiting(self) -> bool:
+        """Events are held in the adapter for the next read (the engine's reader must
+        let the adapter read then)."""
+        return False
 
     def send_dtmf(self, digit: str) -> None:  # noqa: B027 - optional
         """Forward a keypad digit where the protocol allows; default: nothing to do."""

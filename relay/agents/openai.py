@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 from ..errors import AgentError, ConnectionClosed
 from ..media import codec, websocket
 from ..tools import ToolRegistry
-from .base import Agent, AgentEvent, AudioFormat
+from .base import Agent, AgentEvent, AudioBooks, AudioFormat
 from .liveness import (
     DEFAULT_RECONNECT_TIMEOUT_S,
     LIVENESS_KEYS,
@@ -268,6 +268,16 @@ class OpenAIRealtimeAgent(SessionSocketAgent):
 
     def audio_splice(self) -> tuple[websocket.WebSocket, bytes, bytes] | None:
         return self._spliced(self.protocol.append_parts)
+
+    def audio_books(self) -> AudioBooks | None:
+        if self.reactor_socket() is None:  # reconnect: the socket may change
+            return None
+        ws = self._socket()
+        parser = ws.parser
+        if not isinstance(parser, codec.ServerFrameParser) or not parser.openai_audio:
+            return None
+        items, truncated = self.protocol.audio_books()
+        return AudioBooks(ws, items, truncated, self.protocol)
 
     def send_audio_b64_many(self, payloads: list[str]) -> None:
         # Frames that arrived in one read leave in one write (one syscall), built and

@@ -426,6 +426,13 @@ class OpenAIRealtimeProtocol(EventDispatcher):
         """Milliseconds of audio the agent generated for ``item_id`` (whole ms, floor)."""
         return self._item_bytes.get(item_id, 0) // self.bytes_per_ms
 
+    def audio_books(self) -> tuple[dict[str, int], set[str]]:
+        """The live bookkeeping of audio deltas: bytes generated per item, truncated items.
+        A compiled reader (relay.media.codec.DownlinkHandler) updates it in place for a
+        delta of a known, untruncated item exactly as :meth:`_audio` would; the objects
+        are never replaced (cleared in place), so it may hold them for the session."""
+        return self._item_bytes, self._truncated
+
     def knows_item(self, item_id: str) -> bool:
         return item_id in self._item_bytes
 

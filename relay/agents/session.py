@@ -290,6 +290,14 @@ class SocketAgent(Agent):
         events, self._pending = self._pending, []
         return events + self._parse(self._socket().read_nowait())
 
+    def events_from(self, messages: list[str | bytes | tuple[str, bytes]]) -> list[AgentEvent]:
+        events, self._pending = self._pending, []
+        return events + self._parse(messages)  # type: ignore[arg-type]
+
+    @property
+    def events_waiting(self) -> bool:
+        return bool(self._pending)
+
     def _protocol_error(self, exc: RemoteProtocolError) -> AgentErrorEvent:
         self.protocol_errors += 1
         logging.getLogger(f"relay.agents.{self.vendor}").warning(

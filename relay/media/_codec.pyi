@@ -182,6 +182,41 @@ class PumpHandler:
     ) -> None: ...
     def __call__(self) -> None: ...
 
+class DownlinkHandler:
+    armed: bool
+    agent_fd: int
+    twilio_fd: int
+    source: Any
+    dest: Any
+    def __init__(
+        self,
+        agent_fd: int,
+        twilio_fd: int,
+        source: Any,
+        dest: Any,
+        parser: ServerFrameParser[Any],
+        downlink: DownlinkBuffer,
+        item_bytes: dict[str, int],
+        truncated: set[str],
+        protocol: Any,
+        to_ulaw: PcmToUlaw | None,
+        media_prefix: bytes,
+        mark_prefix: bytes,
+        call: Any,
+        metrics: Any,
+        latency: Any,
+        clock: Callable[[], float],
+        stamp: bool,
+        ready: Callable[[], bool],
+        fallback: Callable[[], object],
+        on_closed: Callable[[int], object],
+        on_rest: Callable[[list[Any], int, float, bool], object],
+        on_unsent: Callable[[bytes], bool],
+        wake: Callable[[], object],
+        on_error: Callable[[Exception], object],
+    ) -> None: ...
+    def __call__(self) -> None: ...
+
 class ServerFrameParser(Generic[_C]):
     max_message: int
     openai_audio: bool

@@ -132,6 +132,9 @@ class Call:
         #: the reactor's handler for Twilio's socket while the uplink pump serves it
         #: (see _make_pump)
         self._pump: codec.PumpHandler | None = None
+        #: the reactor's handler for the agent's socket while it reads directly
+        #: (see _make_direct)
+        self._direct: codec.DownlinkHandler | None = None
         self._ending_since = 0.0
         self._current_rid: str | None = None
         self._started_at = 0.0
@@ -368,6 +371,7 @@ class Call:
         # holds _silence, its handler the call's hooks)
         self._agent_registration = None
         self._pump = None
+        self._direct = None
 
     def _reregister(self, sock: socket.socket, handler: Callable[[], None]) -> bool:
         """Serve ``sock``, registered by :meth:`_register`, with ``handler`` from now on."""
@@ -673,6 +677,10 @@ class Call:
             raw = self.ws.raw_socket
             if handler is not None and raw is not None and self._reregister(raw, handler):
                 self._pump = handler
+            direct = self._make_direct(agent)
+            if direct is not None and self._reregister(sock, direct):
+                self._direct = direct
+                self._agent_registration = (sock, direct)
             self._agent_readable()  # events that arrived while connecting
         return True
 
@@ -714,6 +722,121 @@ class Call:
             self._twilio_pump_failed,
         )
 
+    def _make_direct(self, agent: Agent) -> codec.DownlinkHandler | None:
+        """The compiled handler for the agent's socket (codec.DownlinkHandler) when the
+        adapter lets the engine read it (``audio_books``: OpenAI Realtime): a read holding
+        only audio deltas of items the session knows then goes from the agent's socket to
+        Twilio's in one call, and anything else comes back here parsed, in order
+        (:meth:`_agent_direct_rest`). The call's own state decides per read
+        (:meth:`_direct_ready`): hold music, the first audio (it is recorded), an ending
+        call or anything waiting to be written take the layered path. None while
+        recording: the recorder takes every frame sent."""
+        if not self.cfg.media.agent_direct or self._recorder is not None:
+            return None
+        raw = self.ws.raw_socket
+        books = agent.audio_books()
+        if books is None or raw is None:
+            return None
+        agent_ws = books.ws
+        agent_raw = agent_ws.raw_socket
+        parser = agent_ws.parser
+        if agent_raw is None or not isinstance(parser, codec.ServerFrameParser):
+            return None
+        media_prefix, mark_prefix = self._prefixes
+        return codec.DownlinkHandler(
+            agent_raw.fileno(),
+            raw.fileno(),
+            agent_ws,
+            self.ws,
+            parser,
+            self.downlink,
+            books.item_bytes,
+            books.truncated,
+            books.protocol,
+            self._to_ulaw,
+            media_prefix,
+            mark_prefix,
+            self,
+            self.metrics,
+            self.metrics.latency_down,
+            trio.current_time,
+            agent_ws.stamps_reads,
+            self._direct_ready,
+            self._agent_readable,
+            self._agent_direct_closed,
+            self._agent_direct_rest,
+            self._twilio_unsent,
+            self._wake_playout,
+            self._agent_direct_failed,
+        )
+
+    def _direct_ready(self) -> bool:
+        """Whether the agent's next read may take the compiled path (see _make_direct)."""
+        agent = self.agent
+        direct = self._direct
+        return (
+            self._first_audio_seen
+            and self._hold is None
+            and not (self._ending or self._twilio_gone or self._agent_dead or self._finished)
+            and direct is not None
+            and direct.source.relays_directly(self.ws)
+            and agent is not None
+            and not agent.events_waiting
+        )
+
+    def _agent_direct_closed(self, err: int) -> None:
+        """The compiled handler's read found the agent gone (``err``: errno, 0 at EOF)."""
+        direct = self._direct
+        if direct is None:
+            return
+        exc = direct.source.lost(err)
+        self._agent_gone(f"agent closed: {exc}", exc)
+
+    def _agent_direct_rest(self, items: list[Any], k: int, t_event: float, pushed: bool) -> None:
+        """A read the compiled handler took up to ``items[k]``: the rest as the layered path
+        handles it (control frames answered, messages parsed by the adapter, events in
+        order), then the send of what the handler pushed."""
+        direct, agent = self._direct, self.agent
+        if direct is None or agent is None:
+            return
+        try:
+            events = agent.events_from(direct.source.accept(items[k:]))
+        except (ConnectionClosed, AgentError) as exc:
+            self._agent_gone(f"agent closed: {exc}", exc)
+            return
+        except Exception:
+            self._internal_error("agent message parsing")
+            return
+        if events or pushed:
+            try:
+                self._on_agent(events, t_event, pushed)
+            except Exception:
+                self._internal_error("agent event handling")
+
+    def _agent_direct_failed(self, exc: Exception) -> None:
+        """The compiled handler raised: the agent broke RFC 6455, or a bug (ours)."""
+        direct = self._direct
+        if isinstance(exc, ProtocolViolation) and direct is not None:
+            try:
+                direct.source.violated(exc)
+            except ConnectionClosed as closed:
+                self._agent_gone(f"agent closed: {closed}", closed)
+            return
+        self._internal_error("agent message handling", exc)
+
+    def _twilio_unsent(self, rest: bytes) -> bool:
+        """Queue what the kernel did not take of a direct write to Twilio; False when
+        Twilio's socket is gone."""
+        try:
+            self.ws.write_nowait(rest)
+        except ConnectionClosed as exc:
+            self._twilio_closed(exc)
+            return False
+        return True
+
+    def _wake_playout(self) -> None:
+        self._wake.set()
+
     async def _agent_reader(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -746,10 +869,14 @@ class Call:
             except Exception:
                 self._internal_error("agent event handling")
 
-    def _on_agent(self, events: list[AgentEvent]) -> None:
-        t_event = _perf()
+    def _on_agent(
+        self, events: list[AgentEvent], t_event: float | None = None, pushed: bool = False
+    ) -> None:
+        """The agent's events in order; ``pushed``: audio of the same read is in the
+        downlink already (codec.DownlinkHandler took it, from ``t_event`` on)."""
+        if t_event is None:
+            t_event = _perf()
         downlink = self.downlink
-        pushed = False
         for ev in events:
             kind = type(ev)
             if kind is AgentAudio:

@@ -1628,3 +1628,163 @@ class PumpHandler:
             self._on_result(code, t0)
         except Exception as exc:
             self._on_error(exc)
+
+
+class DownlinkHandler:
+    """The reactor's handler for an OpenAI Realtime agent's socket: a read that holds
+    nothing but audio deltas of items the session already knows goes from ``recv`` to
+    ``send`` here; everything else reaches the call's hooks, parsed, in order.
+
+    Calling it serves one readable event:
+
+    * not :attr:`armed`, or ``ready()`` false: ``fallback()`` (the layered path reads);
+    * ``recv(2)`` on ``agent_fd``: nothing waiting: return; end of stream or an error:
+      ``on_closed(errno)`` (0: end of stream);
+    * ``source.last_received = clock()`` when ``stamp``; the bytes to ``parser.feed``
+      (a ``ServerFrameParser`` with ``openai_audio``: deltas come out as ``(item_id,
+      audio)``);
+    * each leading ``(item_id, audio)`` whose item is in ``item_bytes`` and not in
+      ``truncated``: ``item_bytes[item_id] += len(audio)``, ``protocol.events_in`` and
+      ``source.messages_in`` += 1, the audio (through ``to_ulaw.feed`` when given) pushed
+      to ``downlink`` under ``item_id``, and ``call._current_rid = item_id``;
+    * at the first other item (any other message, a control frame, a new or truncated
+      item): ``on_rest(items, k, t_event, pushed)``, which carries on from ``items[k]``
+      (and sends what was pushed: a barge-in later in the read must still drop it);
+    * otherwise ``metrics.agent_direct`` += 1 and, when audio was pushed:
+      ``downlink.pull(now_ms)``; the frames as
+      :func:`twilio_frames` with ``media_prefix`` / ``mark_prefix`` in one ``send(2)`` on
+      ``twilio_fd``, ``dest.messages_out`` += 2 per frame; written whole, or
+      ``on_unsent(rest)`` returned True (it queued the rest): ``metrics.frames_out`` +=
+      frames and ``latency.observe`` of the time since the read; then ``wake()`` when
+      ``downlink.next_due(now_ms)`` is earlier than ``call._playout_due``;
+    * any exception (the parser's ``ProtocolViolation``, a failing hook): ``on_error(exc)``.
+
+    ``now_ms`` is ``clock() * 1000`` taken once per read."""
+
+    def __init__(
+        self,
+        agent_fd: int,
+        twilio_fd: int,
+        source: Any,
+        dest: Any,
+        parser: ServerFrameParser[Any],
+        downlink: DownlinkBuffer,
+        item_bytes: dict[str, int],
+        truncated: set[str],
+        protocol: Any,
+        to_ulaw: Any,
+        media_prefix: bytes,
+        mark_prefix: bytes,
+        call: Any,
+        metrics: Any,
+        latency: Any,
+        clock: Callable[[], float],
+        stamp: bool,
+        ready: Callable[[], bool],
+        fallback: Callable[[], object],
+        on_closed: Callable[[int], object],
+        on_rest: Callable[[list[Any], int, float, bool], object],
+        on_unsent: Callable[[bytes], bool],
+        wake: Callable[[], object],
+        on_error: Callable[[Exception], object],
+    ) -> None:
+        if agent_fd < 0 or twilio_fd < 0:
+            raise ValueError("descriptors must be open (>= 0)")
+        if parser is None or downlink is None or item_bytes is None:
+            raise TypeError("parser, downlink and item_bytes are required")
+        if not parser.openai_audio:
+            raise ValueError("the parser must turn audio deltas into tuples (openai_audio)")
+        self.armed = True
+        self.agent_fd = agent_fd
+        self.twilio_fd = twilio_fd
+        self.source = source
+        self.dest = dest
+        self._parser = parser
+        self._downlink = downlink
+        self._items = item_bytes
+        self._truncated = truncated
+        self._protocol = protocol
+        self._to_ulaw = to_ulaw
+        self._media_prefix = media_prefix
+        self._mark_prefix = mark_prefix
+        self._call = call
+        self._metrics = metrics
+        self._latency = latency
+        self._clock = clock
+        self._stamp = stamp
+        self._ready = ready
+        self._fallback = fallback
+        self._on_closed = on_closed
+        self._on_rest = on_rest
+        self._on_unsent = on_unsent
+        self._wake = wake
+        self._on_error = on_error
+
+    def __call__(self) -> None:
+        if not self.armed or not self._ready():
+            self._fallback()
+            return
+        t_event = time.perf_counter()
+        try:
+            sock = _on_fd(self.agent_fd)
+            try:
+                data = sock.recv(_PUMP_READ, socket.MSG_DONTWAIT)  # EINTR: retried (PEP 475)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._on_closed(exc.errno or 0)
+                return
+            finally:
+                sock.detach()
+            if not data:
+                self._on_closed(0)
+                return
+            now_s = self._clock()
+            now_ms = now_s * 1000.0
+            if self._stamp:
+                self.source.last_received = now_s
+            items = self._parser.feed(data)
+            pushed = False
+            k = 0
+            for item in items:
+                if type(item) is not tuple or len(item) != 2:
+                    break
+                item_id, audio = item
+                known = self._items.get(item_id)
+                if known is None or item_id in self._truncated:
+                    break
+                self._protocol.events_in += 1
+                if audio:
+                    self._items[item_id] = known + len(audio)
+                    if self._to_ulaw is not None:
+                        audio = self._to_ulaw.feed(audio)
+                    self._downlink.push(audio, item_id)
+                    self._call._current_rid = item_id
+                    pushed = True
+                k += 1
+            self.source.messages_in += k
+            if k < len(items):
+                self._on_rest(items, k, t_event, pushed)
+                return
+            self._metrics.agent_direct += 1
+            if not pushed:
+                return
+            frames = self._downlink.pull(now_ms)
+            if frames:
+                wire = twilio_frames(self._media_prefix, self._mark_prefix, frames)
+                self.dest.messages_out += 2 * len(frames)
+                sock = _on_fd(self.twilio_fd)
+                try:
+                    written = sock.send(wire, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                except OSError:  # EAGAIN or an error: on_unsent queues and decides
+                    written = 0
+                finally:
+                    sock.detach()
+                if written == len(wire) or self._on_unsent(wire[written:]):
+                    self._metrics.frames_out += len(frames)
+                    self._latency.observe(time.perf_counter() - t_event)
+            due = self._downlink.next_due(now_ms)
+            if due is not None and due < self._call._playout_due:
+                self._wake()
+        except Exception as exc:
+            self._on_error(exc)

@@ -569,6 +569,24 @@ class WebSocket:
             and not to._draining
         )
 
+    @property
+    def stamps_reads(self) -> bool:
+        """Each read sets :attr:`last_received` (a client: the liveness watchdog reads it)."""
+        return self._stamp_rx
+
+    def relays_directly(self, to: WebSocket) -> bool:
+        """Whether a compiled reader may take a read off this socket's descriptor and write
+        what it makes of it straight to ``to``'s (``codec.DownlinkHandler``): both open (no
+        close frame sent there), no bytes read ahead here, none waiting to be sent there."""
+        return (
+            self.closed is None
+            and not self._leftover
+            and to.closed is None
+            and not to._close_sent
+            and not to._out
+            and not to._draining
+        )
+
     def violated(self, exc: ProtocolViolation) -> NoReturn:
         """The peer broke RFC 6455 (``parser.feed`` raised ``exc``): close with its code and
         raise ConnectionClosed."""
