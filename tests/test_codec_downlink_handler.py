@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from frame_cases import frame
+from test_codec_pump_handler import Latency
 
 from relay.media import _codec, codec_ref
 from relay.media.websocket import OP_PING, OP_TEXT, Control, FrameParser, ProtocolViolation
@@ -52,14 +53,6 @@ class Metrics:
     def __init__(self) -> None:
         self.frames_out = 0
         self.agent_direct = 0
-
-
-class Latency:
-    def __init__(self) -> None:
-        self.values: list[float] = []
-
-    def observe(self, value: float) -> None:
-        self.values.append(value)
 
 
 class Handled:

@@ -799,19 +799,8 @@ class Call:
         direct, agent = self._direct, self.agent
         if direct is None or agent is None:
             return
-        try:
-            events = agent.events_from(direct.source.accept(items[k:]))
-        except (ConnectionClosed, AgentError) as exc:
-            self._agent_gone(f"agent closed: {exc}", exc)
-            return
-        except Exception:
-            self._internal_error("agent message parsing")
-            return
-        if events or pushed:
-            try:
-                self._on_agent(events, t_event, pushed)
-            except Exception:
-                self._internal_error("agent event handling")
+        source = direct.source
+        self._agent_events(lambda: agent.events_from(source.accept(items[k:])), t_event, pushed)
 
     def _agent_direct_failed(self, exc: Exception) -> None:
         """The compiled handler raised: the agent broke RFC 6455, or a bug (ours)."""
@@ -855,17 +844,28 @@ class Call:
         if self._finished or self._agent_dead:
             return
         assert self.agent is not None
+        self._agent_events(self.agent.read_events_nowait)
+
+    def _agent_events(
+        self,
+        read: Callable[[], list[AgentEvent]],
+        t_event: float | None = None,
+        pushed: bool = False,
+    ) -> None:
+        """The events ``read()`` parses (one read of the agent's socket) through
+        :meth:`_on_agent`: a closed or failing session ends the agent's part of the call,
+        anything else raised is ours (counted, logged once, that call only)."""
         try:
-            events = self.agent.read_events_nowait()
+            events = read()
         except (ConnectionClosed, AgentError) as exc:
             self._agent_gone(f"agent closed: {exc}", exc)
             return
         except Exception:
             self._internal_error("agent message parsing")
             return
-        if events:
+        if events or pushed:
             try:
-                self._on_agent(events)
+                self._on_agent(events, t_event, pushed)
             except Exception:
                 self._internal_error("agent event handling")
 
