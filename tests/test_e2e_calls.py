@@ -13,6 +13,7 @@ from collections import Counter
 import numpy as np
 import orjson
 import pytest
+import soundfile
 import trio
 import trio_websocket
 from fake_openai import FakeOptions, fake_openai_server, silent_server, tone
@@ -322,6 +323,49 @@ async def test_streamed_answer_reaches_twilio_whole(start_relay, make_config, e2
             assert_direct_when_on(relay_)
             await fake.hang_up()
             await relay_.wait_idle()
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "layered"])
+async def test_an_answer_after_hold_music_reaches_the_caller_whole(
+    start_relay, make_config, e2e, tmp_path, direct
+):
+    """Hold music plays until the agent's first audio (the layered path: the hold must
+    stop and its tail at Twilio be cleared); the answer, streamed in real time, then
+    arrives whole after the clear, from its second delta on through the compiled handler
+    when it is on."""
+    t = np.arange(2000) / 8000.0
+    music = tmp_path / "music.wav"
+    soundfile.write(str(music), (0.4 * np.sin(2 * np.pi * 440.0 * t)).astype("float32"), 8000)
+    with trio.fail_after(15):
+        async with fake_openai_server() as oai:
+            agent = e2e.openai_agent(oai, hold="music", hold_music=str(music))
+            media = {"agent_direct": direct}
+            relay_ = await start_relay(
+                make_config(agents={"gpt": agent}, default_agent="gpt", media=media)
+            )
+            fake = await relay_.dial()
+            session = await e2e.agent_session(oai)
+            await fake.wait_for(lambda f: f.audio_ms >= 300)  # the hold music plays
+            reply = random_ulaw(1000, seed=21)
+            await session.send_response(audio=reply, chunk_ms=40, pace_s=0.04)
+            await fake.wait_for(lambda f: len(f.clears) == 1)
+            cut = fake.received.index(fake.clears[0])
+
+            def answer(f) -> bytes:
+                after = f.received[cut + 1 :]
+                return b"".join(media_audio(r.msg) for r in after if r.event == "media")
+
+            await fake.wait_for(lambda f: len(answer(f)) >= len(reply))
+            assert answer(fake) == reply
+            assert not fake.invalid
+            assert_direct_when_on(relay_)
+            await fake.hang_up()
+            await relay_.wait_idle()
+
+
+def media_audio(msg: dict) -> bytes:
+    """The audio of a Twilio media message."""
+    return codec.b64decode(msg["media"]["payload"])
 
 
 async def test_downlink_is_paced_by_the_lead_bound(start_relay, make_config, e2e):
