@@ -66,6 +66,7 @@ class Handled:
         to_ulaw: Any = None,
         on_rest: Callable[..., object] | None = None,
         on_unsent: Callable[[bytes], bool] | None = None,
+        control: Callable[[int, bytes], Any] = Control,
     ) -> None:
         self.impl = impl
         self.agent, self.agent_peer = socket.socketpair()
@@ -74,7 +75,7 @@ class Handled:
             s.setblocking(False)
         self.parser = impl.ServerFrameParser(
             max_message=1 << 16,
-            control=Control,
+            control=control,
             violation=ProtocolViolation,
             openai_audio=True,
         )
@@ -198,6 +199,20 @@ def test_anything_else_goes_to_the_call_in_order(h: Handled, first: Callable[[],
     assert h.downlink.buffered_ms == 100
     assert h.items == {"item_A": 800} and h.source.messages_in == 1
     assert h.metrics.agent_direct == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_only_str_and_bytes_pairs_are_deltas(impl: ModuleType) -> None:
+    """A control callback that makes a pair of a ping is handed over, not booked."""
+    h = Handled(impl, control=lambda opcode, payload: ("item_A", payload.decode()))
+    try:
+        h.agent_peer.sendall(frame(OP_PING, b"hi", mask=False) + delta("item_A", audio(20, 1)))
+        h.handler()
+        ((kind, items, k, pushed),) = h.calls
+        assert (kind, k, pushed, items[0]) == ("rest", 0, False, ("item_A", "hi"))
+        assert h.items == {"item_A": 0} and h.protocol.events_in == 0
+    finally:
+        h.close()
 
 
 def test_a_truncated_item_goes_to_the_call(h: Handled) -> None:

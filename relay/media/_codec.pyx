@@ -2503,7 +2503,7 @@ cdef class DownlinkHandler:
     * ``source.last_received = clock()`` when ``stamp``; the bytes to ``parser.feed``
       (a ``ServerFrameParser`` with ``openai_audio``: deltas come out as ``(item_id,
       audio)``);
-    * each leading ``(item_id, audio)`` whose item is in ``item_bytes`` and not in
+    * each leading ``(item_id, audio)`` (audio: bytes) whose item is in ``item_bytes`` and not in
       ``truncated``: ``item_bytes[item_id] += len(audio)``, ``protocol.events_in`` and
       ``source.messages_in`` += 1, the audio (through ``to_ulaw.feed`` when given) pushed
       to ``downlink`` under ``item_id``, and ``call._current_rid = item_id``;
@@ -2622,6 +2622,8 @@ cdef class DownlinkHandler:
                     break
                 item_id = (<tuple>item)[0]
                 audio = (<tuple>item)[1]
+                if type(audio) is not bytes:
+                    break
                 known = self._items.get(item_id)
                 if known is None or item_id in self._truncated:
                     break
