@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from frame_cases import frame
 from test_codec_pump_handler import Latency
+from test_codec_uplink_pump import readable_bytes
 
 from relay.media import _codec, codec_ref
 from relay.media.websocket import OP_PING, OP_TEXT, Control, FrameParser, ProtocolViolation
@@ -118,14 +119,7 @@ class Handled:
         self._frames = FrameParser(expect_masked=False, max_message=1 << 20)
 
     def twilio_messages(self) -> list[dict[str, Any]]:
-        data = b""
-        while True:
-            try:
-                chunk = self.twilio_peer.recv(1 << 16)
-            except BlockingIOError:
-                break
-            data += chunk
-        return [json.loads(m) for m in self._frames.feed(data)]
+        return [json.loads(m) for m in self._frames.feed(readable_bytes(self.twilio_peer))]
 
     def close(self) -> None:
         for s in (self.agent, self.agent_peer, self.twilio, self.twilio_peer):
@@ -330,13 +324,7 @@ def test_compiled_and_reference_send_the_same_bytes() -> None:
             for i, ms in enumerate(sizes):
                 h.agent_peer.sendall(delta("item_A", audio(ms, i + 1)))
                 h.handler()
-            data = b""
-            while True:
-                try:
-                    data += h.twilio_peer.recv(1 << 16)
-                except BlockingIOError:
-                    break
-            wire.append(data)
+            wire.append(readable_bytes(h.twilio_peer))
             assert h.calls == []
         finally:
             h.close()

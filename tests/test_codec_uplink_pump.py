@@ -41,6 +41,20 @@ def append(payload: str) -> str:
     return (HEAD + payload.encode() + TAIL).decode()
 
 
+def readable_bytes(sock: socket.socket) -> bytes:
+    """Everything a non-blocking socket can read now (up to its peer's end)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 16)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 class Rig:
     """A pump between two socket pairs: ``twilio`` (Twilio writes to its peer end) and
     ``agent`` (the agent reads its peer end)."""
@@ -76,16 +90,7 @@ class Rig:
 
     def agent_bytes(self) -> bytes:
         """Everything the agent's end can read now."""
-        data = b""
-        while True:
-            try:
-                chunk = self.agent_peer.recv(1 << 16)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            data += chunk
-        return data
+        return readable_bytes(self.agent_peer)
 
     def agent_messages(self) -> list[Any]:
         """The messages the agent received since the last look."""

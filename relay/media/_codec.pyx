@@ -2289,6 +2289,25 @@ DEF _PUMP_READ = 65536  # what one WebSocket.recv_nowait reads
 cdef uint8_t _pump_buf[_PUMP_READ]  # the GIL is held throughout: one buffer serves all
 
 
+cdef inline ssize_t _recv_pump_buf(int fd) noexcept:
+    """One non-blocking ``recv(2)`` into ``_pump_buf``, retried on EINTR (errno as left)."""
+    cdef ssize_t n
+    while True:
+        n = _c_recv(fd, _pump_buf, _PUMP_READ, MSG_DONTWAIT)
+        if n >= 0 or errno != EINTR:
+            return n
+
+
+cdef inline ssize_t _send_bytes(int fd, bytes data) noexcept:
+    """One non-blocking ``send(2)`` of ``data`` (no SIGPIPE), retried on EINTR."""
+    cdef ssize_t w
+    while True:
+        w = _c_send(fd, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data),
+                    MSG_DONTWAIT | MSG_NOSIGNAL)
+        if w >= 0 or errno != EINTR:
+            return w
+
+
 cdef class UplinkPump:
     """One Twilio read to the agent: ``recv(2)`` on ``twilio_fd``; :func:`twilio_uplink`
     with ``parser``, ``jitter`` and ``silence``; when the read held media messages and mark
@@ -2352,14 +2371,10 @@ cdef class UplinkPump:
 
     cdef int _pump(self) except -1:
         cdef ssize_t n, w
-        cdef Py_ssize_t size
         cdef bytes data, wire
         cdef list payloads
         self._clear()
-        while True:
-            n = _c_recv(self.twilio_fd, _pump_buf, _PUMP_READ, MSG_DONTWAIT)
-            if n >= 0 or errno != EINTR:
-                break
+        n = _recv_pump_buf(self.twilio_fd)
         if n < 0:
             if errno == EAGAIN or errno == EWOULDBLOCK:
                 return PUMP_IDLE
@@ -2385,13 +2400,8 @@ cdef class UplinkPump:
                 self.payloads = payloads
                 return PUMP_PARSED
             self.sent = len(payloads)
-        size = PyBytes_GET_SIZE(wire)
-        while True:
-            w = _c_send(self.agent_fd, PyBytes_AS_STRING(wire), size,
-                        MSG_DONTWAIT | MSG_NOSIGNAL)
-            if w >= 0 or errno != EINTR:
-                break
-        if w == size:
+        w = _send_bytes(self.agent_fd, wire)
+        if w == PyBytes_GET_SIZE(wire):
             return PUMP_SENT
         # EAGAIN, a short write or an error: the caller queues the rest with
         # WebSocket.write_nowait, which retries the send and turns an error into
@@ -2586,7 +2596,7 @@ cdef class DownlinkHandler:
 
     def __call__(self):
         cdef ssize_t n, w
-        cdef Py_ssize_t k = 0, count, size, nframes
+        cdef Py_ssize_t k = 0, count, nframes
         cdef object t_event, now_s, item, item_id, audio, known, due
         cdef list items, frames
         cdef bytes data, wire
@@ -2597,10 +2607,7 @@ cdef class DownlinkHandler:
             return
         t_event = _perf_counter()
         try:
-            while True:
-                n = _c_recv(self.agent_fd, _pump_buf, _PUMP_READ, MSG_DONTWAIT)
-                if n >= 0 or errno != EINTR:
-                    break
+            n = _recv_pump_buf(self.agent_fd)
             if n < 0:
                 if errno == EAGAIN or errno == EWOULDBLOCK:
                     return
@@ -2648,13 +2655,8 @@ cdef class DownlinkHandler:
             if nframes:
                 wire = twilio_frames(self._media_prefix, self._mark_prefix, frames)
                 self.dest.messages_out += 2 * nframes
-                size = PyBytes_GET_SIZE(wire)
-                while True:
-                    w = _c_send(self.twilio_fd, PyBytes_AS_STRING(wire), size,
-                                MSG_DONTWAIT | MSG_NOSIGNAL)
-                    if w >= 0 or errno != EINTR:
-                        break
-                if w == size or self._on_unsent(wire[w:] if w > 0 else wire):
+                w = _send_bytes(self.twilio_fd, wire)
+                if w == PyBytes_GET_SIZE(wire) or self._on_unsent(wire[w:] if w > 0 else wire):
                     self._metrics.frames_out += nframes
                     self._latency.observe(_perf_counter() - t_event)
             due = self._downlink.next_due(now_ms)

@@ -559,15 +559,7 @@ class WebSocket:
         uplink pump, ``codec.UplinkPump``): both open (no close frame sent there), no bytes
         read ahead here and no read to stamp (a server side), none waiting to be sent there
         (a direct write would overtake them)."""
-        return (
-            self.closed is None
-            and not self._leftover
-            and not self._stamp_rx
-            and to.closed is None
-            and not to._close_sent
-            and not to._out
-            and not to._draining
-        )
+        return not self._stamp_rx and self.relays_directly(to)
 
     @property
     def stamps_reads(self) -> bool:
