@@ -7,11 +7,11 @@ nanoseconds, so counters are plain attributes/dicts and the text is rendered onl
 
 from __future__ import annotations
 
-import bisect
-from array import array
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
+
+from .media import codec
 
 # Per-frame relay latency buckets in seconds: the relay's budget is far below one 20 ms frame.
 LATENCY_BUCKETS = (
@@ -29,73 +29,23 @@ LATENCY_BUCKETS = (
 )
 
 
-class Histogram:
-    """Prometheus histogram plus a bounded window of recent raw samples.
+class Histogram(codec.Histogram):
+    """Prometheus histogram plus a bounded window of recent raw samples
+    (``relay.media.codec.Histogram``, compiled: the media handlers observe into it without
+    a Python frame; ``codec_ref.Histogram`` is its specification).
 
     The window gives exact p50/p99 for reports (the demos) where bucket bounds would be
-    too coarse; Prometheus scrapes use the buckets. It is a ring of C doubles
-    (``array('d')``), not a deque of float objects: 8 bytes a sample instead of ~32. The
-    default of 8,192 samples (64 KiB) is a few seconds of one busy process: at 50,000 the
-    two per-frame latency windows filled to 0.8 MB within seconds at 100 calls, ~8 KiB of
-    the process's growth per call at that load (measured, bench/published/rss-tasks/).
+    too coarse; Prometheus scrapes use the buckets. It is a ring of C doubles: 8 bytes a
+    sample. The default of 8,192 samples (64 KiB) is a few seconds of one busy process: at
+    50,000 the two per-frame latency windows filled to 0.8 MB within seconds at 100 calls,
+    ~8 KiB of the process's growth per call at that load (measured,
+    bench/published/rss-tasks/).
     """
 
-    __slots__ = ("bounds", "count", "counts", "recent", "sum", "window")
+    __slots__ = ()
 
     def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS, window: int = 8_192) -> None:
-        if window < 1:
-            raise ValueError("window must be at least 1")
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.count = 0
-        self.sum = 0.0
-        self.window = window
-        #: the last ``window`` samples, in ring order once full (order does not matter to
-        #: percentiles)
-        self.recent = array("d")
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        n = self.count
-        self.count = n + 1
-        self.sum += value
-        if n < self.window:
-            self.recent.append(value)
-        else:
-            self.recent[n % self.window] = value
-
-    def percentile(self, q: float) -> float:
-        """Exact ``q`` (0..100) percentile of the recent window, 0.0 when empty."""
-        if not self.recent:
-            return 0.0
-        ordered = sorted(self.recent)
-        idx = min(len(ordered) - 1, max(0, round(q / 100.0 * (len(ordered) - 1))))
-        return ordered[idx]
-
-    def quantile(self, q: float) -> float:
-        """Upper bound of the bucket holding quantile ``q`` (coarse, for summaries)."""
-        if not self.count:
-            return 0.0
-        target = q * self.count
-        seen = 0
-        for i, n in enumerate(self.counts):
-            seen += n
-            if seen >= target:
-                return self.bounds[i] if i < len(self.bounds) else float("inf")
-        return float("inf")
-
-    def render(self, name: str, labels: str = "") -> list[str]:
-        lines = []
-        cumulative = 0
-        sep = "," if labels else ""
-        for bound, n in zip(self.bounds, self.counts, strict=False):
-            cumulative += n
-            lines.append(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {cumulative}')
-        lines.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
-        lab = f"{{{labels}}}" if labels else ""
-        lines.append(f"{name}_sum{lab} {self.sum:.9f}")
-        lines.append(f"{name}_count{lab} {self.count}")
-        return lines
+        super().__init__(bounds, window)
 
 
 class Metrics:

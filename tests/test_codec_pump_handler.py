@@ -61,10 +61,12 @@ class Handled:
         impl: ModuleType,
         on_marks: Callable[[list[str]], object] | None = None,
         on_error: Callable[[Exception], object] | None = None,
+        latency: Any = None,
     ) -> None:
         self.rig = Rig(impl)
         self.source, self.dest = Side(), Side()
-        self.metrics, self.latency = Metrics(), Latency()
+        self.metrics = Metrics()
+        self.latency = Latency() if latency is None else latency
         self.calls: list[tuple[Any, ...]] = []
         self.handler = impl.PumpHandler(
             self.rig.pump,

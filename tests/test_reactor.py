@@ -366,11 +366,13 @@ def test_an_empty_tick_lowers_the_rate_instead_of_stopping_the_clock() -> None:
 
     async def main() -> None:
         reactor = Reactor(kernel_timer=False)
-        reactor._rate = 3000.0  # ~50 calls: 4.5 sockets a window
-        reactor._last = trio.current_time()
+        core = reactor._core
+        core.rate = 3000.0  # ~50 calls: 4.5 sockets a window
+        core.last = trio.current_time()
         for _ in range(8):
             await trio.sleep(window)
-            verdicts.append(reactor._pass([], window))
+            assert core.poll() == 0
+            verdicts.append(core.serve(window))
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert verdicts[:3] == [True, True, True]  # one, two, three gaps: still coalescing

@@ -152,6 +152,6 @@ async def test_the_reactors_passes_serve_its_sweep() -> None:
         assert order == ["read b'm'", "timer"]
         assert Sweep.current() is None
     finally:
-        reactor.unregister(a, reactor._handlers[a.fileno()])
+        reactor.unregister(a, reactor._core.handler(a.fileno()))
         a.close()
         b.close()

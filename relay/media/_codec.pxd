@@ -125,3 +125,16 @@ cdef class TwilioFrameParser(_FrameReader):
 
 cdef class ServerFrameParser(_FrameReader):
     cdef public bint openai_audio   # OpenAI Realtime audio deltas -> (item_id, audio)
+
+
+cdef class Histogram:
+    cdef readonly tuple bounds
+    cdef readonly Py_ssize_t window
+    cdef readonly long long count
+    cdef readonly double sum
+    cdef Py_ssize_t _nb         # len(bounds)
+    cdef double* _bounds
+    cdef long long* _counts     # _nb + 1 buckets (the last: above every bound)
+    cdef double* _recent        # ring of the last `window` samples
+
+    cdef void add(self, double value) noexcept

@@ -17,6 +17,9 @@ Contents
 * ``UplinkJitterBuffer`` / ``DownlinkBuffer``: Twilio-side reordering and pacing logic.
 * ``ws_mask`` and ``TwilioFrameParser``: the Twilio -> relay WebSocket fast path (RFC 6455
   frames plus a strict scanner for the ``media`` and ``mark`` messages).
+* ``UplinkPump`` / ``PumpHandler`` / ``DownlinkHandler``: the reactor's handlers that take
+  a read from ``recv`` to ``send``; ``Histogram``: the latency histogram they observe into.
+* ``ReactorCore`` and ``timer_expirations``: the media reactor's pass and its clock's read.
 
 Resampler arithmetic (the part the C code must match bit for bit)
 -----------------------------------------------------------------
@@ -32,8 +35,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import math
 import os
+import select
 import socket
 import sys
 import time
@@ -52,8 +57,11 @@ __all__ = [
     "PUMP_SENT",
     "PUMP_UNSENT",
     "DownlinkBuffer",
+    "DownlinkHandler",
+    "Histogram",
     "PcmToUlaw",
     "PumpHandler",
+    "ReactorCore",
     "Resampler",
     "ServerFrameParser",
     "TwilioFrameParser",
@@ -63,7 +71,9 @@ __all__ = [
     "alaw_decode",
     "alaw_encode",
     "b64decode",
+    "client_audio_frame",
     "client_b64_frames",
+    "timer_expirations",
     "twilio_frames",
     "twilio_uplink",
     "ulaw_decode",
@@ -1790,3 +1800,183 @@ class DownlinkHandler:
                 self._wake()
         except Exception as exc:
             self._on_error(exc)
+
+
+class Histogram:
+    """Prometheus histogram plus a bounded window of recent raw samples.
+
+    ``observe(value)``: the bucket is the first bound ``>= value`` (``bisect_left``; one
+    more bucket above every bound), ``count`` += 1, ``sum`` += value, and the value is kept
+    in a ring of the last ``window`` samples (:attr:`recent`, in ring order once full).
+    """
+
+    __slots__ = ("_counts", "_recent", "bounds", "count", "sum", "window")
+
+    def __init__(self, bounds: tuple[float, ...] | list[float], window: int = 8_192) -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.bounds = tuple(bounds)
+        self._counts = [0] * (len(self.bounds) + 1)
+        self.count = 0
+        self.sum = 0.0
+        self.window = window
+        self._recent = array("d")
+
+    def observe(self, value: float) -> None:
+        value = float(value)
+        self._counts[bisect.bisect_left(self.bounds, value)] += 1
+        n = self.count
+        self.count = n + 1
+        self.sum += value
+        if n < self.window:
+            self._recent.append(value)
+        else:
+            self._recent[n % self.window] = value
+
+    @property
+    def counts(self) -> list[int]:
+        return list(self._counts)
+
+    @property
+    def recent(self) -> array[float]:
+        return array("d", self._recent)
+
+    def percentile(self, q: float) -> float:
+        """Exact ``q`` (0..100) percentile of the recent window, 0.0 when empty."""
+        if not self._recent:
+            return 0.0
+        ordered = sorted(self._recent)
+        idx = min(len(ordered) - 1, max(0, round(q / 100.0 * (len(ordered) - 1))))
+        return ordered[idx]
+
+    def quantile(self, q: float) -> float:
+        """Upper bound of the bucket holding quantile ``q`` (coarse, for summaries)."""
+        if not self.count:
+            return 0.0
+        target = q * self.count
+        seen = 0
+        for i, n in enumerate(self._counts):
+            seen += n
+            if seen >= target:
+                return self.bounds[i] if i < len(self.bounds) else float("inf")
+        return float("inf")
+
+    def render(self, name: str, labels: str = "") -> list[str]:
+        lines = []
+        cumulative = 0
+        sep = "," if labels else ""
+        for bound, n in zip(self.bounds, self._counts, strict=False):
+            cumulative += n
+            lines.append(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {cumulative}')
+        lines.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
+        lab = f"{{{labels}}}" if labels else ""
+        lines.append(f"{name}_sum{lab} {self.sum:.9f}")
+        lines.append(f"{name}_count{lab} {self.count}")
+        return lines
+
+
+def timer_expirations(fd: int) -> int:
+    """Expirations of a non-blocking ``timerfd`` since its last read (0: none yet): one
+    8-byte ``read(2)``, the count in host byte order (timerfd_create(2))."""
+    try:
+        data = os.read(fd, 8)
+    except BlockingIOError:
+        return 0
+    if len(data) != 8:
+        raise OSError("short read from a timerfd")
+    return int.from_bytes(data, sys.byteorder)
+
+
+class ReactorCore:
+    """The media reactor's handler table and one pass (relay/media/reactor.py).
+
+    * :meth:`set_handler` / :meth:`drop` / :meth:`handler`: one handler per descriptor;
+      ``len()`` counts them.
+    * :meth:`poll`: the descriptors ``epoll`` reports ready now (never waits), all of
+      them; returns how many.
+    * :meth:`serve` (``coalesce_s``): ``wakeups`` += 1; each polled descriptor's handler,
+      in the order polled, looked up at its turn (one a handler dropped is skipped),
+      ``dispatched`` += 1 each; a handler that raises: ``handler_errors`` += 1, its
+      descriptor dropped, then ``on_error(fd)`` inside the ``except`` (the exception is
+      current there). Then ``now = clock()`` (or ``offset + time.perf_counter()`` after
+      :meth:`use_clock_offset`); ``run_due(now)`` when ``heap[0][0] <= now``; ``rate`` +=
+      0.2 * (polled / max(now - last, 1e-4) - rate), ``last = now``; returns
+      ``coalesce_s > 0 and rate * coalesce_s >= 2``.
+    """
+
+    def __init__(
+        self,
+        epoll: select.epoll,
+        clock: Callable[[], float],
+        on_error: Callable[[int], object],
+        heap: list[Any],
+        run_due: Callable[[float], object],
+    ) -> None:
+        if heap is None:
+            raise TypeError("heap must be a list")
+        self._epoll = epoll
+        self._table: dict[int, Callable[[], object]] = {}
+        self._ready: list[tuple[int, int]] = []
+        self._clock = clock
+        self._offset: float | None = None
+        self._on_error = on_error
+        self._heap = heap
+        self._run_due = run_due
+        self.rate = 0.0
+        self.last = 0.0
+        self.wakeups = 0
+        self.dispatched = 0
+        self.handler_errors = 0
+
+    def use_clock_offset(self, offset: float) -> None:
+        self._offset = offset
+
+    def _now(self) -> float:
+        if self._offset is not None:
+            return self._offset + time.perf_counter()
+        return self._clock()
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def handler(self, fd: int) -> Callable[[], object] | None:
+        return self._table.get(fd)
+
+    def set_handler(self, fd: int, handler: Callable[[], object]) -> None:
+        if handler is None:
+            raise TypeError("handler must not be None")
+        if fd < 0:
+            raise ValueError("descriptor must be open (>= 0)")
+        self._table[fd] = handler
+
+    def drop(self, fd: int) -> None:
+        self._table.pop(fd, None)
+
+    def poll(self) -> int:
+        self._ready = self._epoll.poll(0, max(len(self._table), 64))
+        return len(self._ready)
+
+    def serve(self, coalesce_s: float) -> bool:
+        ready, self._ready = self._ready, []
+        self.wakeups += 1
+        table = self._table
+        for fd, _events in ready:
+            handler = table.get(fd)
+            if handler is None:
+                continue
+            self.dispatched += 1
+            try:
+                handler()
+            except Exception:
+                self.handler_errors += 1
+                if table.get(fd) is handler:
+                    del table[fd]
+                self._on_error(fd)
+        now = self._now()
+        heap = self._heap
+        if heap and heap[0][0] <= now:
+            self._run_due(now)
+        elapsed = max(now - self.last, 1e-4)
+        self.last = now
+        self.rate += 0.2 * (len(ready) / elapsed - self.rate)
+        return coalesce_s > 0 and self.rate * coalesce_s >= 2.0

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import trio
 
+from . import codec
 from .passtimer import PassTimer
 from .runloop import TrioLoop
 from .sweep import Sweep
@@ -49,17 +50,32 @@ class Reactor:
         self._epoll = select.epoll()
         self._kernel_timer = kernel_timer
         self._idle_clock = idle_clock
-        self._rate = 0.0  # messages per second, smoothed
-        self._last = 0.0
-        self._handlers: dict[int, Handler] = {}
         #: timers served at the end of each pass (agent watchdogs; see ``sweep``)
         self.sweep = Sweep()
-        self.wakeups = 0
-        self.dispatched = 0
-        self.handler_errors = 0
+        #: the handler table and the pass itself (compiled: codec_ref.ReactorCore is the
+        #: specification; the pass clock's fixed cost per pass is what it cuts)
+        self._core = codec.ReactorCore(
+            self._epoll,
+            trio.current_time,
+            self._handler_failed,
+            self.sweep._heap,
+            self.sweep.run_due,
+        )
         self.timer_ticks = 0
         #: passes served from Trio's idle point (``_IdleClock``) rather than a task step
         self.idle_passes = 0
+
+    @property
+    def wakeups(self) -> int:
+        return self._core.wakeups
+
+    @property
+    def dispatched(self) -> int:
+        return self._core.dispatched
+
+    @property
+    def handler_errors(self) -> int:
+        return self._core.handler_errors
 
     @staticmethod
     def available() -> bool:
@@ -68,14 +84,14 @@ class Reactor:
     def register(self, sock: socket.socket, handler: Handler) -> None:
         fd = sock.fileno()
         self._epoll.register(fd, _EVENTS)
-        self._handlers[fd] = handler
+        self._core.set_handler(fd, handler)
 
     def unregister(self, sock: socket.socket, handler: Handler) -> None:
         fd = sock.fileno()
         # Only our own registration: never someone else's that reuses the number.
-        if fd < 0 or self._handlers.get(fd) is not handler:
+        if fd < 0 or self._core.handler(fd) is not handler:
             return
-        del self._handlers[fd]
+        self._core.drop(fd)
         try:
             self._epoll.unregister(fd)
         except (OSError, ValueError):
@@ -85,13 +101,23 @@ class Reactor:
         """Serve ``sock`` with ``new`` instead of ``old`` from the next event on; False (and
         nothing changed) unless ``old`` serves it now."""
         fd = sock.fileno()
-        if fd < 0 or self._handlers.get(fd) is not old:
+        if fd < 0 or self._core.handler(fd) is not old:
             return False
-        self._handlers[fd] = new
+        self._core.set_handler(fd, new)
         return True
 
     def __len__(self) -> int:
-        return len(self._handlers)
+        return len(self._core)
+
+    def _handler_failed(self, fd: int) -> None:
+        # Called by the core inside its ``except``: a bug, not peer input (handlers turn
+        # that into call events). The core dropped the handler; the descriptor leaves the
+        # epoll set too, so a still-readable socket cannot spin the loop.
+        log.exception("media handler for fd %d failed; socket dropped", fd)
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
 
     async def run(
         self,
@@ -110,24 +136,32 @@ class Reactor:
         """
         epoll = self._epoll
         epfd = epoll.fileno()
+        core = self._core
         timer = PassTimer.create() if self._kernel_timer and coalesce_s > 0 else None
+        loop = TrioLoop.current()
+        if loop is not None:
+            core.use_clock_offset(loop.clock_offset)  # Trio's clock, read in C
         clock: _IdleClock | None = None
         if timer is not None and self._idle_clock:
-            clock = _IdleClock.install(self, timer)
+            clock = _IdleClock.install(self, timer, loop)
         installed = self.sweep.install()
         task_status.started()
-        self._rate = 0.0
-        self._last = trio.current_time()
+        core.rate = 0.0
+        core.last = trio.current_time()
         try:
             while True:
-                ready = epoll.poll(0)
-                if not ready and (timer is None or not timer.period_s):
+                if not core.poll() and (timer is None or not timer.period_s):
                     await trio.lowlevel.wait_readable(epfd)  # idle: served when one comes
                     continue
-                # A tick with nothing ready is an empty pass while the clock runs: it
-                # decays the rate, so the clock stops after a few in a row (see _pass).
+                # A tick with nothing ready is an empty pass while the clock runs.
+                # Arrivals come in bursts (each caller's frames on its own 20 ms beat, a
+                # peer's sends bunched by its own wake-ups), so at ~50 calls one tick in
+                # 20-40 finds a gap. Stopping the clock there and restarting it at the
+                # next message cost two task steps, two timerfd_settime and a Trio
+                # wait_readable; an empty pass only lowers the rate (ReactorCore.serve),
+                # and the clock stops after about four empty ticks in a row.
                 started = trio.current_time()
-                if self._pass(ready, coalesce_s):
+                if core.serve(coalesce_s):
                     # Passes start at most every coalesce_s: a pass that took longer
                     # than that has let readiness pile up already, and sleeping the
                     # whole window after it only adds dead time to every message's wait
@@ -161,46 +195,6 @@ class Reactor:
                 timer.close()
             epoll.close()
 
-    def _pass(self, ready: list[tuple[int, int]], coalesce_s: float) -> bool:
-        """Serve ``ready``; True while messages come fast enough to coalesce passes.
-
-        ``ready`` is empty on a tick of the running clock that found nothing: arrivals
-        come in bursts (each caller's frames on its own 20 ms beat, a peer's sends
-        bunched by its own wake-ups), so at ~50 calls one tick in 20-40 finds a gap.
-        Stopping the clock there and restarting it at the next message cost two task
-        steps, two ``timerfd_settime`` and a Trio ``wait_readable``; an empty pass only
-        lowers the rate, and the clock stops after about four empty ticks in a row."""
-        self.wakeups += 1
-        self._dispatch(ready)
-        now = trio.current_time()
-        heap = self.sweep._heap
-        if heap and heap[0][0] <= now:
-            self.sweep.run_due(now)
-        elapsed = max(now - self._last, 1e-4)
-        self._last = now
-        self._rate += 0.2 * (len(ready) / elapsed - self._rate)
-        return coalesce_s > 0 and self._rate * coalesce_s >= 2.0
-
-    def _dispatch(self, ready: list[tuple[int, int]]) -> None:
-        handlers = self._handlers
-        for fd, _events in ready:
-            handler = handlers.get(fd)
-            if handler is None:
-                continue
-            self.dispatched += 1
-            try:
-                handler()
-            except Exception:
-                # A bug, not peer input (handlers turn that into call events). Drop the
-                # socket so a still-readable fd cannot spin the loop.
-                self.handler_errors += 1
-                log.exception("media handler for fd %d failed; socket dropped", fd)
-                handlers.pop(fd, None)
-                try:
-                    self._epoll.unregister(fd)
-                except (OSError, ValueError):
-                    pass
-
 
 class _IdleClock(trio.abc.Instrument):
     """The reactor's pass clock, served from Trio's idle point (see ``runloop``).
@@ -226,8 +220,9 @@ class _IdleClock(trio.abc.Instrument):
     )
 
     @classmethod
-    def install(cls, reactor: Reactor, timer: PassTimer) -> _IdleClock | None:
-        loop = TrioLoop.current()
+    def install(
+        cls, reactor: Reactor, timer: PassTimer, loop: TrioLoop | None
+    ) -> _IdleClock | None:
         if loop is None:
             log.info("media reactor: pass clock waits through Trio (run loop not probed)")
             return None
@@ -311,10 +306,11 @@ class _IdleClock(trio.abc.Instrument):
 
     def _tick(self) -> None:
         reactor = self._reactor
-        ready = reactor._epoll.poll(0)
+        core = reactor._core
+        core.poll()
         task = self._task
         assert task is not None
-        if not task.context.run(reactor._pass, ready, self._coalesce_s):
+        if not task.context.run(core.serve, self._coalesce_s):
             self._resume()  # too little to coalesce now: the task decides
             return
         reactor.idle_passes += 1

@@ -14,10 +14,12 @@ on that epoll) ends the wait at once and Trio carries on.
 
 Trio has no public way to see its run queue without also walking every registered
 descriptor (``current_statistics``), nor to name its epoll descriptor, so :meth:`TrioLoop.
-current` reads four private attributes, once per reactor run. Where they are missing (another
-Trio version, another I/O backend, a test's mock clock) it returns ``None`` and the reactor
-waits through Trio as before; ``tests/test_runloop.py`` fails if that happens with the Trio
-this project installs.
+current` reads four private attributes, once per reactor run. Where they are missing
+(another Trio version, another I/O backend, a test's mock clock) it returns ``None`` and
+the reactor waits through Trio as before; ``tests/test_runloop.py`` fails if that happens
+with the Trio this project installs. It also takes the system clock's offset, so the
+reactor's compiled pass (``codec.ReactorCore``) reads Trio's time as ``offset +
+perf_counter()`` in C, as ``SystemClock.current_time`` computes it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class TrioLoop:
     epoll_fd: int
     #: makes Trio's next I/O wait return at once (its wake-up socket)
     force_wakeup: Callable[[], None]
+    #: Trio's time is this plus ``time.perf_counter()`` (``SystemClock.current_time``)
+    clock_offset: float
 
     @classmethod
     def current(cls) -> TrioLoop | None:
@@ -47,8 +51,13 @@ class TrioLoop:
             runner = GLOBAL_RUN_CONTEXT.runner
             io = runner.io_manager
             epoll = io._epoll
-            view = cls(runner.runq, runner.waiting_for_idle, epoll.fileno(), io.force_wakeup)
-            system_clock = type(runner.clock) is SystemClock
+            clock = runner.clock
+            system_clock, offset = False, 0.0
+            if isinstance(clock, SystemClock) and type(clock) is SystemClock:
+                system_clock, offset = True, float(clock.offset)
+            view = cls(
+                runner.runq, runner.waiting_for_idle, epoll.fileno(), io.force_wakeup, offset
+            )
         except (ImportError, AttributeError, RuntimeError):
             return None
         if not isinstance(epoll, select.epoll) or not system_clock:
