@@ -162,6 +162,22 @@ def test_mark_echo_gives_heard_position(impl: ModuleType) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_echoes_of_one_read_are_each_echo_in_turn(impl: ModuleType) -> None:
+    one, many = impl.DownlinkBuffer(), impl.DownlinkBuffer()
+    for db in (one, many):
+        db.push(audio(300), "r")
+    names = [name for _, name, _ in one.pull(0.0)]
+    assert names == [name for _, name, _ in many.pull(0.0)]
+    one.on_mark(names[0], 120.0)
+    one.on_mark("unknown", 120.0)
+    one.on_mark(names[1], 120.0)
+    assert many.echoes([names[0], "unknown", names[1]], 120.0) is None
+    for db in (one, many):
+        assert db.pending_marks == 1 and db.ignored_marks == 1
+        assert db.heard_ms("r", 150.0) == 230  # 200 + 30 ms since the echoes
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_heard_waits_for_the_previous_response(impl: ModuleType) -> None:
     db = impl.DownlinkBuffer(max_lead_ms=1000)
     db.push(audio(100), "a")
@@ -318,6 +334,7 @@ ops = st.lists(
         st.tuples(st.just("end"), st.integers(0, 2), st.just(0)),
         st.tuples(st.just("pull"), st.just(0), st.integers(0, 300)),
         st.tuples(st.just("mark"), st.integers(0, 6), st.integers(0, 300)),
+        st.tuples(st.just("echoes"), st.integers(0, 6), st.integers(0, 300)),
         st.tuples(st.just("heard"), st.integers(0, 2), st.integers(0, 300)),
         st.tuples(st.just("clear"), st.just(0), st.integers(0, 300)),
         st.tuples(st.just("drop"), st.integers(0, 2), st.just(0)),
@@ -357,6 +374,11 @@ def test_compiled_equals_reference(
             now += y / 3
             name = names[x % len(names)] if names else "nope"
             assert a.on_mark(name, now) == b.on_mark(name, now)
+        elif op == "echoes":  # one read's echoes: two names (one may be stale or unknown)
+            now += y / 3
+            pick = [names[(x + k) % len(names)] for k in (0, 2)] if names else ["nope"]
+            a.echoes([*pick, "nope"], now)
+            b.echoes([*pick, "nope"], now)
         elif op == "heard":
             assert a.heard_ms(rid, now + y) == b.heard_ms(rid, now + y)
         elif op == "clear":

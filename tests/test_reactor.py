@@ -415,3 +415,33 @@ async def test_gaps_between_bursts_keep_the_clock_running(
     await _send_rounds(reactor, pairs, bursts, 0.005)
     task_passes = reactor.wakeups - reactor.idle_passes
     assert task_passes < bursts // 4, (task_passes, reactor.wakeups)
+
+
+async def test_the_reactors_clock_reads_trios_time() -> None:
+    """Reactor.clock is trio.current_time, read in C once the reactor runs on Trio's
+    system clock: the calls' handlers and Trio's deadlines see one time."""
+    reactor = Reactor()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reactor.run, 0.0015)
+        for _ in range(3):
+            before = trio.current_time()
+            now = reactor.clock()
+            after = trio.current_time()
+            assert before <= now <= after
+            await trio.sleep(0.001)
+        nursery.cancel_scope.cancel()
+
+
+def test_the_reactors_clock_follows_a_mock_clock() -> None:
+    seen: list[tuple[float, float]] = []
+
+    async def main() -> None:
+        reactor = Reactor(kernel_timer=False)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run, 0.0015)
+            await trio.sleep(12.5)
+            seen.append((reactor.clock(), trio.current_time()))
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert seen == [(seen[0][1], seen[0][1])] and seen[0][1] >= 12.5

@@ -95,6 +95,7 @@ cdef class DownlinkBuffer:
     cdef void _close_partial(self)
     cdef tuple _head_heard(self, double now_ms)
     cdef double _heard(self, object rid, double now_ms)
+    cdef object _echo(self, object name, double now_ms)
 
 
 cdef class _FrameReader:

@@ -1305,7 +1305,8 @@ cdef class DownlinkBuffer:
     def heard_ms(self, response_id, double now_ms) -> int:
         return <long long>self._heard(response_id, now_ms)
 
-    def on_mark(self, name, double now_ms):
+    cdef object _echo(self, object name, double now_ms):
+        """One echo's bookkeeping; the response it ended in, or None (not ours)."""
         cdef _Resp r
         cdef long long end
         if name not in self._marks:
@@ -1320,7 +1321,17 @@ cdef class DownlinkBuffer:
             if key == name:
                 break
         self._last_echo = now_ms
+        return rid
+
+    def on_mark(self, name, double now_ms):
+        rid = self._echo(name, now_ms)
+        if rid is None:
+            return None
         return rid, <long long>self._heard(rid, now_ms)
+
+    def echoes(self, names, double now_ms) -> None:
+        for name in names:
+            self._echo(name, now_ms)
 
     def clear(self, double now_ms):
         cdef double heard = 0.0, dropped
@@ -2899,6 +2910,10 @@ cdef class ReactorCore:
         if self._own_clock:
             return self._offset + _monotonic()
         return self._clock()
+
+    def now(self):
+        """``clock()``: Trio's time, read in C after :meth:`use_clock_offset`."""
+        return self._now()
 
     def __len__(self):
         return self._count

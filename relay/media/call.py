@@ -111,6 +111,11 @@ class Call:
         self.end_reason = ""
         self._nursery: trio.Nursery | None = None
         self._pending: list[str | bytes] = []
+        #: trio.current_time, read in C where the reactor can (Reactor.clock): the handlers
+        #: the reactor runs read it once per read
+        self._clock: Callable[[], float] = (
+            state.reactor.clock if state.reactor is not None else trio.current_time
+        )
         media = self.cfg.media
         self.uplink = codec.UplinkJitterBuffer(frame_ms=20, reorder_ms=media.uplink_reorder_ms)
         self.downlink = codec.DownlinkBuffer(
@@ -575,11 +580,8 @@ class Call:
         self._mark_echoes((name,))
 
     def _mark_echoes(self, names: Sequence[str]) -> None:
-        # One clock read for a read's echoes: they arrived together.
-        now_ms = trio.current_time() * 1000.0
-        on_mark = self.downlink.on_mark
-        for name in names:
-            on_mark(name, now_ms)
+        # One clock read and one call for a read's echoes: they arrived together.
+        self.downlink.echoes(names, self._clock() * 1000.0)
         if self._ending:
             self._wake.set()
 
@@ -759,7 +761,7 @@ class Call:
             self,
             self.metrics,
             self.metrics.latency_down,
-            trio.current_time,
+            self._clock,
             agent_ws.stamps_reads,
             self._direct_ready,
             self._agent_readable,
@@ -919,7 +921,7 @@ class Call:
                     self._agent_gone(f"agent error {ev.code}")  # type: ignore[union-attr]
                     return
         if pushed:
-            now_ms = trio.current_time() * 1000.0  # one clock read for the send and the plan
+            now_ms = self._clock() * 1000.0  # one clock read for the send and the plan
             if self._send_due(now_ms):
                 self.metrics.latency_down.observe(_perf() - t_event)
             # Wake the playout task only if it now has to send earlier than it planned:
@@ -934,7 +936,7 @@ class Call:
         if self._twilio_gone:
             return 0
         if now_ms is None:
-            now_ms = trio.current_time() * 1000.0
+            now_ms = self._clock() * 1000.0
         frames = self.downlink.pull(now_ms)
         if not frames:
             return 0

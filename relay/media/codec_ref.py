@@ -44,7 +44,7 @@ import sys
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from operator import add
 from typing import Any, Generic, TypeVar, cast
 
@@ -873,6 +873,12 @@ class DownlinkBuffer:
                 break
         self._last_echo = now_ms
         return rid, int(self._heard(rid, now_ms))
+
+    def echoes(self, names: Iterable[str], now_ms: float) -> None:
+        """:meth:`on_mark` for each name in order, at the same time, without its results
+        (the caller's echoes of one read: what was heard is read again at a barge-in)."""
+        for name in names:
+            self.on_mark(name, now_ms)
 
     def clear(self, now_ms: float) -> tuple[str | None, int, int]:
         rid: str | None = None
@@ -1899,9 +1905,9 @@ class ReactorCore:
       ``dispatched`` += 1 each; a handler that raises: ``handler_errors`` += 1, its
       descriptor dropped, then ``on_error(fd)`` inside the ``except`` (the exception is
       current there). Then ``now = clock()`` (or ``offset + time.perf_counter()`` after
-      :meth:`use_clock_offset`); ``run_due(now)`` when ``heap[0][0] <= now``; ``rate`` +=
-      0.2 * (polled / max(now - last, 1e-4) - rate), ``last = now``; returns
-      ``coalesce_s > 0 and rate * coalesce_s >= 2``.
+      :meth:`use_clock_offset`; :meth:`now` reads the same); ``run_due(now)`` when
+      ``heap[0][0] <= now``; ``rate`` += 0.2 * (polled / max(now - last, 1e-4) - rate),
+      ``last = now``; returns ``coalesce_s > 0 and rate * coalesce_s >= 2``.
     """
 
     def __init__(
@@ -1935,6 +1941,9 @@ class ReactorCore:
         if self._offset is not None:
             return self._offset + time.perf_counter()
         return self._clock()
+
+    def now(self) -> float:
+        return self._now()
 
     def __len__(self) -> int:
         return len(self._table)

@@ -66,6 +66,12 @@ class Reactor:
         self.idle_passes = 0
 
     @property
+    def clock(self) -> Callable[[], float]:
+        """``trio.current_time`` for the code the passes run: the same time, read in C
+        while the reactor runs on Trio's system clock (``runloop``)."""
+        return self._core.now
+
+    @property
     def wakeups(self) -> int:
         return self._core.wakeups
 
