@@ -411,6 +411,9 @@ class FakeAgent:
         self.sessions: list[AgentSession] = []
         self.sessions_open = 0
         self.appends = 0
+        #: PCM appends taken by the compiled reader (bench/_genfast.pyx AgentReader), of
+        #: ``appends``: shows the fast path ran
+        self.compiled_pcm_appends = 0
         self.bad_messages = 0
         self.unknown_frames = 0
         self.unclaimed = 0

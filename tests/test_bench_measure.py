@@ -144,12 +144,16 @@ def test_arrival_rate_paces_the_webhooks():
 
 @pytest.mark.parametrize(("engine", "stamp_rx"), ENGINES)
 def test_injected_delay_is_measured_by_level_codes_when_transcoding(engine, stamp_rx):
-    result, _ = _run(n=3, delay_ms=30, transcode=True, engine=engine, stamp_rx=stamp_rx)
+    result, agent = _run(n=3, delay_ms=30, transcode=True, engine=engine, stamp_rx=stamp_rx)
     for leg in ("uplink", "downlink"):
         r = result[leg]
         assert r["count"] > (100 if leg == "uplink" else 20)
         assert abs(r["p50_ms"] - 30) < 5, (leg, r)
         assert r["lost"] == 0 and r["duplicated"] == 0 and r["reordered"] == 0
+    if engine == "compiled":  # the PCM appends took the compiled reader, not a fallback
+        assert agent.compiled_pcm_appends > 0.9 * agent.appends > 0
+    else:
+        assert agent.compiled_pcm_appends == 0
 
 
 @pytest.mark.parametrize("engine", ["compiled", "python"])
