@@ -205,3 +205,75 @@ def test_reactor_waits_on_sockets_or_only_on_timers(engine, kind, wait_timers):
     reactor.close()
     a.close()
     b.close()
+
+
+def _pcm_appends(frames: list[int], sizes: list[int]) -> list[bytes]:
+    """The uplink a transcoding relay delivers: each frame 480 samples of its level
+    (PCM16 24 kHz), a silent transient in front, cut into appends of ``sizes`` samples and
+    base64-encoded as the agent receives them."""
+    import array
+    import base64
+
+    from bench.stats import LEVEL_COUNT, LEVEL_VALUES
+
+    stream = [0] * 37
+    for k in frames:
+        stream += [LEVEL_VALUES[k % LEVEL_COUNT]] * 480
+    out, pos, i = [], 0, 0
+    while pos < len(stream):
+        size = sizes[i % len(sizes)]
+        out.append(base64.b64encode(array.array("h", stream[pos : pos + size]).tobytes()))
+        pos += size
+        i += 1
+    return out
+
+
+def test_pcm_levels_fast_path_moves_the_tracker_as_the_reference(engine):
+    """The compiled reader decodes only each frame's middle sample from an append's base64
+    and moves the LevelTracker as LevelTracker.feed does; whatever it does not take (not
+    anchored yet, a skipped or repeated frame) goes to the reference code, same result."""
+    import base64
+
+    from bench.stats import Leg, LevelTracker, Window
+
+    w = Window()
+    w.start, w.end = 0, 10**12
+    frames = [*range(5, 40), *range(43, 70), 69, 68, *range(70, 120)]
+    appends = _pcm_appends(frames, [480, 700, 333, 1200, 50, 481])
+    trackers, legs, taken = [], [], 0
+    for compiled in (False, True):
+        leg = Leg(w, [])
+        for t in range(130):
+            leg.sent(t)
+        tracker = LevelTracker(leg, 480, 240)
+        for n, b64 in enumerate(appends):
+            if compiled and engine.levels_feed_b64(tracker, b64, 1000 + n):
+                taken += 1
+                continue
+            pcm = base64.b64decode(b64)
+            tracker.feed(memoryview(pcm).cast("h"), False, 1000 + n)
+        trackers.append(tracker)
+        legs.append(leg)
+    ref, fast = trackers
+    assert taken > 0.9 * len(appends)  # the steady state took the compiled path
+    for name in ("pos", "anchor_pos", "anchor_k", "pending", "resyncs"):
+        assert getattr(fast, name) == getattr(ref, name), name
+    for name in ("seen", "max_seq", "dups", "reorders", "bogus"):
+        assert getattr(legs[1], name) == getattr(legs[0], name), name
+    assert legs[1].sink == legs[0].sink
+    assert legs[0].dups + legs[0].reorders > 0  # the repeated frames were seen as such
+
+
+@pytest.mark.parametrize(
+    "b64",
+    [b"AAE", b"AAE=A===", b"AA-A", b"AAEC\nAAAA", b"AA==", b""],
+    ids=["short", "inner-padding", "outside-alphabet", "newline", "odd-bytes", "empty"],
+)
+def test_pcm_levels_fast_path_leaves_odd_base64_to_the_reference(engine, b64):
+    from bench.stats import Leg, LevelTracker, Window
+
+    tracker = LevelTracker(Leg(Window(), []), 480, 240)
+    tracker.anchor_pos = 0  # anchored: only the input can refuse
+    before = tracker.pos
+    assert engine.levels_feed_b64(tracker, b64, 0) is False
+    assert tracker.pos == before and tracker.pending == []
