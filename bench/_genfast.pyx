@@ -652,12 +652,24 @@ def levels_feed_b64(levels, bytes b64, int64_t now):
 
 
 cdef inline void _xor(uint8_t* p, Py_ssize_t n, const uint8_t* key) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef uint32_t k32
+    # 8 bytes at a time (the key repeats every 4, so twice in a word), then the tail
+    cdef Py_ssize_t i = 0
+    cdef uint64_t k64, w
+    cdef uint8_t kb[8]
     if key[0] == 0 and key[1] == 0 and key[2] == 0 and key[3] == 0:
         return
-    for i in range(n):
+    for i in range(8):
+        kb[i] = key[i & 3]
+    memcpy(&k64, kb, 8)
+    i = 0
+    while i + 8 <= n:
+        memcpy(&w, p + i, 8)
+        w ^= k64
+        memcpy(p + i, &w, 8)
+        i += 8
+    while i < n:
         p[i] ^= key[i & 3]
+        i += 1
 
 
 # -- the generator's downlink reader ------------------------------------------------------
