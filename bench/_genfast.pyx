@@ -446,10 +446,8 @@ cdef class AgentReader:
         marked μ-law frame of this call. RBUF is left as it was received otherwise."""
         cdef uint8_t* payload = RBUF + 8
         cdef Py_ssize_t plen = n - 8
-        cdef uint8_t* a
-        cdef uint8_t* start
+        cdef uint8_t* start = NULL
         cdef uint8_t* end
-        cdef uint8_t* stop = payload + plen
         cdef uint8_t head[9]
         cdef Py_ssize_t alen
         cdef int cid
@@ -468,27 +466,20 @@ cdef class AgentReader:
         if mt.carry or mt.pending:
             return False
         _xor(payload, plen, RBUF + 4)
-        if memmem(payload, plen, PyBytes_AS_STRING(APPEND), len(APPEND)) != NULL:
-            a = <uint8_t*>memmem(payload, plen, PyBytes_AS_STRING(AUDIO_KEY), len(AUDIO_KEY))
-            if a != NULL:
-                a += len(AUDIO_KEY)
-                start = <uint8_t*>memchr(a, 34, stop - a)  # the opening quote
-                if start != NULL:
-                    start += 1
-                    end = <uint8_t*>memchr(start, 34, stop - start)
-                    if end != NULL:
-                        alen = end - start
-                        if 12 <= alen <= 216 and unb64_12(start, head):
-                            if head[0] == 0xA5 and head[1] == 0x5A:
-                                cid = (head[2] << 8) | head[3]
-                                seq = (
-                                    (<long long>head[4] << 24) | (head[5] << 16)
-                                    | (head[6] << 8) | head[7]
-                                )
-                                if cid == self.expected and head[8] == (
-                                    (cid * 31 + seq * 7 + 0x5A) & 0xFF
-                                ):
-                                    ok = True
+        end = _append_audio(payload, plen, &start)
+        if end != NULL:
+            alen = end - start
+            if 12 <= alen <= 216 and unb64_12(start, head):
+                if head[0] == 0xA5 and head[1] == 0x5A:
+                    cid = (head[2] << 8) | head[3]
+                    seq = (
+                        (<long long>head[4] << 24) | (head[5] << 16)
+                        | (head[6] << 8) | head[7]
+                    )
+                    if cid == self.expected and head[8] == (
+                        (cid * 31 + seq * 7 + 0x5A) & 0xFF
+                    ):
+                        ok = True
         if not ok:
             _xor(payload, plen, RBUF + 4)  # back to the bytes as received
             return False
@@ -504,23 +495,14 @@ cdef class AgentReader:
         Why: with PCM agents the generator's core ran out first (at ~520 calls, where
         μ-law reached ~750), and every append took the Python path. RBUF is left as it
         was received when it is anything else."""
-        cdef uint8_t* stop = payload + plen
-        cdef uint8_t* a
-        cdef uint8_t* start
-        cdef uint8_t* end = NULL
+        cdef uint8_t* start = NULL
+        cdef uint8_t* end
         session = self.session
         _xor(payload, plen, RBUF + 4)
-        if memmem(payload, plen, PyBytes_AS_STRING(APPEND), len(APPEND)) != NULL:
-            a = <uint8_t*>memmem(payload, plen, PyBytes_AS_STRING(AUDIO_KEY), len(AUDIO_KEY))
-            if a != NULL:
-                a += len(AUDIO_KEY)
-                start = <uint8_t*>memchr(a, 34, stop - a)  # the opening quote
-                if start != NULL:
-                    start += 1
-                    end = <uint8_t*>memchr(start, 34, stop - start)
-                    # an escaped "/" ("\/") takes the Python path, which unescapes it
-                    if end != NULL and memchr(start, 92, end - start) != NULL:
-                        end = NULL
+        end = _append_audio(payload, plen, &start)
+        # an escaped "/" ("\/") takes the Python path, which unescapes it
+        if end != NULL and memchr(start, 92, end - start) != NULL:
+            end = NULL
         if end == NULL:
             _xor(payload, plen, RBUF + 4)  # back to the bytes as received
             return False
@@ -649,6 +631,25 @@ def levels_feed_b64(levels, bytes b64, int64_t now):
     if nbytes < 0:
         return False
     return _levels_feed(levels, <const uint8_t*>PyBytes_AS_STRING(b64), nbytes, now)
+
+
+cdef uint8_t* _append_audio(uint8_t* payload, Py_ssize_t plen, uint8_t** start) noexcept:
+    """In an unmasked text payload, an ``input_audio_buffer.append``'s audio string:
+    ``[*start, returned end)``, or NULL when the payload is not one."""
+    cdef uint8_t* stop = payload + plen
+    cdef uint8_t* a
+    cdef uint8_t* s
+    if memmem(payload, plen, PyBytes_AS_STRING(APPEND), len(APPEND)) == NULL:
+        return NULL
+    a = <uint8_t*>memmem(payload, plen, PyBytes_AS_STRING(AUDIO_KEY), len(AUDIO_KEY))
+    if a == NULL:
+        return NULL
+    a += len(AUDIO_KEY)
+    s = <uint8_t*>memchr(a, 34, stop - a)  # the opening quote
+    if s == NULL:
+        return NULL
+    start[0] = s + 1
+    return <uint8_t*>memchr(s + 1, 34, stop - s - 1)
 
 
 cdef inline void _xor(uint8_t* p, Py_ssize_t n, const uint8_t* key) noexcept nogil:
